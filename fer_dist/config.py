@@ -1,0 +1,245 @@
+"""The typed training config: one declaration per field, the paper's values as defaults.
+
+Precedence: defaults < YAML file < command-line `key=value` overrides. Unknown keys and bad values are
+errors that name the key. YAML is read with `safe_load` only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from fer_dist.errors import FerDistError
+
+SYNTHETIC_DIR = "shards/synthetic"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ShardsRef(_Section):
+    """Some splits of one shard directory (the output of `fer-dist shard`)."""
+
+    dir: str = Field(description="shard directory, relative to the working directory or absolute")
+    splits: list[str] = Field(min_length=1, description="split names inside it, e.g. [train]")
+
+
+def _ref(split: str) -> list[ShardsRef]:
+    return [ShardsRef(dir=SYNTHETIC_DIR, splits=[split])]
+
+
+class DataConfig(_Section):
+    """Which shards are labelled, unlabelled, validation and test data."""
+
+    labelled: list[ShardsRef] = Field(default_factory=lambda: _ref("train"),
+                                      description="X_l: the samples with a class in these splits")
+    unlabelled: list[ShardsRef] = Field(default_factory=lambda: _ref("train"),
+                                        description="X_u: every sample of these splits not in X_l, labels hidden")
+    val: list[ShardsRef] = Field(default_factory=lambda: _ref("val"), description="validation (labelled)")
+    test: list[ShardsRef] = Field(default_factory=lambda: _ref("test"), description="test (labelled)")
+    num_workers: int = Field(1, ge=0, description="DataLoader workers per process")
+    augment: bool = Field(True, description="METHOD.md section 6 augmentation on training batches")
+
+
+class ModelConfig(_Section):
+    """The network: backbone, head and what is trained."""
+
+    backbone: str = Field("vggface", description="vggface, small_cnn, resnet18/34/50, mobilenet_v2, ...")
+    pretrained: bool = Field(True, description="start from the backbone's pretrained weights")
+    weights: str | None = Field(None, description="local weights file (required for vggface when pretrained)")
+    trainable: str = Field("last_block", description="all | head | last_block | last_n_blocks:N")
+    input_size: int | None = Field(None, ge=16, description="input side in pixels; None: the backbone's")
+    hidden: int = Field(128, ge=1, description="units of the FC layer of the head")
+    dropout: float = Field(0.6, ge=0.0, lt=1.0, description="dropout of the head")
+
+
+class MethodConfig(_Section):
+    """METHOD.md sections 1-4; the switches make each arm of the ablation a config."""
+
+    label_smoothing: bool = Field(True, description="two-sided label smoothing of the labelled targets")
+    eps: float = Field(0.1, gt=0.0, lt=1.0, description="smoothing epsilon (section 1)")
+    warmup_epochs: int = Field(30, ge=0, description="most warm-up epochs (section 2)")
+    warmup_patience: int = Field(3, ge=1, description="stop warm-up after this many epochs without a better val acc")
+    self_training: bool = Field(True, description="run self-training rounds after the warm-up")
+    use_unlabelled: bool = Field(True, description="swap confident unlabelled samples into each round")
+    tau: float = Field(0.7, gt=0.0, lt=1.0, description="confidence threshold for unlabelled samples (3.2)")
+    alpha_rule: bool = Field(True, description="rewrite labelled targets with the alpha rule (3.3)")
+    alpha: float = Field(0.7, gt=0.0, lt=1.0, description="alpha of the labelled-target rule (3.3)")
+    replace_fraction: float = Field(0.1, ge=0.0, le=1.0, description="r: share of X_l swapped each round (3.4)")
+    stop_window: int = Field(5, ge=1, description="T of the moving-average stopping rule (4)")
+    max_rounds: int = Field(50, ge=0, description="most self-training rounds")
+    epochs_per_round: int = Field(1, ge=1, description="training epochs per round (3.5: one)")
+
+
+class OptimConfig(_Section):
+    """Adam as in METHOD.md section 6."""
+
+    lr: float = Field(1e-5, gt=0.0, description="learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam beta1, beta2")
+    weight_decay: float = Field(0.0, ge=0.0, description="Adam weight decay")
+    batch_size: int = Field(32, ge=1, description="GLOBAL batch: each of W processes takes batch_size / W")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this; None: off")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps; 0: constant")
+
+
+class RunConfig(_Section):
+    """Where the run lives, how it checkpoints, logs and resumes."""
+
+    name: str = Field("run", min_length=1, description="run name: runs/<name>/")
+    dir: str = Field("runs", description="parent directory of runs")
+    seed: int = Field(0, description="seed of everything: init, streams, augmentation, round draws")
+    resume: str = Field("auto", description="auto (latest checkpoint if any) | never | a checkpoint path")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N training steps; 0: off")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept besides the best")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="through Accelerate")
+    num_processes: int | None = Field(None, ge=1, description="expected world size; checked against the launcher")
+    debug: bool = Field(False, description="check the target table across processes after every rewrite")
+    tensorboard: bool = Field(False, description="also log to TensorBoard (needs the tensorboard extra)")
+    log_every: int = Field(10, ge=1, description="log the step loss every N steps")
+    eval_batch_size: int = Field(256, ge=1, description="per-process batch of prediction and evaluation")
+    progress: bool = Field(True, description="rich progress bars on the main process")
+    stop_after_rounds: int | None = Field(None, ge=0, description="exit (checkpointed) after this many rounds")
+
+
+class TrainConfig(_Section):
+    """The whole training config."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @field_validator("run")
+    @classmethod
+    def _name_is_a_folder(cls, run: RunConfig) -> RunConfig:
+        if "/" in run.name or run.name in (".", ".."):
+            raise ValueError("must be a plain folder name")
+        return run
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> TrainConfig:
+        if self.model.backbone == "vggface" and self.model.pretrained and not self.model.weights:
+            raise ValueError("model.weights: vggface with pretrained: true needs a local weights file "
+                             "(or set model.pretrained: false)")
+        if self.method.use_unlabelled and not self.data.unlabelled:
+            raise ValueError("data.unlabelled: empty while method.use_unlabelled is true")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples) for YAML and checkpoints."""
+        return self.model_dump(mode="json")
+
+
+def _leaf_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
+    paths = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not ShardsRef:
+            paths += _leaf_paths(ann, f"{prefix}{name}.")
+        else:
+            paths.append(prefix + name)
+    return paths
+
+
+LEAVES = _leaf_paths(TrainConfig)
+
+
+def _resolve_key(key: str) -> str:
+    """Full dotted path of a key; a bare leaf name (`tau`) works where it is unique."""
+    if key in LEAVES:
+        return key
+    matches = [p for p in LEAVES if p.rsplit(".", 1)[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise FerDistError(f"config: {key!r} is ambiguous ({', '.join(matches)}); use the full key")
+    raise FerDistError(f"config: unknown key {key!r}")
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = tree.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise FerDistError(f"config: {p!r} is not a section")
+        tree = node
+    tree[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings into a nested dict; values are YAML (`tau=0.8`, `data.labelled=[...]`)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise FerDistError(f"config override {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            raise FerDistError(f"config override {key}: not a YAML value ({e.__class__.__name__})") from None
+        _set(tree, _resolve_key(key.strip()), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "input" in first and not isinstance(first["input"], dict):
+        msg += f" (got {first['input']!r})"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
+
+
+def build_config(tree: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Validate a nested dict into a TrainConfig; errors name the key."""
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as e:
+        raise FerDistError(_one_line(e, source)) from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from a file, with one-line errors naming the file."""
+    if not path.is_file():
+        raise FerDistError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise FerDistError(f"{path}:{where} not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise FerDistError(f"{path}: expected a mapping of config sections at the top level")
+    return tree
+
+
+def load_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults < YAML file < overrides, validated once at the end."""
+    tree = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "config"
+    if overrides:
+        tree = _merge(tree, parse_overrides(list(overrides)))
+        source += " + overrides"
+    return build_config(tree, source)
+
+
+def dump_config(cfg: TrainConfig, path: Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)

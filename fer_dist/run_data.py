@@ -1,0 +1,88 @@
+"""The data of one training run: which ids are X_l, X_u, validation and test, over one id space.
+
+A run may combine several shard directories (FER2013 labelled, CK+ unlabelled ...). `ShardSet` gives each
+directory an id offset; the offsets are saved in checkpoints and checked on resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fer_dist.config import DataConfig, ShardsRef
+from fer_dist.data.stream import ShardInfo, ShardSet, read_labels
+from fer_dist.errors import FerDistError
+
+
+@dataclass
+class RunData:
+    """Masks over the run's ids ([num_ids] bool) and the shards each part is read from."""
+
+    shardset: ShardSet
+    labels: torch.Tensor        # [num_ids] long: the class, -1 where unlabelled (or not in any split used)
+    labelled: torch.Tensor      # X_l
+    unlabelled: torch.Tensor    # X_u: labels hidden from the method
+    val: torch.Tensor
+    test: torch.Tensor
+    train_shards: list[ShardInfo]
+    val_shards: list[ShardInfo]
+    test_shards: list[ShardInfo]
+
+    @property
+    def num_ids(self) -> int:
+        return int(self.labels.numel())
+
+    def method_labels(self) -> torch.Tensor:
+        """Labels as the method sees them: X_l's classes, -1 for everything else."""
+        return torch.where(self.labelled, self.labels, torch.full_like(self.labels, -1))
+
+
+def _entries(cfg: DataConfig) -> list[tuple[str, ShardsRef]]:
+    return [(part, ref) for part in ("labelled", "unlabelled", "val", "test") for ref in getattr(cfg, part)]
+
+
+def _mask(num_ids: int, shards: list[ShardInfo]) -> torch.Tensor:
+    mask = torch.zeros(num_ids, dtype=torch.bool)
+    for s in shards:
+        mask[s.first_run_id: s.first_run_id + s.count] = True
+    return mask
+
+
+def _unique(shards: list[ShardInfo]) -> list[ShardInfo]:
+    seen, out = set(), []
+    for s in shards:
+        if s.path not in seen:
+            seen.add(s.path)
+            out.append(s)
+    return out
+
+
+def load_run_data(cfg: DataConfig) -> RunData:
+    """Open every shard directory the config names and build the masks (reads only `.cls` members)."""
+    entries = _entries(cfg)
+    shardset = ShardSet([(ref.dir, ref.splits) for _, ref in entries])
+    parts: dict[str, list[ShardInfo]] = {"labelled": [], "unlabelled": [], "val": [], "test": []}
+    for i, (part, _) in enumerate(entries):
+        parts[part] += shardset.shards(i)
+    labels = read_labels(shardset)
+    n = shardset.num_ids
+    has_label = labels >= 0
+    labelled = _mask(n, parts["labelled"]) & has_label
+    unlabelled = _mask(n, parts["unlabelled"]) & ~labelled
+    val = _mask(n, parts["val"]) & has_label
+    test = _mask(n, parts["test"]) & has_label
+    if not labelled.any():
+        raise FerDistError("data.labelled: the splits named hold no labelled sample")
+    if not val.any():
+        raise FerDistError("data.val: the splits named hold no labelled sample")
+    # X_u may overlap the test split (the paper's transductive protocol: labels stay hidden); X_l may not.
+    leak = labelled & (val | test)
+    if leak.any():
+        raise FerDistError(f"data: {int(leak.sum())} labelled training samples are also val/test samples; "
+                           "check data.labelled against data.val and data.test")
+    return RunData(
+        shardset=shardset, labels=labels, labelled=labelled, unlabelled=unlabelled, val=val, test=test,
+        train_shards=_unique(parts["labelled"] + parts["unlabelled"]),
+        val_shards=_unique(parts["val"]), test_shards=_unique(parts["test"]),
+    )

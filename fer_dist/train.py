@@ -1,0 +1,436 @@
+"""`accelerate launch -m fer_dist.train --config <yaml> [key=value ...]`: warm-up, then self-training rounds.
+
+Reads top to bottom: `main` parses and builds, `fit` runs the warm-up epochs (METHOD.md section 2) and the
+rounds (section 3: predict -> gather -> rewrite -> compose -> train -> validate) until the stopping rule
+(section 4), then tests the best model. The math is in `fer_dist.method`, the process plumbing in
+`fer_dist.dist`, checkpoints in `fer_dist.checkpoint`: this module only orchestrates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fer_dist import checkpoint, dist, method
+from fer_dist.classes import NUM_CLASSES
+from fer_dist.config import TrainConfig, dump_config, load_config
+from fer_dist.data.augment import eval_transform, train_transform
+from fer_dist.data.stream import exhaustive_loader, train_loader
+from fer_dist.errors import FerDistError
+from fer_dist.metrics import MetricsLog
+from fer_dist.models import ModelSpec, build_model, export_model, load_exported
+from fer_dist.progress import Progress
+from fer_dist.run_data import RunData, load_run_data
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "launch_configs" / "train" / "quickstart_synthetic.yaml"
+
+
+class StopRun(Exception):
+    """Raised at a step boundary once every process agreed to stop (SIGTERM / SIGUSR1)."""
+
+
+@dataclass
+class State:
+    """Everything about the run's progress that a resume needs besides model and optimiser."""
+
+    targets: torch.Tensor                   # [num_ids, K]: q, the one global target table
+    phase: str = "warmup"                   # warmup | rounds | done
+    epoch: int = 0                          # warm-up epochs finished
+    round: int = 0                          # rounds finished
+    epochs_started: int = 0                 # every epoch so far: seeds the stream of the next one
+    step: int = 0                           # optimiser steps
+    step_in_epoch: int = 0                  # batches of the current epoch already trained (mid-epoch resume)
+    include: torch.Tensor | None = None     # the current round's training set, once composed
+    round_stats: dict[str, Any] = field(default_factory=dict)  # what compose() found for the current round
+    best_acc: float = -1.0
+    bad_epochs: int = 0                     # warm-up epochs without a better validation accuracy
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Run:
+    """What `fit` works with; built once by `build_run`."""
+
+    cfg: TrainConfig
+    acc: Any  # accelerate.Accelerator
+    dir: Path
+    data: RunData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: State
+    log: MetricsLog
+    stop: dist.StopRequest
+    progress: Progress
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The model without its DDP wrapper: prediction and export run on it."""
+        return self.acc.unwrap_model(self.model)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building and resuming
+
+
+def build_run(cfg: TrainConfig, acc) -> Run:
+    """Data, model, optimiser, state; then the latest checkpoint if `run.resume` asks for it."""
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    if acc.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    torch.manual_seed(cfg.run.seed)  # same initial head on every process (DDP also broadcasts it)
+    data = load_run_data(cfg.data)
+    spec = ModelSpec(num_classes=NUM_CLASSES, **cfg.model.model_dump())
+    net = build_model(spec)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                 weight_decay=cfg.optim.weight_decay)
+    warm = cfg.optim.lr_warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    model, optimizer, scheduler = acc.prepare(net, optimizer, scheduler)
+    eps = cfg.method.eps if cfg.method.label_smoothing else 0.0
+    targets = torch.zeros(data.num_ids, NUM_CLASSES)
+    targets[data.labelled] = method.smooth_labels(data.labels[data.labelled], NUM_CLASSES, eps)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process, tensorboard=cfg.run.tensorboard)
+    run = Run(cfg, acc, run_dir, data, model, optimizer, scheduler, State(targets=targets), log,
+              dist.StopRequest(), Progress(enabled=acc.is_main_process and cfg.run.progress))
+    resume_from(run)
+    if acc.is_main_process:
+        dump_config(cfg, run_dir / "config.yaml")
+    return run
+
+
+def resume_from(run: Run) -> None:
+    """Load the checkpoint `run.resume` names (auto: the latest), checking that it fits this run."""
+    how = run.cfg.run.resume
+    path = None if how == "never" else checkpoint.latest_checkpoint(run.dir) if how == "auto" else Path(how)
+    if path is None:
+        MetricsLog.truncate(run.log.path, 0) if run.acc.is_main_process else None
+        return
+    saved, rng = checkpoint.load_checkpoint(path, run.acc.process_index)
+    if saved["offsets"] != run.data.shardset.offsets:
+        raise FerDistError(f"{path}: its shard directories or their sizes differ from this config's data")
+    if saved["world_size"] != run.acc.num_processes and saved["state"]["step_in_epoch"]:
+        raise FerDistError(f"{path}: saved mid-epoch by {saved['world_size']} processes; resume it with "
+                           f"as many (now {run.acc.num_processes}) or from a round checkpoint")
+    run.net.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler") is not None and run.acc.scaler is not None:
+        run.acc.scaler.load_state_dict(saved["scaler"])
+    run.state = State(**saved["state"])
+    if rng is not None:
+        checkpoint.restore_rng(rng)
+    if run.acc.is_main_process:
+        MetricsLog.truncate(run.log.path, saved["metrics_offset"])
+    run.log.say(f"resumed from {path} (phase {run.state.phase}, round {run.state.round}, step {run.state.step})")
+
+
+def save(run: Run, tag: str, *, is_best: bool = False) -> None:
+    """A checkpoint of everything (all processes take part; the main one writes the shared files)."""
+    state = {
+        "model": run.net.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.acc.scaler.state_dict() if run.acc.scaler is not None else None,
+        "state": run.state.to_dict(),
+        "offsets": run.data.shardset.offsets,
+        "world_size": run.acc.num_processes,
+        "metrics_offset": run.log.offset(),
+        "config": run.cfg.to_dict(),
+    }
+    checkpoint.save_checkpoint(run.acc, run.dir, tag, state, keep_last=run.cfg.run.keep_last, is_best=is_best)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pieces of an epoch
+
+
+def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
+    """One epoch over the ids in `include` against the target table; returns the mean loss."""
+    cfg, acc, st = run.cfg, run.acc, run.state
+    tf = train_transform(run.net.input_spec) if cfg.data.augment else eval_transform(run.net.input_spec)
+    stream = train_loader(run.data.train_shards, include, st.targets, transform=tf,
+                          global_batch=cfg.optim.batch_size, rank=acc.process_index, world=acc.num_processes,
+                          num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=st.epochs_started,
+                          skip_batches=st.step_in_epoch)
+    run.model.train()
+    losses, seen, tick = [], 0, time.perf_counter()
+    with run.progress.task(name, total=stream.steps, completed=st.step_in_epoch) as bar:
+        for images, targets, _ids in stream:
+            loss = train_step(run, images, targets)
+            losses.append(loss)
+            st.step += 1
+            st.step_in_epoch += 1
+            seen += images.shape[0] * acc.num_processes
+            if st.step % cfg.run.log_every == 0:
+                rate = seen / (time.perf_counter() - tick)
+                run.log.write("step", st.step, {"train/loss": loss, "train/images_per_s": rate,
+                                                "train/lr": run.scheduler.get_last_lr()[0]})
+                seen, tick = 0, time.perf_counter()
+            bar.advance(loss=loss)
+            every = cfg.run.checkpoint_every_steps
+            if every and st.step % every == 0 and st.step_in_epoch < stream.steps:
+                save(run, f"step-{st.step:08d}")
+            if dist.any_process(acc, run.stop.requested):
+                save(run, f"step-{st.step:08d}")
+                raise StopRun(f"stopped on request at step {st.step}")
+    st.step_in_epoch = 0
+    st.epochs_started += 1
+    mean = dist.all_sum(acc, torch.tensor(sum(losses))) / max(1, len(losses) * acc.num_processes)
+    return float(mean)
+
+
+def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> float:
+    """Forward, soft-target loss, backward, clip, step. Every process has batch_size / W samples."""
+    images, targets = images.to(run.acc.device), targets.to(run.acc.device)
+    with run.acc.autocast():
+        logits = run.model(images)
+    loss = method.soft_cross_entropy(logits.float(), targets)
+    run.acc.backward(loss)
+    if run.cfg.optim.grad_clip:
+        run.acc.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+@torch.no_grad()
+def predict(run: Run, shards, include: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """p(.|x) for every id in `include`, gathered on every process: (ids [M], probs [M, K], seconds gathering)."""
+    net, acc = run.net, run.acc
+    net.eval()
+    stream = exhaustive_loader(shards, include, transform=eval_transform(net.input_spec),
+                               batch_size=run.cfg.run.eval_batch_size, rank=acc.process_index,
+                               world=acc.num_processes, num_workers=run.cfg.data.num_workers)
+    ids_parts, prob_parts = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, NUM_CLASSES)]
+    with run.progress.task(name, total=None) as bar, (acc.autocast() if acc.device.type != "cpu" else nullcontext()):
+        for images, _labels, ids in stream:
+            logits = net(images.to(acc.device)).float()
+            prob_parts.append(torch.softmax(logits, dim=1).cpu())
+            ids_parts.append(ids)
+            bar.advance()
+    tick = time.perf_counter()
+    ids, probs = dist.gather_predictions(acc, torch.cat(ids_parts), torch.cat(prob_parts))
+    expected = int(include.sum())
+    if ids.numel() != expected:
+        raise RuntimeError(f"{name}: gathered {ids.numel()} predictions for {expected} samples")
+    return ids, probs, time.perf_counter() - tick
+
+
+def accuracy(run: Run, shards, mask: torch.Tensor, name: str) -> float:
+    """Top-1 accuracy over the labelled ids in `mask`, identical on every process."""
+    ids, probs, _ = predict(run, shards, mask, name)
+    return float((probs.argmax(1) == run.data.labels[ids]).float().mean())
+
+
+def validate(run: Run, kind: str, index: int, values: dict[str, Any]) -> float:
+    """Validation accuracy; records it, exports the best model, checkpoints."""
+    st = run.state
+    acc_val = accuracy(run, run.data.val_shards, run.data.val, "validate")
+    improved = acc_val > st.best_acc
+    if improved:
+        st.best_acc = acc_val
+        if run.acc.is_main_process:
+            export_model(run.net, run.dir / "best")
+        run.acc.wait_for_everyone()
+    record = {"val/acc": acc_val, "val/best": st.best_acc, **values}
+    st.history.append({"kind": kind, "index": index, **record})
+    run.log.write(kind, st.step, {kind: index, **record})
+    run.log.say(f"{kind} {index}: val acc {acc_val:.4f} (best {st.best_acc:.4f})"
+                + "".join(f", {k} {v:.4g}" for k, v in values.items() if isinstance(v, float)))
+    return acc_val
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the two phases
+
+
+def warmup(run: Run) -> None:
+    """METHOD.md 2: supervised epochs on X_l until val accuracy stops improving or warmup_epochs."""
+    m, st = run.cfg.method, run.state
+    while st.epoch < m.warmup_epochs and st.bad_epochs < m.warmup_patience:
+        loss = train_epoch(run, run.data.labelled, f"warm-up {st.epoch + 1}")
+        st.epoch += 1
+        best_before = st.best_acc
+        validate(run, "warmup", st.epoch, {"train/loss": loss})
+        st.bad_epochs = 0 if st.best_acc > best_before else st.bad_epochs + 1
+        save(run, f"warmup-{st.epoch:04d}", is_best=st.best_acc > best_before)
+    st.phase = "rounds" if m.self_training and m.max_rounds > 0 else "done"
+    if (run.dir / "best").exists():
+        # theta_0 is the best warm-up model, not the last one (which is `patience` epochs past it)
+        run.net.load_state_dict(load_exported(run.dir / "best").state_dict())
+    save(run, f"warmup-{st.epoch:04d}")
+
+
+def compose(run: Run) -> dict[str, Any]:
+    """METHOD.md 3.1-3.4: predict all, gather, rewrite the one target table, draw the round's set."""
+    m, st, data = run.cfg.method, run.state, run.data
+    pool = data.labelled | data.unlabelled if m.use_unlabelled else data.labelled
+    tick = time.perf_counter()
+    ids, probs, t_gather = predict(run, data.train_shards, pool, "predict")
+    t_predict = time.perf_counter() - tick - t_gather
+    tick = time.perf_counter()
+    labels = data.method_labels()[ids]
+    rw = method.rewrite_targets(probs, labels, st.targets[ids], tau=m.tau,
+                                alpha=m.alpha if m.alpha_rule else None)
+    st.targets[ids] = rw.targets
+    if run.cfg.run.debug:
+        dist.check_same_everywhere(run.acc, st.targets, f"target table after round {st.round + 1}")
+    confident = ids[rw.confident] if m.use_unlabelled else ids[:0]
+    draw = method.compose_round(ids[labels >= 0], confident, fraction=m.replace_fraction,
+                                seed=run.cfg.run.seed, round_index=st.round)
+    include = data.labelled.clone()
+    include[draw.removed] = False
+    include[draw.added] = True
+    st.include = include
+    conf_probs = probs[rw.confident]
+    added_classes = st.targets[draw.added].argmax(1)
+    return {
+        "unlabelled/confident": int(rw.confident.sum()),
+        "unlabelled/drawn": int(draw.added.numel()),
+        "unlabelled/class_hist": torch.bincount(added_classes, minlength=NUM_CLASSES),
+        "unlabelled/mean_conf": float(conf_probs.max(1).values.mean()) if conf_probs.numel() else float("nan"),
+        "labelled/reset": int(rw.reset.sum()),
+        "labelled/kept": int(rw.kept.sum()),
+        "labelled/removed": int(draw.removed.numel()),
+        "time/predict": t_predict, "time/gather": t_gather, "time/rewrite": time.perf_counter() - tick,
+        "gather/bytes": dist.gathered_bytes(ids.numel(), NUM_CLASSES, run.acc.num_processes),
+        "selection": {"confident": confident, "removed": draw.removed, "added": draw.added},
+    }
+
+
+def self_train(run: Run) -> None:
+    """METHOD.md 3-4: rounds until the moving average of val accuracy falls, or max_rounds."""
+    m, st = run.cfg.method, run.state
+    while st.round < m.max_rounds:
+        if st.include is None:  # not composed yet (a resume mid-round goes straight on training)
+            st.round_stats = compose(run)
+        tick = time.perf_counter()
+        loss = 0.0
+        for e in range(m.epochs_per_round):
+            loss = train_epoch(run, st.include, f"round {st.round + 1}" + (f".{e + 1}" if e else ""))
+        st.round += 1
+        stats, selection = dict(st.round_stats), st.round_stats.get("selection")
+        stats.pop("selection", None)
+        st.include, st.round_stats = None, {}
+        best_before = st.best_acc
+        validate(run, "round", st.round, {"train/loss": loss, "time/train": time.perf_counter() - tick, **stats})
+        st.history[-1]["selection"] = selection
+        accs = [h["val/acc"] for h in st.history if h["kind"] == "round"]
+        if method.should_stop(accs, m.stop_window):
+            st.stop_reason = f"moving average of {m.stop_window} rounds fell"
+            st.phase = "done"
+        elif st.round >= m.max_rounds:
+            st.stop_reason = f"max_rounds ({m.max_rounds})"
+            st.phase = "done"
+        save(run, f"round-{st.round:04d}", is_best=st.best_acc > best_before)
+        if st.phase == "done":
+            return
+        if run.cfg.run.stop_after_rounds is not None and st.round >= run.cfg.run.stop_after_rounds:
+            raise StopRun(f"stopped after round {st.round} (run.stop_after_rounds)")
+    st.phase = "done"
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """Test the best model; write summary.json; returns the summary."""
+    if (run.dir / "best").exists():
+        run.net.load_state_dict(load_exported(run.dir / "best").state_dict())
+    test_acc = accuracy(run, run.data.test_shards, run.data.test, "test") if run.data.test.any() else None
+    warm = [h["val/acc"] for h in run.state.history if h["kind"] == "warmup"]
+    summary = {
+        "run": str(run.dir), "processes": run.acc.num_processes,
+        "warmup_epochs": run.state.epoch, "warmup_best_val": max(warm) if warm else None,
+        "rounds": run.state.round, "stop_reason": run.state.stop_reason or "warm-up only",
+        "best_val": run.state.best_acc, "test_acc_of_best": test_acc, "steps": run.state.step,
+    }
+    if run.acc.is_main_process:
+        import json
+
+        tmp = run.dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(run.dir / "summary.json")
+        run.progress.summary(summary)
+    return summary
+
+
+def fit(run: Run) -> dict[str, Any]:
+    """The whole run from wherever its state stands."""
+    if run.state.phase == "warmup":
+        warmup(run)
+    if run.state.phase == "rounds":
+        self_train(run)
+    return finish(run)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def parse_args(argv: list[str] | None) -> tuple[Path | None, list[str]]:
+    """`--config PATH` and `key=value` overrides."""
+    p = argparse.ArgumentParser(prog="fer_dist.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, default=None,
+                   help="training config YAML (default: the synthetic quick start)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.tau=0.8 or tau=0.8")
+    args = p.parse_args(argv)
+    return args.config, args.overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, build, fit, clean up; expected errors become one line and exit code 2."""
+    run = None
+    try:
+        config_path, overrides = parse_args(argv)
+        if config_path is None:
+            config_path = QUICKSTART
+            ensure_synthetic_shards()
+        cfg = load_config(config_path, overrides)
+        acc = dist.make_accelerator(mixed_precision=cfg.run.mixed_precision,
+                                    expected_processes=cfg.run.num_processes)
+        run = build_run(cfg, acc)
+        fit(run)
+        return 0
+    except FerDistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StopRun as e:
+        if run is not None:
+            run.log.say(f"{e}; continue with resume=auto (the default)")
+        return 0
+    finally:
+        if run is not None:
+            run.stop.close()
+            run.log.close()
+        dist.shutdown()
+
+
+def ensure_synthetic_shards() -> None:
+    """The quick start shards the synthetic set first where `shards/synthetic` is missing."""
+    out = Path("shards/synthetic")
+    if (out / "manifest.json").exists():
+        return
+    if dist.is_main_launch_process():
+        print(f"{out} is missing: sharding the built-in synthetic data set first", file=sys.stderr)
+        from fer_dist.data.pack import pack_default_synthetic
+
+        pack_default_synthetic(out)
+    dist.wait_for_file(out / "manifest.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
