@@ -1,0 +1,1 @@
+"""Data: sources that list published data sets, face alignment, shards and streams."""

@@ -1,0 +1,167 @@
+"""The backbone registry: how each trunk is built, where its weights come from, and what its blocks are.
+
+A trunk maps normalised images [N, C, H, W] to features [N, F]; the backbone's own classifier is gone
+(the head replaces it). "Blocks" are what the freezing policy counts from the end:
+
+- vggface: its 5 conv blocks (conv1_* .. conv5_*), each ending in a max-pool.
+- resnet18/34/50: layer1 .. layer4. The stem (conv1, bn1) is in no block.
+- mobilenet_v2, mobilenet_v3_large: `features` grouped by output resolution (/2, /4, /8, /16, /32), like
+  VGG's blocks: v2 features[1], [2:4], [4:7], [7:14], [14:19]; v3 features[1], [2:4], [4:7], [7:13], [13:17].
+  The last block ends with the final 1x1 conv. The stem features[0] is in no block.
+- efficientnet_b0: its stages features[1] .. features[7]; the final 1x1 conv features[8] joins the last.
+- convnext_tiny: its 4 stages, each with the downsampling layer before it; the classifier's LayerNorm
+  (pretrained, kept) joins the last. The stem features[0] is in no block.
+- small_cnn: its 4 conv blocks.
+Stems are trained only under `trainable: all`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision.models as tvm
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from fer_dist.data.augment import InputSpec
+from fer_dist.errors import FerDistError
+from fer_dist.models.trunks import VGG_FC_PREFIXES, SmallCNN, VGGFaceTrunk
+from fer_dist.models.weights import load_checked, one_line, read_state_file
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The VGG-Face conversion subtracts this RGB mean from pixels in 0..255 and does not scale them. On [0, 1]
+# pixels, (x - mean/255) / (1/255) = 255 x - mean: exactly the numbers the network was trained on.
+VGGFACE_MEAN_255 = (129.186279296875, 104.76238250732422, 93.59396362304688)
+VGGFACE_MEAN = tuple(m / 255 for m in VGGFACE_MEAN_255)
+VGGFACE_STD = (1 / 255,) * 3
+
+Blocks = list[list[nn.Module]]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One registry entry."""
+
+    # The trunk (with these torchvision weights when given) and its feature width F.
+    make: Callable[[WeightsEnum | None], tuple[nn.Module, int]]
+    blocks: Callable[[nn.Module], Blocks]  # the trunk's blocks for the freezing policy, first to last
+    input_spec: InputSpec  # at the backbone's default size
+    imagenet: WeightsEnum | None = None  # torchvision's published weights, loaded when pretrained
+    head_prefixes: tuple[str, ...] = ()  # keys of the replaced classifier: ignored in a weights file
+    min_size: int = 32  # five stride-2 stages need at least 32 px
+
+
+def _torchvision(ctor: Callable[..., nn.Module], strip: Callable[[nn.Module], int]) -> Callable:
+    def make(weights: WeightsEnum | None) -> tuple[nn.Module, int]:
+        model = ctor(weights=weights)
+        return model, strip(model)
+    return make
+
+
+def _strip_fc(m: nn.Module) -> int:
+    n = m.fc.in_features
+    m.fc = nn.Identity()
+    return n
+
+
+def _strip_classifier(index: int) -> Callable[[nn.Module], int]:
+    # The whole classifier goes; `index` is the Linear that reads the pooled features.
+    def strip(m: nn.Module) -> int:
+        n = m.classifier[index].in_features
+        m.classifier = nn.Identity()
+        return n
+    return strip
+
+
+def _strip_convnext(m: nn.Module) -> int:
+    # Keep the pretrained LayerNorm and the Flatten; only the 1000-way Linear goes.
+    n = m.classifier[2].in_features
+    m.classifier[2] = nn.Identity()
+    return n
+
+
+def _feature_spans(*spans: tuple[int, int]) -> Callable[[nn.Module], Blocks]:
+    return lambda m: [list(m.features[a:b]) for a, b in spans]
+
+
+def _resnet_blocks(m: nn.Module) -> Blocks:
+    return [[m.layer1], [m.layer2], [m.layer3], [m.layer4]]
+
+
+def _efficientnet_blocks(m: nn.Module) -> Blocks:
+    return [[m.features[i]] for i in range(1, 7)] + [[m.features[7], m.features[8]]]
+
+
+def _convnext_blocks(m: nn.Module) -> Blocks:
+    f = m.features
+    return [[f[1]], [f[2], f[3]], [f[4], f[5]], [f[6], f[7], m.classifier[0]]]
+
+
+def _own(cls: type[nn.Module]) -> Callable[[WeightsEnum | None], tuple[nn.Module, int]]:
+    def make(_: WeightsEnum | None) -> tuple[nn.Module, int]:
+        trunk = cls()
+        return trunk, trunk.out_features
+    return make
+
+
+_IMAGENET = InputSpec(224, 3, IMAGENET_MEAN, IMAGENET_STD)
+# IMAGENET1K_V1 everywhere (not DEFAULT, which is V2 for resnet50 and the MobileNets): the classic weights,
+# and the MobileNetV2 file that ../shared/torch_home holds.
+BACKBONES: dict[str, Backbone] = {
+    "vggface": Backbone(_own(VGGFaceTrunk), lambda t: t.blocks(),
+                        InputSpec(224, 3, VGGFACE_MEAN, VGGFACE_STD), head_prefixes=VGG_FC_PREFIXES),
+    "small_cnn": Backbone(_own(SmallCNN), lambda t: t.blocks(), InputSpec(48, 1, (0.5,), (0.5,)),
+                          min_size=16),
+    "resnet18": Backbone(_torchvision(tvm.resnet18, _strip_fc), _resnet_blocks, _IMAGENET,
+                         tvm.ResNet18_Weights.IMAGENET1K_V1, ("fc.",)),
+    "resnet34": Backbone(_torchvision(tvm.resnet34, _strip_fc), _resnet_blocks, _IMAGENET,
+                         tvm.ResNet34_Weights.IMAGENET1K_V1, ("fc.",)),
+    "resnet50": Backbone(_torchvision(tvm.resnet50, _strip_fc), _resnet_blocks, _IMAGENET,
+                         tvm.ResNet50_Weights.IMAGENET1K_V1, ("fc.",)),
+    "mobilenet_v2": Backbone(_torchvision(tvm.mobilenet_v2, _strip_classifier(1)),
+                             _feature_spans((1, 2), (2, 4), (4, 7), (7, 14), (14, 19)), _IMAGENET,
+                             tvm.MobileNet_V2_Weights.IMAGENET1K_V1, ("classifier.",)),
+    "mobilenet_v3_large": Backbone(_torchvision(tvm.mobilenet_v3_large, _strip_classifier(0)),
+                                   _feature_spans((1, 2), (2, 4), (4, 7), (7, 13), (13, 17)), _IMAGENET,
+                                   tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, ("classifier.",)),
+    "efficientnet_b0": Backbone(_torchvision(tvm.efficientnet_b0, _strip_classifier(1)), _efficientnet_blocks,
+                                _IMAGENET, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, ("classifier.",)),
+    "convnext_tiny": Backbone(_torchvision(tvm.convnext_tiny, _strip_convnext), _convnext_blocks, _IMAGENET,
+                              tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, ("classifier.2.",)),
+}
+
+
+def make_trunk(name: str, pretrained: bool, weights: str | None) -> tuple[nn.Module, int, bool]:
+    """The trunk of backbone `name`, its feature width, and whether pretrained weights went into it.
+
+    pretrained with a `weights` file: that file (the backbone's own key layout; classifier keys ignored).
+    pretrained without one: torchvision's ImageNet weights from $TORCH_HOME (downloaded if missing);
+    small_cnn has none and starts from scratch.
+    """
+    backbone = BACKBONES[name]
+    if not pretrained or (weights is None and backbone.imagenet is None):
+        trunk, features = backbone.make(None)
+        return trunk, features, False
+    if weights is not None:
+        trunk, features = backbone.make(None)
+        load_checked(trunk, read_state_file(weights), Path(weights).expanduser(), backbone.head_prefixes)
+        return trunk, features, True
+    try:
+        trunk, features = backbone.make(backbone.imagenet)
+    except Exception as exc:  # no network, a refused download or a damaged file all end here
+        raise FerDistError(_imagenet_error(name, backbone.imagenet, exc)) from exc
+    return trunk, features, True
+
+
+def _imagenet_error(name: str, weights: WeightsEnum, exc: Exception) -> str:
+    file = weights.url.rsplit("/", 1)[-1]
+    path = Path(torch.hub.get_dir()) / "checkpoints" / file
+    if path.exists():
+        return (f"{path}: cannot load {name}'s ImageNet weights ({one_line(exc)}); replace it with "
+                f"{weights.url} or set model.pretrained: false")
+    return (f"{name}: ImageNet weights {file} not found and not downloadable ({one_line(exc)}); place it in "
+            f"{path.parent} (set TORCH_HOME to choose the folder) or set model.pretrained: false")
