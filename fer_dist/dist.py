@@ -1,0 +1,271 @@
+"""The only module that touches ranks: accelerator setup and checks, gather + dedupe, checksums, stop flag.
+
+Every function that communicates is collective: all processes must call it, in the same order, with the
+same arguments where noted. Failures found from gathered data are raised on every rank alike, so no
+rank is left waiting in a collective that its peers abandoned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any, NamedTuple
+
+import torch
+from accelerate import Accelerator
+
+from fer_dist.errors import FerDistError
+
+PAD_ID = -1
+_MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+def _launched_world_size() -> int | None:
+    """The launcher's WORLD_SIZE (torchrun, accelerate launch), or None when it set none."""
+    value = os.environ.get("WORLD_SIZE")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise FerDistError(f"WORLD_SIZE: {value!r} is not a number") from None
+
+
+def make_accelerator(
+    *, mixed_precision: str = "no", expected_processes: int | None = None, **kwargs: Any
+) -> Accelerator:
+    """An Accelerator that forms a real process group on CPU too, checked against the launch's size."""
+    if mixed_precision not in _MIXED_PRECISION:
+        choices = ", ".join(_MIXED_PRECISION)
+        raise FerDistError(f"mixed_precision: expected one of {choices}, got {mixed_precision!r}")
+    on_cpu = kwargs.get("cpu", False) or not torch.cuda.is_available()
+    if on_cpu and mixed_precision == "fp16":
+        raise FerDistError("mixed_precision: fp16 needs CUDA; use bf16 or no on a CPU run")
+    launched = _launched_world_size()
+    if launched is not None and expected_processes is not None and launched != expected_processes:
+        # Refused before the process group forms: no rendezvous, nothing to tear down.
+        raise FerDistError(f"process count: expected {expected_processes} processes (config) but the "
+                           f"launcher started WORLD_SIZE={launched}")
+    if on_cpu:
+        # Without cpu=True, a multi-process launch on a machine without CUDA gives each process a
+        # non-distributed Accelerator: N independent trainings that never exchange anything.
+        kwargs["cpu"] = True
+    accelerator = Accelerator(mixed_precision=mixed_precision, **kwargs)
+    problem = None
+    if launched is not None and launched != accelerator.num_processes:
+        problem = (f"the launcher started WORLD_SIZE={launched} processes but the accelerator sees "
+                   f"{accelerator.num_processes} ({accelerator.distributed_type})")
+    elif expected_processes is not None and expected_processes != accelerator.num_processes:
+        problem = (f"expected {expected_processes} processes (config) but the launch has "
+                   f"{accelerator.num_processes}")
+    if problem is not None:
+        # Every rank reaches the same verdict from the same numbers without a collective: all exit alike.
+        shutdown()
+        raise FerDistError(f"process count: {problem}")
+    return accelerator
+
+
+def is_main_launch_process() -> bool:
+    """Whether the launcher's RANK variable makes this global rank 0 (for work before the accelerator)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_file(path: Path, timeout_s: float = 3600.0, poll_s: float = 0.5) -> None:
+    """Block until `path` exists (another process is writing it), or FerDistError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise FerDistError(f"{path}: still missing after waiting {timeout_s:.0f} s for the main process")
+        time.sleep(poll_s)
+
+
+def shutdown() -> None:
+    """Destroy the process group if one is up (safe to call always, e.g. in a `finally`)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class GatherStats(NamedTuple):
+    """What one gather_predictions exchanged, for the trainer's log."""
+
+    world: int  # processes
+    n_max: int  # rows each process sent, padding included
+    rows: int  # real rows received, duplicates included
+    unique: int  # rows kept after dropping duplicate ids
+    bytes: int  # bytes each process received
+
+
+def gathered_bytes(n_max: int, num_classes: int, world: int) -> int:
+    """Bytes each process receives gathering n_max padded rows of (int64 id, float32 probs[K]) per process."""
+    size_exchange = 2 * 8 * world
+    return size_exchange + world * n_max * (8 + 4 * num_classes)
+
+
+def _gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """All processes' tensors concatenated on dim 0 (all the same shape), in rank order, on the CPU."""
+    return accelerator.gather(tensor.to(accelerator.device).contiguous()).cpu()
+
+
+def _local_problem(ids: torch.Tensor, probs: torch.Tensor) -> str | None:
+    """What is wrong with this process's (ids, probs), or None."""
+    if ids.dim() != 1 or probs.dim() != 2 or probs.shape[0] != ids.shape[0]:
+        return f"ids must be [n] and probs [n, K], got {tuple(ids.shape)} and {tuple(probs.shape)}"
+    if ids.numel() and int(ids.min()) < 0:
+        return "ids must be non-negative (-1 is the padding id)"
+    return None
+
+
+def gather_with_stats(
+    accelerator: Accelerator, ids: torch.Tensor, probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, GatherStats]:
+    """gather_predictions, also returning what was exchanged (GatherStats)."""
+    problem = _local_problem(ids, probs)
+    world = accelerator.num_processes
+    if world == 1 and problem is not None:
+        raise ValueError(f"gather_predictions: {problem}")
+    ids = ids.detach().to("cpu", torch.long).reshape(-1)
+    probs = probs.detach().to("cpu", torch.float32)
+    num_classes = probs.shape[-1] if probs.dim() else 0
+    if world == 1:
+        all_ids, all_probs, n_max = ids, probs, ids.numel()
+    else:
+        # sizes [world, 3]: (n, K, bad) of every rank, so all pad to one n_max and fail together.
+        row = [ids.numel(), num_classes, int(problem is not None)]
+        sizes = _gather_rows(accelerator, torch.tensor([row]))
+        bad = [r for r, flag in enumerate(sizes[:, 2].tolist()) if flag]
+        if bad:
+            detail = f": {problem}" if problem else ""
+            raise ValueError(f"gather_predictions: bad input on ranks {bad}{detail}")
+        if len(set(sizes[:, 1].tolist())) > 1:
+            raise ValueError(f"gather_predictions: processes disagree on K: {sizes[:, 1].tolist()}")
+        n_max = int(sizes[:, 0].max())
+        pad = n_max - ids.numel()
+        padded_ids = torch.cat([ids, torch.full((pad,), PAD_ID, dtype=torch.long)])
+        padded_probs = torch.cat([probs, torch.zeros(pad, num_classes)])
+        if n_max == 0:
+            all_ids, all_probs = padded_ids, padded_probs
+        else:
+            all_ids = _gather_rows(accelerator, padded_ids)
+            all_probs = _gather_rows(accelerator, padded_probs)
+        real = all_ids != PAD_ID
+        all_ids, all_probs = all_ids[real], all_probs[real]
+    # Stable sort keeps rank order among equal ids, so "first occurrence" is the lowest rank's row.
+    order = torch.sort(all_ids, stable=True).indices
+    sorted_ids = all_ids[order]
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[1:] = sorted_ids[1:] != sorted_ids[:-1]
+    out_ids, out_probs = sorted_ids[first], all_probs[order][first]
+    sent = gathered_bytes(n_max, num_classes, world) if world > 1 else 0
+    return out_ids, out_probs, GatherStats(world, n_max, all_ids.numel(), out_ids.numel(), sent)
+
+
+def gather_predictions(
+    accelerator: Accelerator, ids: torch.Tensor, probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's (ids [n], probs [n, K]) gathered, duplicates dropped, sorted by id: same on all ranks.
+
+    n may differ between processes and be 0. Collective. Returns CPU tensors (int64 ids [M], float32
+    probs [M, K]); for a duplicated id the row of the lowest rank (then the earliest row) is kept.
+    """
+    out_ids, out_probs, _ = gather_with_stats(accelerator, ids, probs)
+    return out_ids, out_probs
+
+
+def table_checksum(t: torch.Tensor) -> int:
+    """A 63-bit checksum of a tensor's dtype, shape and exact bytes (sha256, so equal means bitwise equal)."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{flat.dtype}|{tuple(t.shape)}|".encode())
+    if flat.numel():
+        # view as bytes: .numpy() has no bfloat16.
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "big") >> 1
+
+
+def check_same_everywhere(accelerator: Accelerator, value: torch.Tensor | int, what: str) -> None:
+    """Raise RuntimeError on every rank, naming `what` and the ranks, unless all processes agree on value.
+
+    Collective. Tensors are compared by table_checksum; ints by value.
+    """
+    if isinstance(value, torch.Tensor):
+        code = table_checksum(value)
+    elif -(2**63) <= int(value) < 2**63:
+        code = int(value)
+    else:
+        code = int.from_bytes(hashlib.sha256(str(value).encode()).digest()[:8], "big") >> 1
+    if accelerator.num_processes == 1:
+        return
+    codes = _gather_rows(accelerator, torch.tensor([code], dtype=torch.long)).tolist()
+    if len(set(codes)) == 1:
+        return
+    groups: dict[int, list[int]] = {}
+    for rank, c in enumerate(codes):
+        groups.setdefault(c, []).append(rank)
+    parts = "; ".join(f"ranks {','.join(map(str, ranks))} hold {c}" for c, ranks in groups.items())
+    raise RuntimeError(f"{what} differs between processes: {parts}")
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process if any process passed True (collective all-reduce MAX)."""
+    if accelerator.num_processes == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="max").item())
+
+
+def all_sum(accelerator: Accelerator, value: float | torch.Tensor) -> torch.Tensor:
+    """The sum over processes of a number or tensor (collective); a Python number becomes float64/int64."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+    else:
+        # float64: the default float32 would round a global sample count above 2**24.
+        t = torch.tensor(value, dtype=torch.int64 if isinstance(value, int) else torch.float64)
+    t = t.to(accelerator.device)
+    if accelerator.num_processes == 1:
+        return t.clone()
+    return accelerator.reduce(t, reduction="sum")
+
+
+class StopRequest:
+    """Sets `requested` on SIGTERM or SIGUSR1 (a scheduler's warning) so the trainer stops at a step boundary.
+
+    Handlers are installed on creation (main thread only) and the previous ones restored by close().
+    The previous handlers are not chained: a default SIGTERM would kill the process the graceful stop
+    is meant to save. The trainer agrees on the flag across processes with any_process.
+    """
+
+    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+        self._requested: str | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        for name in signals:
+            sig = getattr(signal, name, None)
+            if sig is not None:  # SIGUSR1 does not exist on Windows
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self._requested = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop signal arrived since creation."""
+        return self._requested is not None
+
+    @property
+    def signal_name(self) -> str | None:
+        """The name of the signal that asked to stop (the last one), or None."""
+        return self._requested
+
+    def close(self) -> None:
+        """Restore the handlers that were installed before this object."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
