@@ -1,0 +1,320 @@
+"""Streams over shard directories: the training stream (equal steps per rank) and the exhaustive pass.
+
+Stages, in open_clip's order, each a named step below:
+  shard list (ShardSet, one id offset per directory)
+  -> plan (fer_dist/data/plan.py, from the manifest's id ranges and the include mask, before any read):
+     shard order shuffled by (seed, epoch), cut into rank windows balanced by SELECTED count, each cut
+     again among the rank's DataLoader workers; every worker has a computed batch quota
+  -> read the worker's pieces of tar (fer_dist/data/shardread.py): member names checked against the
+     allow-list, samples outside `include` skipped by key before their bytes are read
+  -> shuffle buffer over the raw PNG bytes, seeded by (seed, epoch, rank, worker role)
+  -> skip the batches a resumed run already trained on (no decode, no transform)
+  -> decode (PNG only) -> transform (torch's RNG seeded per batch) -> batch, in the worker.
+
+The DataLoader runs with batch_size=None: batching happens in the workers, so each worker yields exactly its
+quota of full batches and the quotas sum to the rank's steps; every rank therefore yields `steps` batches of
+`global_batch // world` samples whatever the shard sizes, world size and worker count. The stream is not
+passed through accelerator.prepare, which would split it again.
+
+Augmentation is reproducible: before each batch, a worker seeds torch's generator from
+(seed, epoch, rank, role, batch index), so batch k is the same whether the epoch ran through or resumed
+with skip_batches (with the same world size, workers and global batch). With num_workers == 0 the seeding
+happens inside torch.random.fork_rng so the trainer's own generator is left untouched.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fer_dist.data import plan as planning
+from fer_dist.data.augment import Transform
+from fer_dist.data.shardread import decode_png, parse_cls, read_shard
+from fer_dist.errors import FerDistError
+
+SHUFFLE_BUFFER = 1000  # raw samples held per worker; PNG faces are a few KB each
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as a run sees it: its samples hold run ids first_run_id .. first_run_id + count - 1."""
+
+    path: Path
+    count: int
+    first_run_id: int
+    labelled: int
+    offset: int = 0  # the directory's id offset: tar key = run id - offset
+
+
+def load_manifest(directory: Path) -> dict:
+    """A shard directory's manifest.json, checked for what the streams rely on."""
+    path = Path(directory) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FerDistError(f"{path}: no manifest; is {directory} a shard directory?") from None
+    except (OSError, ValueError) as err:
+        raise FerDistError(f"{path}: unreadable manifest ({err})") from None
+    if not str(manifest.get("format", "")).startswith("fer-dist-shards/"):
+        raise FerDistError(f"{path}: not a fer-dist shard manifest (format {manifest.get('format')!r})")
+    num_ids = manifest.get("num_ids")
+    if not isinstance(num_ids, int) or not isinstance(manifest.get("splits"), dict):
+        raise FerDistError(f"{path}: manifest lacks num_ids or splits")
+    for split, info in manifest["splits"].items():
+        for shard in info.get("shards", []):
+            if shard["first_id"] < 0 or shard["first_id"] + shard["count"] > num_ids:
+                raise FerDistError(f"{path}: split {split}: shard {shard['file']} has ids beyond {num_ids}")
+    return manifest
+
+
+class ShardSet:
+    """Shard directories in one id space: directory k's ids are offset by the earlier ones' num_ids."""
+
+    def __init__(self, entries: Sequence[tuple[str | Path, Sequence[str]]]) -> None:
+        self.entries: list[tuple[Path, tuple[str, ...]]] = [(Path(d).resolve(), tuple(s)) for d, s in entries]
+        self.manifests: dict[Path, dict] = {}
+        self._offsets: dict[Path, int] = {}
+        total = 0
+        for directory, _ in self.entries:
+            if directory not in self.manifests:
+                self.manifests[directory] = load_manifest(directory)
+                self._offsets[directory] = total
+                total += self.manifests[directory]["num_ids"]
+        self.num_ids = total
+
+    @property
+    def offsets(self) -> list[dict]:
+        """What fixes the id space, per directory in order: saved with a run and compared on resume."""
+        return [{"dataset": m.get("dataset"), "fingerprint": (m.get("source") or {}).get("fingerprint"),
+                 "num_ids": m["num_ids"], "offset": self._offsets[d]} for d, m in self.manifests.items()]
+
+    def shards(self, entry: int) -> list[ShardInfo]:
+        """The shards of entry `entry` (its splits in the order named, each in id order)."""
+        directory, splits = self.entries[entry]
+        manifest, offset = self.manifests[directory], self._offsets[directory]
+        out = []
+        for split in splits:
+            if split not in manifest["splits"]:
+                have = ", ".join(manifest["splits"])
+                raise FerDistError(f"{directory}: no split {split!r} (it has {have})")
+            for s in manifest["splits"][split]["shards"]:
+                path = directory / s["file"]
+                if not path.is_file():
+                    raise FerDistError(f"{path}: shard listed in the manifest is missing")
+                out.append(ShardInfo(path, s["count"], offset + s["first_id"], s["labelled"], offset))
+        return out
+
+
+def read_labels(shardset: ShardSet) -> torch.Tensor:
+    """[num_ids] long: each sample's class from its `.cls` member, -1 if unlabelled or in no split named."""
+    labels = torch.full((shardset.num_ids,), -1, dtype=torch.long)
+    seen: set[Path] = set()
+    for entry in range(len(shardset.entries)):
+        for shard in shardset.shards(entry):
+            if shard.path in seen:
+                continue
+            seen.add(shard.path)
+            keys = np.arange(shard.count, dtype=np.int64) + (shard.first_run_id - shard.offset)
+            for sid, members in read_shard(str(shard.path), keys, ("cls",)):
+                labels[shard.offset + sid] = parse_cls(members.get("cls"), str(shard.path), sid)
+            got = int((labels[shard.first_run_id:shard.first_run_id + shard.count] >= 0).sum())
+            if got != shard.labelled:
+                raise FerDistError(f"{shard.path}: {got} labelled samples, manifest says {shard.labelled}")
+    return labels
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A worker's FerDistError, passed as data so the main process re-raises it as one line."""
+
+    message: str
+
+
+def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer: hold `size` items, emit a random one as each new item arrives, then the rest."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+class _Stream(IterableDataset):
+    """The per-worker stages after planning: read -> (shuffle) -> skip -> decode -> transform -> batch."""
+
+    def __init__(self, shards: Sequence[ShardInfo], plans: list[planning.SlotPlan], *, transform: Transform,
+                 batch_size: int, labels: bool, seed: tuple[int, ...] | None, shuffle_buffer: int) -> None:
+        self.paths = [str(s.path) for s in shards]
+        self.offsets = [s.offset for s in shards]
+        self.plans, self.transform, self.batch_size = plans, transform, batch_size
+        self.labels, self.seed, self.shuffle_buffer = labels, seed, shuffle_buffer
+
+    def __iter__(self) -> Iterator:
+        info = get_worker_info()
+        if info is not None:
+            # The forked worker inherits the trainer's whole heap; one full collection walking it (and
+            # copying its pages) cost a third of a second per pass in the benchmark. The worker's own
+            # objects are still collected.
+            gc.freeze()
+        plan = self.plans[info.id if info is not None else 0]
+        try:
+            yield from self._batches(plan, in_worker=info is not None)
+        except FerDistError as err:
+            yield _Failure(str(err))
+
+    def _raw(self, plan: planning.SlotPlan) -> Iterator[tuple[str, int, int, dict[str, bytes]]]:
+        """(shard path, sample key, run id, members) for the plan's pieces, in order."""
+        fields = ("cls", "png") if self.labels else ("png",)
+        for piece in plan.pieces:
+            path, offset = self.paths[piece.shard], self.offsets[piece.shard]
+            for key, members in read_shard(path, piece.ids - offset, fields):
+                yield path, key, offset + key, members
+
+    def _batches(self, plan: planning.SlotPlan, in_worker: bool) -> Iterator[tuple[torch.Tensor, ...]]:
+        raw = self._raw(plan)
+        if self.seed is not None:
+            rng = random.Random(planning.derive_seed(*self.seed, plan.role))
+            raw = _shuffled(raw, self.shuffle_buffer, rng)
+        raw = itertools.islice(raw, plan.skip * self.batch_size, None)  # skipped: read, never decoded
+        for k in range(plan.batches):
+            chunk = list(itertools.islice(raw, self.batch_size))
+            # fork_rng keeps the trainer's generator untouched when the stream runs in the main process
+            with nullcontext() if in_worker else torch.random.fork_rng(devices=[]):
+                if self.seed is not None:
+                    # the CPU generator only: torch.manual_seed would also queue a CUDA seeding call,
+                    # with a formatted stack, on every batch of the epoch
+                    seed = planning.derive_seed(*self.seed, plan.role, plan.skip + k)
+                    torch.default_generator.manual_seed(seed)
+                images = torch.stack([self.transform(decode_png(m.get("png"), path, key))
+                                      for path, key, _, m in chunk])
+            ids = torch.tensor([rid for _, _, rid, _ in chunk], dtype=torch.long)
+            if not self.labels:
+                yield images, ids
+                continue
+            labels = [parse_cls(m.get("cls"), path, key) for path, key, _, m in chunk]
+            yield images, torch.tensor(labels, dtype=torch.long), ids
+
+
+def _loader(dataset: _Stream, num_workers: int) -> DataLoader:
+    # An own generator: DataLoader otherwise draws its workers' base seed from the trainer's global one.
+    generator = torch.Generator().manual_seed(planning.derive_seed(*(dataset.seed or (0,))))
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                      generator=generator)
+
+
+def _check_mask(include: torch.Tensor) -> np.ndarray:
+    if include.dtype != torch.bool or include.dim() != 1:
+        raise FerDistError(f"include must be a 1-D bool mask, got {include.dtype} {tuple(include.shape)}")
+    return include.cpu().numpy()
+
+
+def _selected(shards: Sequence[ShardInfo], mask: np.ndarray) -> list[np.ndarray]:
+    return planning.selected_ids([(s.first_run_id, s.count) for s in shards], mask)
+
+
+class TrainStream:
+    """One epoch of one rank: `steps` batches in all; iterating yields the `steps - skip_batches` left."""
+
+    def __init__(self, dataset: _Stream, targets: torch.Tensor, steps: int, skip: int, workers: int) -> None:
+        self.steps, self.skip, self.batch_size = steps, skip, dataset.batch_size
+        self._dataset, self._targets, self._workers = dataset, targets, workers
+
+    def __len__(self) -> int:
+        return self.steps - self.skip
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        n = 0
+        for item in _loader(self._dataset, self._workers) if len(self) else ():
+            if isinstance(item, _Failure):
+                raise FerDistError(item.message)
+            images, ids = item
+            yield images, self._targets.index_select(0, ids.to(self._targets.device)), ids
+            n += 1
+        if n != len(self):  # the plan guarantees it; a shortfall would hang the other ranks' collectives
+            raise RuntimeError(f"train stream yielded {n} batches, planned {len(self)}")
+
+
+def train_loader(
+    shards: list[ShardInfo],
+    include: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    transform: Transform,
+    global_batch: int,
+    rank: int,
+    world: int,
+    num_workers: int,
+    seed: int,
+    epoch: int,
+    skip_batches: int = 0,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+) -> TrainStream:
+    """This rank's training stream: `steps` batches of global_batch // world (images, targets, ids)."""
+    mask = _check_mask(include)
+    if targets.dim() != 2 or targets.shape[0] != include.shape[0] or not targets.is_floating_point():
+        raise FerDistError(f"targets: need a float table [{include.shape[0]}, K], not {tuple(targets.shape)}")
+    if shuffle_buffer < 1:
+        raise FerDistError(f"shuffle_buffer: {shuffle_buffer} is not a positive number of samples")
+    selected = _selected(shards, mask)
+    if not any(s.size for s in selected):
+        raise FerDistError("train_loader: the include mask selects none of the given shards' samples")
+    steps, plans = planning.train_plan(selected, global_batch=global_batch, world=world, rank=rank,
+                                       workers=num_workers, seed=seed, epoch=epoch, skip=skip_batches)
+    dataset = _Stream(shards, plans, transform=transform, batch_size=global_batch // world, labels=False,
+                      seed=(seed, epoch, rank), shuffle_buffer=shuffle_buffer)
+    return TrainStream(dataset, targets, steps, skip_batches, num_workers)
+
+
+class ExhaustiveStream:
+    """One rank's share of an exhaustive pass: `samples` samples in `batches` batches (ranks may differ)."""
+
+    def __init__(self, dataset: _Stream, num_workers: int) -> None:
+        self.batches = sum(p.batches for p in dataset.plans)
+        self.samples = sum(p.samples for p in dataset.plans)
+        self._dataset, self._workers = dataset, num_workers
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for item in _loader(self._dataset, self._workers) if self.samples else ():
+            if isinstance(item, _Failure):
+                raise FerDistError(item.message)
+            yield item
+
+
+def exhaustive_loader(
+    shards: list[ShardInfo],
+    include: torch.Tensor | None,
+    *,
+    transform: Transform,
+    batch_size: int,
+    rank: int,
+    world: int,
+    num_workers: int,
+) -> ExhaustiveStream:
+    """Every selected sample exactly once across ranks and workers, unaugmented: (images, labels, ids)."""
+    if include is None:
+        mask = np.ones(max((s.first_run_id + s.count for s in shards), default=0), dtype=bool)
+    else:
+        mask = _check_mask(include)
+    plans = planning.exhaustive_plan(_selected(shards, mask), batch_size=batch_size, world=world, rank=rank,
+                                     workers=num_workers)
+    dataset = _Stream(shards, plans, transform=transform, batch_size=batch_size, labels=True, seed=None,
+                      shuffle_buffer=0)
+    return ExhaustiveStream(dataset, num_workers)

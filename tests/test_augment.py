@@ -1,0 +1,96 @@
+"""METHOD.md section 6 augmentation and the model's resize / channel match / normalise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fer_dist.data.augment import InputSpec, eval_transform, train_transform
+from fer_dist.errors import FerDistError
+
+GREY = InputSpec(size=40, channels=1, mean=(0.5,), std=(0.25,))
+RGB = InputSpec(size=40, channels=3, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"size": 0, "channels": 1, "mean": (0.5,), "std": (0.5,)},
+    {"size": 8, "channels": 2, "mean": (0.5, 0.5), "std": (0.5, 0.5)},
+    {"size": 8, "channels": 3, "mean": (0.5,), "std": (0.5,)},
+    {"size": 8, "channels": 1, "mean": (0.5,), "std": (0.0,)},
+])
+def test_input_spec_refuses_inconsistent_values(kwargs):
+    with pytest.raises(FerDistError, match="InputSpec"):
+        InputSpec(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"shift": 0.1}, {"rotation": 15.0}, {"zoom": (1.2, 1.1)}])
+def test_train_transform_refuses_settings_beyond_the_paper(kwargs):
+    with pytest.raises(FerDistError, match="train_transform"):
+        train_transform(GREY, **kwargs)
+
+
+def test_eval_transform_resizes_matches_channels_and_normalises():
+    grey = torch.full((1, 20, 20), 102, dtype=torch.uint8)  # 0.4 in [0, 1]
+    out = eval_transform(RGB)(grey)
+    assert out.shape == (3, 40, 40) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.full_like(out, (0.4 - 0.5) / 0.5), atol=1e-5)
+
+    rgb = torch.zeros((3, 40, 40), dtype=torch.uint8)
+    rgb[0] = 255  # pure red: luma 0.299
+    out = eval_transform(GREY)(rgb)
+    assert out.shape == (1, 40, 40)
+    assert torch.allclose(out, torch.full_like(out, (0.299 - 0.5) / 0.25), atol=0.02)
+
+
+def test_eval_transform_is_deterministic_and_leaves_the_generator_alone():
+    image = torch.randint(0, 256, (1, 48, 48), dtype=torch.uint8)
+    state = torch.get_rng_state()
+    assert torch.equal(eval_transform(GREY)(image), eval_transform(GREY)(image))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_train_transform_is_reproducible_from_the_seed():
+    image = torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8)
+    tf = train_transform(RGB)
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return torch.stack([tf(image) for _ in range(4)])
+
+    first = draw(7)
+    assert first.shape == (4, 3, 40, 40)
+    assert torch.equal(first, draw(7))
+    assert not torch.equal(first, draw(8))
+
+
+def _bright(out: torch.Tensor) -> torch.Tensor:
+    """(row, col) coordinates of the bright pixels of a [1, H, W] output."""
+    return (out[0] > 0).nonzero().float()
+
+
+def test_train_geometry_stays_within_the_papers_limits():
+    """Shifts under 10 % of the side, rotation within +-10 degrees, flips about half the time."""
+    torch.manual_seed(0)
+    tf = train_transform(InputSpec(size=40, channels=1, mean=(0.5,), std=(0.5,)))
+    dot = torch.zeros((1, 40, 40), dtype=torch.uint8)
+    dot[0, 19:21, 19:21] = 255  # the centre: rotation and zoom keep it in place, only the shift moves it
+    shifts = [(_bright(tf(dot)).mean(0) - 19.5).abs().max().item() for _ in range(200)]
+    assert max(shifts) < 0.1 * 40 + 1.0  # +1: nearest-neighbour rounding of the warped dot
+    assert max(shifts) > 1.5  # it does shift
+
+    bar = torch.zeros((1, 40, 40), dtype=torch.uint8)
+    bar[0, 19:21, 8:32] = 255
+    bar[0, 10:14, 8:12] = 255  # a mark on the left: tells flipped outputs apart
+    angles, flipped = [], 0
+    for _ in range(200):
+        out = tf(bar)
+        flipped += int(out[0, :, 20:].gt(0).sum() > out[0, :, :20].gt(0).sum())
+        pts = _bright(out)
+        line = pts[(pts[:, 0] - pts[:, 0].median()).abs() < 6]
+        cov = torch.cov(line.T)
+        angles.append(math.degrees(0.5 * math.atan2(2 * cov[0, 1].item(), (cov[1, 1] - cov[0, 0]).item())))
+    assert max(abs(a) for a in angles) < 10.0 + 3.0  # +3: the mark and pixel rounding bias the fit
+    assert max(abs(a) for a in angles) > 4.0
+    assert 60 < flipped < 140

@@ -1,0 +1,353 @@
+"""Streams: pure plans, the allow-list, equal steps per rank, exhaustive coverage, resume, 2 real ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from shard_fixtures import (
+    fixture_include,
+    fixture_label,
+    fixture_targets,
+    malicious_payload,
+    pixel_value,
+    synthetic_dir,
+)
+
+from fer_dist.data import plan
+from fer_dist.data.augment import InputSpec, eval_transform, train_transform
+from fer_dist.data.stream import ShardSet, exhaustive_loader, read_labels, train_loader
+from fer_dist.errors import FerDistError
+
+SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))  # output = pixel / 255: the id is readable
+UNEVEN = {"train": [5, 1, 9, 3, 13], "test": [4, 2]}  # 37 ids, deliberately uneven shards
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    synthetic_dir(out, UNEVEN)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shards(shard_dir):
+    ss = ShardSet([(shard_dir, ["train", "test"])])
+    return ss.shards(0)
+
+
+def _check_images(images: torch.Tensor, ids: torch.Tensor) -> None:
+    """Each image still carries its id's pixel value at the centre (augmentation keeps the centre inside)."""
+    want = torch.tensor([pixel_value(int(i)) / 255 for i in ids])
+    assert torch.allclose(images[:, 0, 4, 4], want, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the plans, directly
+
+
+@pytest.mark.parametrize("steps,workers", [(0, 1), (1, 3), (7, 2), (7, 3), (9, 3), (10, 4)])
+def test_worker_quotas_follow_round_robin(steps, workers):
+    quotas = plan.worker_quotas(steps, workers)
+    assert sum(quotas) == steps
+    assert quotas == [sum(1 for j in range(steps) if j % workers == w) for w in range(workers)]
+
+
+@pytest.mark.parametrize("n,gb,steps", [(1, 8, 1), (8, 8, 1), (9, 8, 2), (37, 6, 7), (0, 4, 0)])
+def test_train_steps(n, gb, steps):
+    assert plan.train_steps(n, gb) == steps
+
+
+def _random_selection(seed: int, sizes: list[int]) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ranges, first = [], 0
+    for n in sizes:
+        ranges.append((first, n))
+        first += n
+    return plan.selected_ids(ranges, rng.random(first) < 0.7)
+
+
+@pytest.mark.parametrize("sizes", [[5, 1, 9, 3, 13], [40], [2, 0, 3], [1000, 3, 250]])
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 1), (4, 3)])
+def test_train_plan_balances_selected_counts_and_covers_everything(sizes, world, workers):
+    selected = _random_selection(len(sizes), sizes)
+    n, gb = sum(s.size for s in selected), 6 * world
+    seen: Counter = Counter()
+    for rank in range(world):
+        steps, slots = plan.train_plan(selected, global_batch=gb, world=world, rank=rank, workers=workers,
+                                       seed=3, epoch=1)
+        assert steps == -(-n // gb)
+        assert sum(s.batches for s in slots) == steps
+        for slot in slots:  # every slot holds exactly its quota of samples: balance by selected count
+            assert slot.samples == slot.batches * (gb // world)
+            for piece in slot.pieces:
+                assert set(piece.ids.tolist()) <= set(selected[piece.shard].tolist())
+                seen.update(piece.ids.tolist())
+    assert set(seen) == {int(i) for s in selected for i in s}
+    assert sum(seen.values()) - n == steps * gb - n < gb  # repeats only to fill the last global batch
+
+
+def test_train_plan_cuts_shards_when_they_are_fewer_than_slots():
+    selected = _random_selection(0, [11])  # one shard, 2 ranks x 3 workers
+    for rank in range(2):
+        _, slots = plan.train_plan(selected, global_batch=4, world=2, rank=rank, workers=3, seed=0, epoch=0)
+        assert all(s.samples == s.batches * 2 for s in slots)
+        assert any(s.samples for s in slots)
+
+
+def test_train_plan_depends_on_seed_and_epoch_only():
+    selected = _random_selection(1, [3] * 12)
+    kw = {"global_batch": 4, "world": 2, "rank": 1, "workers": 2}
+
+    def ids(seed, epoch):
+        slots = plan.train_plan(selected, seed=seed, epoch=epoch, **kw)[1]
+        return [p.ids.tolist() for s in slots for p in s.pieces]
+
+    assert ids(0, 0) == ids(0, 0)
+    assert ids(0, 0) != ids(0, 1)
+    assert ids(0, 0) != ids(1, 0)
+
+
+@pytest.mark.parametrize("workers,skip", [(0, 2), (2, 3), (3, 4), (3, 6)])
+def test_train_plan_resume_continues_the_round_robin(workers, skip):
+    selected = _random_selection(2, [7, 7, 7])
+    kw = {"global_batch": 2, "world": 1, "rank": 0, "workers": workers, "seed": 0, "epoch": 0}
+    steps, full = plan.train_plan(selected, **kw)
+    _, resumed = plan.train_plan(selected, skip=skip, **kw)
+    roles = max(1, workers)
+
+    def order(slots):  # (role, batch index of the role) in the order a DataLoader hands batches out
+        left = [list(range(s.skip, s.skip + s.batches)) for s in slots]
+        out = []
+        while any(left):
+            out += [(slots[i].role, left[i].pop(0)) for i in range(roles) if left[i]]
+        return out
+
+    assert order(resumed) == order(full)[skip:]
+    def pieces(slot):
+        return [(p.shard, p.ids.tolist()) for p in slot.pieces]
+
+    assert [pieces(full[s.role]) for s in resumed] == [pieces(s) for s in resumed]
+
+
+def test_train_plan_refuses_a_batch_that_does_not_split_over_ranks():
+    with pytest.raises(FerDistError, match="multiple of world size 4"):
+        plan.train_plan(_random_selection(0, [9]), global_batch=6, world=4, rank=0, workers=0, seed=0,
+                        epoch=0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("workers", [0, 1, 2, 4])
+def test_exhaustive_plan_reads_each_sample_once(world, workers):
+    selected = _random_selection(4, [5, 1, 9, 3, 13])
+    seen, per_rank = Counter(), []
+    for rank in range(world):
+        slots = plan.exhaustive_plan(selected, batch_size=4, world=world, rank=rank, workers=workers)
+        per_rank.append(sum(s.samples for s in slots))
+        seen.update(i for s in slots for p in s.pieces for i in p.ids.tolist())
+    assert sorted(seen.elements()) == sorted(int(i) for s in selected for i in s)
+    assert max(per_rank) - min(per_rank) <= 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shard sets, labels, the allow-list
+
+
+def test_shardset_offsets_directories_in_the_order_given(tmp_path):
+    synthetic_dir(tmp_path / "a", {"train": [3, 4], "test": [2]})
+    synthetic_dir(tmp_path / "b", {"train": [5]})
+    ss = ShardSet([(tmp_path / "b", ["train"]), (tmp_path / "a", ["train"]), (tmp_path / "a", ["test"])])
+    assert ss.num_ids == 5 + 9
+    assert [s.first_run_id for s in ss.shards(0)] == [0]
+    assert [s.first_run_id for s in ss.shards(1)] == [5, 8]
+    assert [s.first_run_id for s in ss.shards(2)] == [12]
+    assert [o["offset"] for o in ss.offsets] == [0, 5]
+    assert ShardSet([(tmp_path / "b", ["train"]), (tmp_path / "a", ["test"])]).offsets == ss.offsets
+    with pytest.raises(FerDistError, match="no split 'val'"):
+        ShardSet([(tmp_path / "a", ["val"])]).shards(0)
+    with pytest.raises(FerDistError, match="no manifest"):
+        ShardSet([(tmp_path, ["train"])])
+
+
+def test_read_labels_reads_named_splits_only(tmp_path):
+    synthetic_dir(tmp_path / "a", {"train": [3, 4], "test": [2]})
+    synthetic_dir(tmp_path / "b", {"train": [5]})
+    ss = ShardSet([(tmp_path / "a", ["train"]), (tmp_path / "b", ["train"])])
+    labels = read_labels(ss)
+    want = [fixture_label(i) for i in range(7)] + [-1, -1] + [fixture_label(i) for i in range(5)]
+    assert labels.tolist() == want
+
+
+def test_a_member_outside_the_allow_list_is_refused_and_never_unpickled(tmp_path):
+    marker, probe = tmp_path / "unpickled", tmp_path / "probe"
+    pickle.loads(malicious_payload(probe))  # the payload is really malicious: unpickling creates a file
+    assert probe.exists()
+    synthetic_dir(tmp_path / "bad", {"train": [4, 6]}, extra={7: {"pyd": malicious_payload(marker)}})
+    ss = ShardSet([(tmp_path / "bad", ["train"])])
+    targets = fixture_targets(ss.num_ids)
+    include = torch.ones(ss.num_ids, dtype=torch.bool)
+    with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'.*00000007\.pyd"):
+        read_labels(ss)
+    for workers in (0, 2):
+        stream = train_loader(ss.shards(0), include, targets, transform=train_transform(SPEC), global_batch=2,
+                              rank=0, world=1, num_workers=workers, seed=0, epoch=0)
+        with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'") as err:
+            list(stream)
+        assert "\n" not in str(err.value)
+        with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'"):
+            list(exhaustive_loader(ss.shards(0), None, transform=eval_transform(SPEC), batch_size=3, rank=0,
+                                   world=1, num_workers=workers))
+    assert not marker.exists()
+
+
+def test_a_png_member_that_is_not_a_png_is_refused(tmp_path):
+    out = tmp_path / "jpeg"
+    synthetic_dir(out, {"train": [3]})
+    manifest = json.loads((out / "manifest.json").read_text())
+    tar = out / manifest["splits"]["train"]["shards"][0]["file"]
+    data = bytearray(tar.read_bytes())
+    at = data.index(b"\x89PNG")
+    data[at:at + 4] = b"\xff\xd8\xff\xe0"  # a JPEG signature: cv2 would decode it, the allow-list must not
+    tar.write_bytes(bytes(data))
+    with pytest.raises(FerDistError, match="sample 00000000 has no PNG image"):
+        list(exhaustive_loader(ShardSet([(out, ["train"])]).shards(0), None, transform=eval_transform(SPEC),
+                               batch_size=2, rank=0, world=1, num_workers=0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the training stream
+
+
+def _epoch(shards, *, world, rank, workers, seed=0, epoch=0, skip=0, gb=6):
+    n = shards[-1].first_run_id + shards[-1].count
+    return train_loader(shards, fixture_include(n), fixture_targets(n), transform=train_transform(SPEC),
+                        global_batch=gb, rank=rank, world=world, num_workers=workers, seed=seed, epoch=epoch,
+                        skip_batches=skip)
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 1), (3, 2)])
+def test_train_stream_equal_steps_full_batches_and_coverage(shards, world, workers):
+    n = shards[-1].first_run_id + shards[-1].count
+    include, targets = fixture_include(n), fixture_targets(n)
+    seen, counts = set(), []
+    for rank in range(world):
+        stream = _epoch(shards, world=world, rank=rank, workers=workers)
+        batches = list(stream)
+        counts.append(len(batches))
+        for images, tgt, ids in batches:
+            assert images.shape == (6 // world, 1, 8, 8) and ids.shape == (6 // world,)
+            assert torch.equal(tgt, targets[ids])
+            assert include[ids].all()
+            _check_images(images, ids)
+            seen.update(ids.tolist())
+    assert counts == [stream.steps] * world == [-(-int(include.sum()) // 6)] * world
+    assert seen == set(torch.nonzero(include).flatten().tolist())
+
+
+def test_train_stream_is_deterministic_and_reshuffles_each_epoch(shards):
+    first = list(_epoch(shards, world=2, rank=1, workers=2, seed=5, epoch=3))
+    again = list(_epoch(shards, world=2, rank=1, workers=2, seed=5, epoch=3))
+    later = list(_epoch(shards, world=2, rank=1, workers=2, seed=5, epoch=4))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[2], b[2]) for a, b in zip(first, again, strict=True))
+    assert [b[2].tolist() for b in first] != [b[2].tolist() for b in later]
+
+
+@pytest.mark.parametrize("workers,skip", [(0, 3), (2, 3), (2, 4)])
+def test_skip_batches_resumes_exactly_where_the_epoch_stopped(shards, workers, skip):
+    full = list(_epoch(shards, world=1, rank=0, workers=workers, seed=9, epoch=2, gb=4))
+    resumed = _epoch(shards, world=1, rank=0, workers=workers, seed=9, epoch=2, gb=4, skip=skip)
+    assert resumed.steps == len(full) and len(resumed) == len(full) - skip
+    rest = list(resumed)
+    assert len(rest) == len(full) - skip
+    for a, b in zip(full[skip:], rest, strict=True):
+        assert torch.equal(a[2], b[2]) and torch.equal(a[1], b[1])
+        assert torch.equal(a[0], b[0])  # same augmentations, bit for bit
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_stream_leaves_the_trainers_generator_alone(shards, workers):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    list(_epoch(shards, world=1, rank=0, workers=workers))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the exhaustive pass
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_exhaustive_covers_each_selected_id_once(shards, world, workers):
+    n = shards[-1].first_run_id + shards[-1].count
+    include = fixture_include(n)
+    seen = Counter()
+    for rank in range(world):
+        stream = exhaustive_loader(shards, include, transform=eval_transform(SPEC), batch_size=4, rank=rank,
+                                   world=world, num_workers=workers)
+        for images, labels, ids in stream:
+            assert 1 <= len(ids) <= 4
+            assert labels.tolist() == [fixture_label(int(i)) for i in ids]
+            _check_images(images, ids)
+            seen.update(ids.tolist())
+    assert sorted(seen.elements()) == torch.nonzero(include).flatten().tolist()
+
+
+def test_exhaustive_without_mask_reads_everything_in_rgb(tmp_path):
+    synthetic_dir(tmp_path / "rgb", {"train": [3, 2]}, channels=3)
+    shards = ShardSet([(tmp_path / "rgb", ["train"])]).shards(0)
+    spec = InputSpec(size=8, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3)
+    batches = list(exhaustive_loader(shards, None, transform=eval_transform(spec), batch_size=8, rank=0,
+                                     world=1, num_workers=0))
+    images, _, ids = batches[0]
+    assert ids.tolist() == [0, 1, 2, 3, 4]
+    v = torch.tensor([pixel_value(i) for i in range(5)], dtype=torch.float32)
+    assert torch.allclose(images[:, :, 4, 4] * 255, torch.stack([v, v // 2, 255 - v], 1), atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# two real processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_real_ranks_take_equal_steps(shard_dir, tmp_path):
+    out = tmp_path / "result.json"
+    worker = Path(__file__).with_name("dist_stream_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           str(worker), str(shard_dir), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    n = 37
+    selected = set(torch.nonzero(fixture_include(n)).flatten().tolist())
+    train, exhaustive = result["train"], result["exhaustive"]
+    assert train["counts"][0] == train["counts"][1] == train["steps"] == -(-len(selected) // 6)
+    assert all(size == 3 for rank in train["sizes"] for size in rank)
+    assert set().union(*map(set, train["ids"])) == selected  # repeats only to fill the last batch
+    assert sorted(exhaustive["ids"][0] + exhaustive["ids"][1]) == sorted(selected)
+    assert train["targets_match"] and train["images_match"]
+    assert exhaustive["labels_match"] and exhaustive["images_match"]
+
+
+def test_the_worker_side_survives_pickling_for_spawn(shards):
+    """Under the spawn start method the dataset travels pickled: it must arrive whole and read the same."""
+    stream = _epoch(shards, world=2, rank=0, workers=0, seed=4)
+    clone = pickle.loads(pickle.dumps(stream._dataset))
+    for (a_img, a_ids), (b_img, b_ids) in zip(stream._dataset, clone, strict=True):
+        assert torch.equal(a_ids, b_ids) and torch.equal(a_img, b_img)

@@ -1,0 +1,173 @@
+"""Training-stream throughput on real FER2013 shards against two references measured in the same run.
+
+    .venv/bin/python tools/bench/bench_stream.py [--limit N] [--workers 1 2] [--shards DIR]
+
+- stream: train_loader over the shards, the include mask selecting N train ids at random with a density
+  of 0.9 (a round's share: X_l less 10 %) over the shards read, so skipping ids by key is measured too;
+  decoded + augmented + batched in the workers.
+- bound: the same PNG bytes already in RAM, the same decode (cv2.imdecode) + augmentation + batching, same
+  workers and batch: what the stream would reach if reading tars cost nothing.
+- imagefolder: torchvision.datasets.ImageFolder over the same data set's JPEG files (N random files), the
+  same transform, workers and batch size.
+Targets: stream >= 90 % of the bound, and ahead of ImageFolder. Each pipeline runs --repeat times,
+interleaved, and the best counts; rates are given per wall second and per CPU second (main process plus
+its joined workers), the latter being the steadier figure on a shared machine.
+Skips (exit 0) where ../shared is absent.
+Shards: --shards DIR, else shards/fer2013 (built with `fer-dist shard` if missing), else a fallback built
+from the train JPEGs with tests/shard_fixtures.py (same contract format) when the command is unavailable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Subset, get_worker_info
+from torchvision.datasets import ImageFolder
+from torchvision.io import ImageReadMode, decode_image
+
+from fer_dist.data import plan
+from fer_dist.data.augment import InputSpec, eval_transform, train_transform
+from fer_dist.data.shardread import decode_png, read_shard
+from fer_dist.data.stream import ShardSet, train_loader
+
+ROOT = Path(__file__).resolve().parents[2]
+FER = ROOT.parent / "shared" / "data" / "fer2013"
+SPEC = InputSpec(48, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # MobileNetV2 ImageNet at 48 px
+
+
+def build_shards(out: Path) -> Path:
+    """shards/fer2013 from `fer-dist shard`, or the fixture builder's equivalent if the command fails."""
+    if (out / "manifest.json").exists():
+        return out
+    cmd = [str(ROOT / ".venv" / "bin" / "fer-dist"), "shard", "--dataset", "fer2013", "--src", str(FER),
+           "--out", str(out)]
+    print("building shards:", " ".join(cmd), flush=True)
+    if subprocess.run(cmd).returncode == 0 and (out / "manifest.json").exists():
+        return out
+    fallback = out.with_name(out.name + "-fixture")
+    if (fallback / "manifest.json").exists():
+        return fallback
+    print(f"`fer-dist shard` failed: building {fallback} from the train JPEGs (tests/shard_fixtures.py)")
+    sys.path.insert(0, str(ROOT / "tests"))
+    import cv2
+    from shard_fixtures import Sample, write_dir
+
+    from fer_dist.classes import FER2013_FOLDERS
+
+    samples = []
+    for path in sorted((FER / "train").glob("*/*.jpg")):
+        ok, png = cv2.imencode(".png", cv2.imread(str(path), cv2.IMREAD_GRAYSCALE))
+        samples.append(Sample(FER2013_FOLDERS[path.parent.name], png.tobytes()))
+    write_dir(fallback, {"train": [samples[i:i + 1000] for i in range(0, len(samples), 1000)]},
+              size=48, channels=1)
+    return fallback
+
+
+class InMemory(IterableDataset):
+    """The bound: PNG bytes in RAM, split among workers by position, decoded + augmented + batched."""
+
+    def __init__(self, blobs: list[bytes], batch: int, transform) -> None:
+        self.blobs, self.batch, self.transform = blobs, batch, transform
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        if info:
+            gc.freeze()  # the same worker setup as the stream's
+        mine = self.blobs[wid::nw]
+        for k, start in enumerate(range(0, len(mine) - self.batch + 1, self.batch)):
+            torch.default_generator.manual_seed(plan.derive_seed(0, 0, 0, wid, k))  # as the stream does
+            chunk = mine[start:start + self.batch]
+            yield torch.stack([self.transform(decode_png(b, "ram", 0)) for b in chunk])
+
+
+def read_image(path: str) -> torch.Tensor:
+    """ImageFolder's loader: the file as a uint8 [C, H, W] tensor, as the stream's decode gives."""
+    return decode_image(path, mode=ImageReadMode.UNCHANGED)
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (the DataLoader workers, once joined)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _rate(make) -> tuple[float, float]:
+    """(samples per wall second, samples per CPU second) of one pass; CPU time is robust to a shared box."""
+    tick, cpu, n = time.perf_counter(), _cpu(), 0
+    for batch in make():  # the iterator joins its workers when exhausted, so their CPU time is counted
+        n += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
+    return n / (time.perf_counter() - tick), n / (_cpu() - cpu)
+
+
+def select(shards, limit: int | None, density: float) -> np.ndarray:
+    """N train ids at random, `density` of the first ids read (all train ids when no limit)."""
+    train_ids = np.concatenate([np.arange(s.first_run_id, s.first_run_id + s.count) for s in shards])
+    span = min(len(train_ids), int(np.ceil((limit or len(train_ids)) / density)))
+    rng = np.random.default_rng(0)
+    return np.sort(rng.choice(train_ids[:span], int(span * density), replace=False))
+
+
+def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: int, repeat: int) -> dict:
+    """Best-of-`repeat` samples/s of the stream, the in-RAM bound and ImageFolder, run interleaved."""
+    include = torch.zeros(num_ids, dtype=torch.bool)
+    include[torch.from_numpy(chosen)] = True
+    targets = torch.zeros(num_ids, 7)
+    blobs = []
+    for s in shards:
+        keys = chosen[(chosen >= s.first_run_id) & (chosen < s.first_run_id + s.count)] - s.offset
+        blobs += [m["png"] for _, m in read_shard(str(s.path), keys, ("png",))]
+    folder = ImageFolder(str(FER / "train"), transform=tf, loader=read_image)
+    subset = Subset(folder, np.random.default_rng(0).choice(len(folder), len(chosen), replace=False).tolist())
+    runs = {
+        "stream": lambda: train_loader(shards, include, targets, transform=tf, global_batch=batch, rank=0,
+                                       world=1, num_workers=workers, seed=0, epoch=0),
+        "bound": lambda: DataLoader(InMemory(blobs, batch, tf), batch_size=None, num_workers=workers),
+        "imagefolder": lambda: DataLoader(subset, batch_size=batch, shuffle=True, num_workers=workers),
+    }
+    best = {name: (0.0, 0.0) for name in runs}
+    for _ in range(repeat):
+        for name, make in runs.items():
+            wall, cpu = _rate(make)
+            best[name] = (max(best[name][0], wall), max(best[name][1], cpu))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=None, help="samples per measurement (default: all)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--density", type=float, default=0.9, help="share of the ids read that are selected")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each pipeline; the best counts")
+    parser.add_argument("--shards", type=Path, default=None)
+    args = parser.parse_args()
+    if not FER.is_dir():
+        print(f"skipped: {FER} is absent (the real FER2013 lives in ../shared)")
+        return
+    shards_dir = args.shards or build_shards(ROOT / "shards" / "fer2013")
+    shardset = ShardSet([(shards_dir, ["train"])])
+    shards = shardset.shards(0)
+    chosen = select(shards, args.limit, args.density)
+    print(f"shards {shards_dir} ({len(shards)} tars); {len(chosen)} samples at density {args.density}; "
+          f"batch {args.batch}; {SPEC}; best of {args.repeat}", flush=True)
+    for label, tf in (("augmented", train_transform(SPEC)), ("no augmentation", eval_transform(SPEC))):
+        for workers in args.workers:
+            r = measure(shards, chosen, shardset.num_ids, tf, workers, args.batch, args.repeat)
+            for i, unit in enumerate(("wall s", "CPU s")):
+                st, bd, fo = r["stream"][i], r["bound"][i], r["imagefolder"][i]
+                print(f"{label:>15}, workers {workers}, samples per {unit:6}: stream {st:6.0f}  "
+                      f"bound {bd:6.0f}  imagefolder {fo:6.0f}  stream/bound {st / bd:4.2f}  "
+                      f"stream/imagefolder {st / fo:4.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
