@@ -31,7 +31,7 @@ class MetricsLog:
     def __init__(self, path: Path, *, enabled: bool, tensorboard: bool = False, console: Console | None = None):
         self.path = path
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, log_path=False)
         self._file = None
         self._tb = None
         if not enabled:

@@ -9,6 +9,7 @@ rounds (section 3: predict -> gather -> rewrite -> compose -> train -> validate)
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -48,6 +49,7 @@ class State:
     epochs_started: int = 0                 # every epoch so far: seeds the stream of the next one
     step: int = 0                           # optimiser steps
     step_in_epoch: int = 0                  # batches of the current epoch already trained (mid-epoch resume)
+    epoch_loss: float = 0.0                 # this process's loss sum over those batches
     include: torch.Tensor | None = None     # the current round's training set, once composed
     round_stats: dict[str, Any] = field(default_factory=dict)  # what compose() found for the current round
     best_acc: float = -1.0
@@ -88,6 +90,9 @@ class Run:
 def build_run(cfg: TrainConfig, acc) -> Run:
     """Data, model, optimiser, state; then the latest checkpoint if `run.resume` asks for it."""
     run_dir = Path(cfg.run.dir) / cfg.run.name
+    if acc.device.type == "cpu":
+        # Each process gets its share of the cores: oversubscribed OpenMP threads made CPU steps ~15x slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
     if acc.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
@@ -132,6 +137,8 @@ def resume_from(run: Run) -> None:
     if saved.get("scaler") is not None and run.acc.scaler is not None:
         run.acc.scaler.load_state_dict(saved["scaler"])
     run.state = State(**saved["state"])
+    losses = saved["epoch_losses"]
+    run.state.epoch_loss = losses[run.acc.process_index] if len(losses) == run.acc.num_processes else 0.0
     if rng is not None:
         checkpoint.restore_rng(rng)
     if run.acc.is_main_process:
@@ -141,7 +148,10 @@ def resume_from(run: Run) -> None:
 
 def save(run: Run, tag: str, *, is_best: bool = False) -> None:
     """A checkpoint of everything (all processes take part; the main one writes the shared files)."""
+    # every process's share of the running epoch loss, so a mid-epoch resume ends with the same mean
+    losses = run.acc.gather(torch.tensor([run.state.epoch_loss], dtype=torch.float64, device=run.acc.device))
     state = {
+        "epoch_losses": losses.cpu().tolist(),
         "model": run.net.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -152,7 +162,10 @@ def save(run: Run, tag: str, *, is_best: bool = False) -> None:
         "metrics_offset": run.log.offset(),
         "config": run.cfg.to_dict(),
     }
-    checkpoint.save_checkpoint(run.acc, run.dir, tag, state, keep_last=run.cfg.run.keep_last, is_best=is_best)
+    meta = {"round": run.state.round, "step": run.state.step, "best_metric": run.state.best_acc,
+            "phase": run.state.phase}
+    checkpoint.save_checkpoint(run.acc, run.dir, tag, state, keep_last=run.cfg.run.keep_last, is_best=is_best,
+                               meta=meta)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,11 +181,11 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
                           num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=st.epochs_started,
                           skip_batches=st.step_in_epoch)
     run.model.train()
-    losses, seen, tick = [], 0, time.perf_counter()
+    seen, tick = 0, time.perf_counter()
     with run.progress.task(name, total=stream.steps, completed=st.step_in_epoch) as bar:
         for images, targets, _ids in stream:
             loss = train_step(run, images, targets)
-            losses.append(loss)
+            st.epoch_loss += loss
             st.step += 1
             st.step_in_epoch += 1
             seen += images.shape[0] * acc.num_processes
@@ -188,9 +201,9 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
             if dist.any_process(acc, run.stop.requested):
                 save(run, f"step-{st.step:08d}")
                 raise StopRun(f"stopped on request at step {st.step}")
-    st.step_in_epoch = 0
+    mean = dist.all_sum(acc, torch.tensor(st.epoch_loss)) / max(1, st.step_in_epoch * acc.num_processes)
+    st.step_in_epoch, st.epoch_loss = 0, 0.0
     st.epochs_started += 1
-    mean = dist.all_sum(acc, torch.tensor(sum(losses))) / max(1, len(losses) * acc.num_processes)
     return float(mean)
 
 
@@ -210,8 +223,8 @@ def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def predict(run: Run, shards, include: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """p(.|x) for every id in `include`, gathered on every process: (ids [M], probs [M, K], seconds gathering)."""
+def predict(run: Run, shards, include: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """p(.|x) for every id in `include`, gathered on every process: ids [M], probs [M, K], gather stats."""
     net, acc = run.net, run.acc
     net.eval()
     stream = exhaustive_loader(shards, include, transform=eval_transform(net.input_spec),
@@ -225,11 +238,11 @@ def predict(run: Run, shards, include: torch.Tensor, name: str) -> tuple[torch.T
             ids_parts.append(ids)
             bar.advance()
     tick = time.perf_counter()
-    ids, probs = dist.gather_predictions(acc, torch.cat(ids_parts), torch.cat(prob_parts))
+    ids, probs, stats = dist.gather_with_stats(acc, torch.cat(ids_parts), torch.cat(prob_parts))
     expected = int(include.sum())
     if ids.numel() != expected:
         raise RuntimeError(f"{name}: gathered {ids.numel()} predictions for {expected} samples")
-    return ids, probs, time.perf_counter() - tick
+    return ids, probs, {"seconds": time.perf_counter() - tick, "bytes": stats.bytes}
 
 
 def accuracy(run: Run, shards, mask: torch.Tensor, name: str) -> float:
@@ -251,8 +264,10 @@ def validate(run: Run, kind: str, index: int, values: dict[str, Any]) -> float:
     record = {"val/acc": acc_val, "val/best": st.best_acc, **values}
     st.history.append({"kind": kind, "index": index, **record})
     run.log.write(kind, st.step, {kind: index, **record})
+    shown = {"train/loss": "loss", "unlabelled/confident": "confident", "unlabelled/drawn": "drawn",
+             "labelled/reset": "alpha-reset"}
     run.log.say(f"{kind} {index}: val acc {acc_val:.4f} (best {st.best_acc:.4f})"
-                + "".join(f", {k} {v:.4g}" for k, v in values.items() if isinstance(v, float)))
+                + "".join(f", {name} {values[k]:.4g}" for k, name in shown.items() if k in values))
     return acc_val
 
 
@@ -282,8 +297,8 @@ def compose(run: Run) -> dict[str, Any]:
     m, st, data = run.cfg.method, run.state, run.data
     pool = data.labelled | data.unlabelled if m.use_unlabelled else data.labelled
     tick = time.perf_counter()
-    ids, probs, t_gather = predict(run, data.train_shards, pool, "predict")
-    t_predict = time.perf_counter() - tick - t_gather
+    ids, probs, gather = predict(run, data.train_shards, pool, "predict")
+    t_predict = time.perf_counter() - tick - gather["seconds"]
     tick = time.perf_counter()
     labels = data.method_labels()[ids]
     rw = method.rewrite_targets(probs, labels, st.targets[ids], tau=m.tau,
@@ -303,13 +318,13 @@ def compose(run: Run) -> dict[str, Any]:
     return {
         "unlabelled/confident": int(rw.confident.sum()),
         "unlabelled/drawn": int(draw.added.numel()),
-        "unlabelled/class_hist": torch.bincount(added_classes, minlength=NUM_CLASSES),
+        "unlabelled/class_hist": torch.bincount(added_classes, minlength=NUM_CLASSES).tolist(),
         "unlabelled/mean_conf": float(conf_probs.max(1).values.mean()) if conf_probs.numel() else float("nan"),
         "labelled/reset": int(rw.reset.sum()),
         "labelled/kept": int(rw.kept.sum()),
         "labelled/removed": int(draw.removed.numel()),
-        "time/predict": t_predict, "time/gather": t_gather, "time/rewrite": time.perf_counter() - tick,
-        "gather/bytes": dist.gathered_bytes(ids.numel(), NUM_CLASSES, run.acc.num_processes),
+        "time/predict": t_predict, "time/gather": gather["seconds"],
+        "time/rewrite": time.perf_counter() - tick, "gather/bytes": gather["bytes"],
         "selection": {"confident": confident, "removed": draw.removed, "added": draw.added},
     }
 
@@ -426,9 +441,9 @@ def ensure_synthetic_shards() -> None:
         return
     if dist.is_main_launch_process():
         print(f"{out} is missing: sharding the built-in synthetic data set first", file=sys.stderr)
-        from fer_dist.data.pack import pack_default_synthetic
+        from fer_dist.data.pack import pack
 
-        pack_default_synthetic(out)
+        pack("synthetic", [], out)
     dist.wait_for_file(out / "manifest.json")
 
 

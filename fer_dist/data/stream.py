@@ -28,6 +28,7 @@ import gc
 import itertools
 import json
 import random
+import signal
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -171,6 +172,10 @@ class _Stream(IterableDataset):
             # copying its pages) cost a third of a second per pass in the benchmark. The worker's own
             # objects are still collected.
             gc.freeze()
+            # SLURM and `kill -- -PGID` signal the whole process group: a stop request is the trainer's
+            # to handle at a step boundary; a loader worker dying of it would crash the step instead.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         plan = self.plans[info.id if info is not None else 0]
         try:
             yield from self._batches(plan, in_worker=info is not None)

@@ -66,7 +66,7 @@ class SmallCNN(nn.Module):
     Sized for 48x48 greyscale faces on a CPU (48 -> 24 -> 12 -> 6 -> 3 px); trained from scratch.
     """
 
-    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128, 128)) -> None:
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
         super().__init__()
         blocks = []
         for width in widths:

@@ -1,0 +1,47 @@
+"""The `fer-dist` command line: one Typer app; each command group's module registers its commands.
+
+A FerDistError raised by any command becomes `error: <message>` on one line of stderr and exit code 2 (as
+Click does for usage errors); Ctrl-C exits with 130 (Typer's own handling); anything else keeps its
+traceback. The handling sits in the app's root group, so `CliRunner` tests see what users see.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from fer_dist.errors import FerDistError
+
+# Each module has `register(app)`; a new command group adds its module here.
+COMMAND_MODULES: tuple[str, ...] = ("fer_dist.cli.shard",)
+
+
+class _RootGroup(TyperGroup):
+    """The app's root command group: turns FerDistError into one line and exit code 2."""
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FerDistError as exc:
+            message = " ".join(str(exc).split())  # one line even if a message slipped a newline in
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=_RootGroup,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals of a data pipeline are arrays: unreadable, and slow
+    help="Weakly supervised facial expression recognition: shard data sets, train, evaluate.",
+)
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    """Entry point of the `fer-dist` console script."""
+    app(prog_name="fer-dist")

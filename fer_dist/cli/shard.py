@@ -1,0 +1,149 @@
+"""`fer-dist shard` (data set -> shards) and `fer-dist inspect` (shard folder -> tables, checks, a sheet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fer_dist.classes import CLASSES, UNLABELLED_NAME
+from fer_dist.cli.options import Progress, Seed, ShardDir, Workers
+from fer_dist.data.manifest import Manifest, read_manifest
+from fer_dist.data.shards import verify_shards
+from fer_dist.errors import FerDistError
+
+SHOW_SKIPPED = 20  # skipped files listed by name; the manifest keeps them all
+
+Dataset = Annotated[str, typer.Option(
+    "--dataset", "-d", show_default=False,
+    help="Source: fer2013, ckplus, rafd, jaffe, imagefolder, unlabelled or synthetic.")]
+Src = Annotated[list[Path] | None, typer.Option(
+    show_default=False, help="Data set root (file or folder); repeat if the source takes several.")]
+Out = Annotated[Path, typer.Option("--out", "-o", show_default=False, help="Output folder (atomic).")]
+Align = Annotated[str | None, typer.Option(help="Face alignment: haar or none; default: the source's own.")]
+Size = Annotated[int, typer.Option(help="Side of the stored square faces, in pixels.")]
+Channels = Annotated[int, typer.Option(help="1: convert to grey; 3: RGB.")]
+Split = Annotated[str, typer.Option(help="train,val,test subject fractions (sets without official splits).")]
+Folds = Annotated[int | None, typer.Option(help="Also give each subject a fold id 0..K-1 (cross-val).")]
+PerShard = Annotated[int | None, typer.Option(
+    help="Samples per shard; default: 16 shards per split, at most 1000 samples each.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing shard folder.")]
+PeakFrames = Annotated[int, typer.Option(help="ckplus, synthetic: label the last N frames of a sequence.")]
+Angles = Annotated[str, typer.Option(help="rafd: camera angles to keep, e.g. 90,45.")]
+ClassMap = Annotated[str | None, typer.Option(help="imagefolder: folder=class pairs, e.g. joy=happy,x=skip.")]
+Subjects = Annotated[int, typer.Option(help="synthetic: number of subjects.")]
+Frames = Annotated[int, typer.Option(help="synthetic: frames per sequence.")]
+Sheet = Annotated[Path | None, typer.Option(
+    show_default=False, help="Also write a contact sheet (.png or .jpg): random faces, a row per class.")]
+PerClass = Annotated[int, typer.Option(help="Faces per row of the contact sheet.")]
+Verify = Annotated[bool, typer.Option(help="Check every shard against the manifest.")]
+
+
+def shard(
+    dataset: Dataset,
+    out: Out,
+    src: Src = None,
+    align: Align = None,
+    size: Size = 48,
+    channels: Channels = 1,
+    split: Split = "0.8,0.1,0.1",
+    folds: Folds = None,
+    seed: Seed = 0,
+    samples_per_shard: PerShard = None,
+    workers: Workers = None,
+    overwrite: Overwrite = False,
+    peak_frames: PeakFrames = 1,
+    angles: Angles = "90",
+    class_map: ClassMap = None,
+    subjects: Subjects = 60,
+    frames: Frames = 10,
+    progress: Progress = True,
+) -> None:
+    """Shard a data set: align faces on every core, split by subject, write WebDataset tars + manifest."""
+    from fer_dist.data.pack import pack  # cv2 and the sources load only for commands that use them
+    from fer_dist.data.sources import SourceOptions
+    from fer_dist.data.splits import parse_split
+
+    options = SourceOptions(peak_frames=peak_frames, angles=_parse_angles(angles), class_map=class_map,
+                            subjects=subjects, frames=frames, image_size=size, seed=seed)
+    summary = pack(dataset, src or [], out, align=align, size=size, channels=channels,
+                   split=parse_split(split), folds=folds, seed=seed, samples_per_shard=samples_per_shard,
+                   workers=workers, overwrite=overwrite, options=options, progress=progress)
+    console = Console(highlight=False)
+    print_manifest(console, summary.manifest)
+    for warning in summary.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    shards = sum(len(s.shards) for s in summary.manifest.splits.values())
+    console.print(f"wrote {summary.manifest.num_ids} faces in {shards} shards to {summary.out} "
+                  f"in {summary.seconds:.1f} s")
+
+
+def inspect(
+    directory: ShardDir,
+    sheet: Sheet = None,
+    per_class: PerClass = 8,
+    seed: Seed = 0,
+    verify: Verify = True,
+) -> None:
+    """Show a shard folder's manifest, check every shard's checksum and samples, and draw a contact sheet."""
+    console = Console(highlight=False)
+    manifest = read_manifest(directory)
+    print_manifest(console, manifest)
+    if verify:
+        report = verify_shards(directory)
+        if not report.ok:
+            more = f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else ""
+            raise FerDistError(f"{report.problems[0]}{more}")
+        console.print(f"verified {report.shards} shards, {report.samples} samples: all match the manifest")
+    if sheet is not None:
+        from fer_dist.data.sheet import contact_sheet
+
+        written = contact_sheet(directory, sheet, per_class=per_class, seed=seed)
+        console.print(f"wrote contact sheet {written}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the app."""
+    app.command("shard")(shard)
+    app.command("inspect")(inspect)
+
+
+def _parse_angles(spec: str) -> tuple[int, ...]:
+    """`--angles 90,45` as a tuple of ints."""
+    try:
+        return tuple(int(a) for a in spec.split(",") if a.strip())
+    except ValueError:
+        raise FerDistError(f"--angles: {spec!r} is not a comma-separated list of whole degrees") from None
+
+
+def print_manifest(console: Console, m: Manifest) -> None:
+    """A shard folder at a glance: samples per split and class, faces found, files skipped and why."""
+    names = [c for c in (*CLASSES, UNLABELLED_NAME) if any(c in s.class_counts for s in m.splits.values())]
+    table = Table(title=f"{m.dataset}: {m.num_ids} faces, {m.image.size}x{m.image.size}x{m.image.channels}"
+                  + (f", {m.folds} folds" if m.folds else ""))
+    # A column per split (few), a row per class (many): fits a terminal where the transpose would not.
+    table.add_column("")
+    for name in [*m.splits, "all"]:
+        table.add_column(name, justify="right")
+    splits = list(m.splits.values())
+    rows = [("shards", [len(s.shards) for s in splits]), ("samples", [s.count for s in splits]),
+            ("labelled", [s.labelled for s in splits])]
+    rows += [(c, [s.class_counts.get(c, 0) for s in splits]) for c in names]
+    for row, values in rows:
+        table.add_row(row, *map(str, values), str(sum(values)), end_section=row == "labelled")
+    console.print(table)
+    faces = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in m.faces.items())
+    console.print(f"faces: {faces}; source {m.source.get('fingerprint', '?')[:19]}... "
+                  f"({m.source.get('files', 0)} files); {m.created_by}")
+    if m.skipped:
+        skipped = Table(title=f"{len(m.skipped)} files skipped", show_header=True)
+        skipped.add_column("path")
+        skipped.add_column("reason")
+        for entry in m.skipped[:SHOW_SKIPPED]:
+            skipped.add_row(str(entry.get("path")), str(entry.get("reason")))
+        if len(m.skipped) > SHOW_SKIPPED:
+            skipped.add_row(f"... and {len(m.skipped) - SHOW_SKIPPED} more", "listed in manifest.json")
+        console.print(skipped)

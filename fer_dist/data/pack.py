@@ -1,0 +1,338 @@
+"""The `shard` job: list a source, split it, align every face on all cores, write shards atomically.
+
+Images are processed split by split in key order by worker processes whose results come back in order,
+so ids and bytes do not depend on the number of workers. A corrupt image is skipped (listed in the
+manifest) and takes no id. Everything is written to `<out>.tmp-<pid>`, renamed to `<out>` once complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from fer_dist import __version__
+from fer_dist.classes import CLASSES
+from fer_dist.data.faces import METHODS, align_face
+from fer_dist.data.manifest import MANIFEST, ImageSpec, Manifest, SplitInfo, write_manifest
+from fer_dist.data.shards import SplitWriter, dump_json
+from fer_dist.data.sources import (
+    SOURCES,
+    ImageReadError,
+    Listing,
+    Record,
+    SourceOptions,
+    get_source,
+)
+from fer_dist.data.splits import DEFAULT_FRACTIONS, assign_folds, assign_splits, split_order
+from fer_dist.errors import FerDistError
+from fer_dist.progress import Progress
+
+DEFAULT_SAMPLES_PER_SHARD = 1000  # the cap when --samples-per-shard is not given
+MIN_SHARDS = 16  # fewer shards than this in a split: warn (GPUs x loader workers want several each)
+MIN_AUTO_SHARD = 16  # smallest shard the default makes: tinier splits get fewer shards (and the warning)
+FACE_OUTCOMES: dict[bool | None, str] = {True: "detected", False: "fallback", None: "not_attempted"}
+
+
+@dataclass(frozen=True)
+class PackSummary:
+    """What `pack` wrote: the output folder, its manifest, warnings worth showing, and the time taken."""
+
+    out: Path
+    manifest: Manifest
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    """How every face is turned into PNG bytes (sent once to each worker)."""
+
+    size: int
+    channels: int
+    align: str
+
+
+Processed = tuple[bytes | None, bool | None, str | None]  # (png, detected, why the image was skipped)
+
+
+def process_image(load: Callable[[], np.ndarray], params: ImageParams) -> Processed:
+    """Load one face, convert its channels, align it and encode it as PNG; a corrupt file gives a reason."""
+    try:
+        image = load()
+    except ImageReadError as exc:
+        return None, None, exc.reason
+    if params.channels == 1 and image.ndim == 3:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    elif params.channels == 3 and image.ndim == 2:
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    face = align_face(image, params.size, params.align)
+    pixels = face.image
+    if pixels.ndim == 3:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR: the PNG then holds true RGB
+    ok, png = cv2.imencode(".png", pixels)
+    if not ok:
+        raise RuntimeError(f"cv2.imencode failed on a {pixels.shape} image")
+    return png.tobytes(), face.detected, None
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
+    # A corrupt file is reported once, as a skipped entry; OpenCV would also log it to stderr.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+class _Processor:
+    """Maps loaders to Processed results in order: on worker processes, or in this process for one worker."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Processor:
+        self._log_level = cv2.utils.logging.getLogLevel()
+        if self.workers == 1:  # in-process work: quiet OpenCV as the workers are, until exit
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            return self
+        # spawn, not fork: forking a parent that runs threads (OpenCV's, rich's, torch's) can deadlock the
+        # child. An executor, not multiprocessing.Pool: a worker that dies (say, a caller's unguarded
+        # __main__ re-run under spawn) raises BrokenProcessPool instead of being respawned forever.
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker)
+        for _ in range(self.workers):
+            self.pool.submit(os.getpid)  # start every worker now: they import OpenCV while the caller lists
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        cv2.utils.logging.setLogLevel(self._log_level)
+        if self.pool is not None:
+            # After an error (bad input found while listing, Ctrl-C) do not wait for workers still
+            # importing: the message shows at once, and they exit on their own when they see the shutdown.
+            self.pool.shutdown(wait=exc_type is None, cancel_futures=True)
+
+    def map(self, loads: list[Callable[[], np.ndarray]], params: ImageParams) -> Iterator[Processed]:
+        """process_image of every loader, in the order of `loads`."""
+        if self.pool is None:
+            return (process_image(load, params) for load in loads)
+        # Chunks amortise pickling and IPC; small enough that every worker gets several on small sets.
+        chunk = max(1, min(64, len(loads) // (self.workers * 8)))
+        return self.pool.map(functools.partial(process_image, params=params), loads, chunksize=chunk)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a SLURM job's share, not the whole node's os.cpu_count())."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def pack(
+    dataset: str,
+    src: Sequence[Path],
+    out: Path,
+    *,
+    align: str | None = None,
+    size: int = 48,
+    channels: int = 1,
+    split: Sequence[float] = DEFAULT_FRACTIONS,
+    folds: int | None = None,
+    seed: int = 0,
+    samples_per_shard: int | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    options: SourceOptions | None = None,
+    progress: bool = True,
+) -> PackSummary:
+    """Shard a data set into `out`: `<split>-NNNNNN.tar` files and `manifest.json`, written atomically."""
+    started = time.perf_counter()
+    out, src = Path(out), [Path(p) for p in src]
+    options = options or SourceOptions()
+    _check_args(dataset, src, out, overwrite, size, channels, folds, samples_per_shard, workers, align)
+    # Workers start before listing: they import OpenCV while this process walks the data set.
+    with _Processor(workers or usable_cores()) as processor:
+        listing = get_source(dataset)(src, options)
+        where = src[0] if src else dataset
+        if not listing.records:
+            raise FerDistError(f"{where}: no images found")
+        params = {"align": align or listing.default_align, "size": size, "channels": channels,
+                  "split": list(split), "folds": folds, "seed": seed, "samples_per_shard": samples_per_shard,
+                  "options": _jsonable(asdict(options))}
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        try:
+            manifest = _build(tmp, dataset, listing, params, processor, progress)
+            if manifest.num_ids == 0:
+                raise FerDistError(f"{where}: none of the {len(listing.records)} images could be read")
+            manifest = replace(manifest, source=source_fingerprint(dataset, src, listing, options))
+            write_manifest(tmp, manifest)
+            _install(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    warnings = [f"split {name!r} has {len(s.shards)} shard(s), fewer than {MIN_SHARDS}: loader workers "
+                "will share shards" for name, s in manifest.splits.items() if len(s.shards) < MIN_SHARDS]
+    return PackSummary(out, manifest, warnings, time.perf_counter() - started)
+
+
+def _build(tmp: Path, dataset: str, listing: Listing, params: dict, processor: _Processor,
+           progress: bool) -> Manifest:
+    """Split, process and write every record into `tmp`; its manifest, the source fingerprint left empty."""
+    records = listing.records
+    splits = assign_splits(records, params["split"], params["seed"])
+    fold_ids = assign_folds(records, params["folds"], params["seed"]) if params["folds"] else None
+    rank = {name: i for i, name in enumerate(split_order(splits))}
+    # Ids go split by split (train, val, test, others), each in key order: process in that order.
+    order = sorted(range(len(records)), key=lambda i: (rank[splits[i]], records[i].key))
+    writer = _ShardsWriter(tmp, _shard_sizes(Counter(splits), params["samples_per_shard"]))
+    image = ImageParams(params["size"], params["channels"], params["align"])
+    results = processor.map([records[i].load for i in order], image)
+    try:
+        with Progress(enabled=progress).task(f"shard {dataset}", total=len(order)) as bar:
+            for i, result in zip(order, results, strict=True):
+                writer.add(records[i], splits[i], None if fold_ids is None else fold_ids[i], result)
+                bar.advance()
+        split_infos = writer.close()
+    finally:
+        writer.abort()
+    return Manifest(
+        dataset=dataset, classes=CLASSES, num_ids=sum(s.count for s in split_infos.values()),
+        image=ImageSpec(params["size"], params["channels"]), splits=split_infos, folds=params["folds"],
+        params=params, source={}, faces={name: writer.faces[name] for name in FACE_OUTCOMES.values()},
+        skipped=[{"path": p, "reason": r} for p, r in sorted([*listing.skipped, *writer.failed])],
+        created_by=f"fer-dist {__version__}",
+    )
+
+
+def _check_args(dataset: str, src: list[Path], out: Path, overwrite: bool, size: int, channels: int,
+                folds: int | None, samples_per_shard: int | None, workers: int | None,
+                align: str | None) -> None:
+    """Every check that needs no listing, so bad input fails before any work."""
+    spec = SOURCES.get(dataset)
+    if spec is None:
+        raise FerDistError(f"--dataset: unknown data set {dataset!r} (known: {', '.join(SOURCES)})")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise FerDistError(f"{out}: exists; pass --overwrite to replace it")
+        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+            # --overwrite replaces shard folders only: a typo must not delete someone's home directory.
+            raise FerDistError(f"{out}: exists and is not a shard folder (no {MANIFEST}); not replacing it")
+    if spec.needs_src and not src:
+        raise FerDistError(f"--src: the {dataset} data set needs --src PATH")
+    for path in src:
+        if not path.exists():
+            raise FerDistError(f"{path}: no such file or folder (--src)")
+    checks = [
+        (align is None or align in METHODS, f"--align: {align!r} is not one of {', '.join(METHODS)}"),
+        (size >= 8, f"--size: {size} pixels is too small (at least 8)"),
+        (channels in (1, 3), f"--channels: {channels} is not 1 (grey) or 3 (RGB)"),
+        (folds is None or folds >= 2, f"--folds: {folds} folds; cross-validation needs at least 2"),
+        (samples_per_shard is None or samples_per_shard >= 1,
+         f"--samples-per-shard: must be at least 1, got {samples_per_shard}"),
+        (workers is None or workers >= 1, f"--workers: must be at least 1, got {workers}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise FerDistError(message)
+
+
+def _shard_sizes(counts: Counter, samples_per_shard: int | None) -> dict[str, int]:
+    """Samples per shard for each split: as asked, else MIN_SHARDS shards capped at the default size."""
+    if samples_per_shard is not None:
+        return {name: samples_per_shard for name in counts}
+    # Small splits get small shards so that loader workers still find several shards to share out.
+    return {name: min(DEFAULT_SAMPLES_PER_SHARD, max(MIN_AUTO_SHARD, math.ceil(n / MIN_SHARDS)))
+            for name, n in counts.items()}
+
+
+class _ShardsWriter:
+    """Gives processed faces consecutive ids (skipped images take none) and routes them to their split."""
+
+    def __init__(self, directory: Path, per_shard: dict[str, int]) -> None:
+        self.directory, self.per_shard = directory, per_shard
+        self.splits: dict[str, SplitWriter] = {}
+        self.faces: Counter = Counter()
+        self.failed: list[tuple[str, str]] = []
+        self.next_id = 0
+
+    def add(self, record: Record, split: str, fold: int | None, result: Processed) -> None:
+        """Write one processed record, or note why it was skipped."""
+        png, detected, reason = result
+        if png is None:
+            self.failed.append((str(record.meta.get("path", record.key)), f"unreadable: {reason}"))
+            return
+        if split not in self.splits:
+            self.splits[split] = SplitWriter(self.directory, split, self.per_shard[split])
+        meta = {**record.meta, "key": record.key, "aligned": FACE_OUTCOMES[detected]}
+        if fold is not None:
+            meta["fold"] = fold
+        self.splits[split].add(self.next_id, record.label, png, meta)
+        self.faces[FACE_OUTCOMES[detected]] += 1
+        self.next_id += 1
+
+    def close(self) -> dict[str, SplitInfo]:
+        """Finish every split's last shard; split infos in id order."""
+        return {name: writer.close() for name, writer in self.splits.items()}
+
+    def abort(self) -> None:
+        """Close any shard file still open (after an error; a no-op after close)."""
+        for writer in self.splits.values():
+            writer.abort()
+
+
+def source_fingerprint(dataset: str, src: Sequence[Path], listing: Listing, options: SourceOptions) -> dict:
+    """sha256 over the data set name, the source options and every input file's relative path and size."""
+    h = hashlib.sha256(dump_json({"dataset": dataset, "options": _jsonable(asdict(options))}))
+    # Strings, not Paths: this runs once per file, and pathlib costs as much as a face's PNG encoding.
+    bases = [os.path.join(root if root.is_dir() else root.parent, "") for root in src]
+    for rel, size in sorted((_relative(str(f), bases), os.stat(f).st_size) for f in listing.files):
+        h.update(f"{rel}\0{size}\n".encode())
+    return {"fingerprint": f"sha256:{h.hexdigest()}", "files": len(listing.files)}
+
+
+def _relative(path: str, bases: list[str]) -> str:
+    """A file's path relative to its --src: the fingerprint must not depend on where the data lives."""
+    for n, base in enumerate(bases):
+        if path.startswith(base):
+            rel = path[len(base) :].replace(os.sep, "/")
+            return f"{n}/{rel}" if len(bases) > 1 else rel
+    return os.path.basename(path)
+
+
+def _jsonable(value: object) -> object:
+    """Tuples as lists, recursively, so params read back as they were written."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an old output is renamed away first and deleted last."""
+    if not (out.exists() or out.is_symlink()):
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f"{out.name}.old-{os.getpid()}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
