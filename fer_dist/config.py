@@ -38,7 +38,7 @@ class DataConfig(_Section):
     labelled: list[ShardsRef] = Field(default_factory=lambda: _ref("train"),
                                       description="X_l: the samples with a class in these splits")
     unlabelled: list[ShardsRef] = Field(default_factory=lambda: _ref("train"),
-                                        description="X_u: every sample of these splits not in X_l, labels hidden")
+                                        description="X_u: samples of these splits not in X_l, labels hidden")
     val: list[ShardsRef] = Field(default_factory=lambda: _ref("val"), description="validation (labelled)")
     test: list[ShardsRef] = Field(default_factory=lambda: _ref("test"), description="test (labelled)")
     num_workers: int = Field(1, ge=0, description="DataLoader workers per process")
@@ -63,13 +63,13 @@ class MethodConfig(_Section):
     label_smoothing: bool = Field(True, description="two-sided label smoothing of the labelled targets")
     eps: float = Field(0.1, gt=0.0, lt=1.0, description="smoothing epsilon (section 1)")
     warmup_epochs: int = Field(30, ge=0, description="most warm-up epochs (section 2)")
-    warmup_patience: int = Field(3, ge=1, description="stop warm-up after this many epochs without a better val acc")
+    warmup_patience: int = Field(3, ge=1, description="end warm-up after N epochs without better val acc")
     self_training: bool = Field(True, description="run self-training rounds after the warm-up")
     use_unlabelled: bool = Field(True, description="swap confident unlabelled samples into each round")
     tau: float = Field(0.7, gt=0.0, lt=1.0, description="confidence threshold for unlabelled samples (3.2)")
     alpha_rule: bool = Field(True, description="rewrite labelled targets with the alpha rule (3.3)")
     alpha: float = Field(0.7, gt=0.0, lt=1.0, description="alpha of the labelled-target rule (3.3)")
-    replace_fraction: float = Field(0.1, ge=0.0, le=1.0, description="r: share of X_l swapped each round (3.4)")
+    replace_fraction: float = Field(0.1, ge=0.0, le=1.0, description="r: share of X_l swapped (3.4)")
     stop_window: int = Field(5, ge=1, description="T of the moving-average stopping rule (4)")
     max_rounds: int = Field(50, ge=0, description="most self-training rounds")
     epochs_per_round: int = Field(1, ge=1, description="training epochs per round (3.5: one)")
@@ -96,13 +96,13 @@ class RunConfig(_Section):
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N training steps; 0: off")
     keep_last: int = Field(3, ge=1, description="checkpoints kept besides the best")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="through Accelerate")
-    num_processes: int | None = Field(None, ge=1, description="expected world size; checked against the launcher")
+    num_processes: int | None = Field(None, ge=1, description="expected world size, checked at start")
     debug: bool = Field(False, description="check the target table across processes after every rewrite")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs the tensorboard extra)")
     log_every: int = Field(10, ge=1, description="log the step loss every N steps")
     eval_batch_size: int = Field(256, ge=1, description="per-process batch of prediction and evaluation")
     progress: bool = Field(True, description="rich progress bars on the main process")
-    stop_after_rounds: int | None = Field(None, ge=0, description="exit (checkpointed) after this many rounds")
+    stop_after_rounds: int | None = Field(None, ge=0, description="exit, checkpointed, after N rounds")
 
 
 class TrainConfig(_Section):

@@ -28,7 +28,8 @@ def _plain(value: Any) -> Any:
 class MetricsLog:
     """Appends records to `metrics.jsonl`; a no-op on processes other than the main one."""
 
-    def __init__(self, path: Path, *, enabled: bool, tensorboard: bool = False, console: Console | None = None):
+    def __init__(self, path: Path, *, enabled: bool, tensorboard: bool = False,
+                 console: Console | None = None):
         self.path = path
         self.enabled = enabled
         self.console = console or Console(stderr=True, log_path=False)

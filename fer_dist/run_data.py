@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fer_dist.config import DataConfig, ShardsRef
-from fer_dist.data.stream import ShardInfo, ShardSet, read_labels
+from fer_dist.data.stream import RunShard, ShardSet, read_labels
 from fer_dist.errors import FerDistError
 
 
@@ -25,9 +25,9 @@ class RunData:
     unlabelled: torch.Tensor    # X_u: labels hidden from the method
     val: torch.Tensor
     test: torch.Tensor
-    train_shards: list[ShardInfo]
-    val_shards: list[ShardInfo]
-    test_shards: list[ShardInfo]
+    train_shards: list[RunShard]
+    val_shards: list[RunShard]
+    test_shards: list[RunShard]
 
     @property
     def num_ids(self) -> int:
@@ -42,14 +42,14 @@ def _entries(cfg: DataConfig) -> list[tuple[str, ShardsRef]]:
     return [(part, ref) for part in ("labelled", "unlabelled", "val", "test") for ref in getattr(cfg, part)]
 
 
-def _mask(num_ids: int, shards: list[ShardInfo]) -> torch.Tensor:
+def _mask(num_ids: int, shards: list[RunShard]) -> torch.Tensor:
     mask = torch.zeros(num_ids, dtype=torch.bool)
     for s in shards:
         mask[s.first_run_id: s.first_run_id + s.count] = True
     return mask
 
 
-def _unique(shards: list[ShardInfo]) -> list[ShardInfo]:
+def _unique(shards: list[RunShard]) -> list[RunShard]:
     seen, out = set(), []
     for s in shards:
         if s.path not in seen:
@@ -62,7 +62,7 @@ def load_run_data(cfg: DataConfig) -> RunData:
     """Open every shard directory the config names and build the masks (reads only `.cls` members)."""
     entries = _entries(cfg)
     shardset = ShardSet([(ref.dir, ref.splits) for _, ref in entries])
-    parts: dict[str, list[ShardInfo]] = {"labelled": [], "unlabelled": [], "val": [], "test": []}
+    parts: dict[str, list[RunShard]] = {"labelled": [], "unlabelled": [], "val": [], "test": []}
     for i, (part, _) in enumerate(entries):
         parts[part] += shardset.shards(i)
     labels = read_labels(shardset)

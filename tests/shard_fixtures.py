@@ -114,7 +114,7 @@ def write_dir(out: Path, splits: dict[str, list[list[Sample]]], *, size: int, ch
             digest = _write_tar(out / file, next_id, samples)
             labelled = sum(s.label >= 0 for s in samples)
             entries.append({"file": file, "count": len(samples), "first_id": next_id, "labelled": labelled,
-                            "sha256": digest})
+                            "sha256": digest, "sample_digests": "0" * 8 * len(samples)})
             for s in samples:
                 counts[CLASSES[s.label] if s.label >= 0 else "unlabelled"] += 1
             next_id += len(samples)
@@ -125,7 +125,8 @@ def write_dir(out: Path, splits: dict[str, list[list[Sample]]], *, size: int, ch
     manifest = {"format": "fer-dist-shards/1", "dataset": "fixture", "classes": list(CLASSES),
                 "num_ids": next_id, "image": {"size": size, "channels": channels}, "splits": manifest_splits,
                 "folds": None, "params": {},
-                "source": {"fingerprint": f"sha256:fixture-{out.name}", "files": 0}}
+                "source": {"fingerprint": f"sha256:fixture-{out.name}", "files": 0},
+                "faces": {}, "skipped": [], "created_by": "tests/shard_fixtures.py"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 

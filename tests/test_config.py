@@ -1,4 +1,4 @@
-"""Config: precedence defaults < YAML < overrides, one-line errors naming the key, every shipped config valid."""
+"""Config: precedence defaults < YAML < overrides, one-line errors naming the key, shipped configs valid."""
 
 from pathlib import Path
 
@@ -36,7 +36,8 @@ def test_precedence_defaults_yaml_overrides(tmp_path):
 
 
 def test_bare_leaf_and_yaml_values():
-    cfg = load_config(None, SMALL + ["tau=0.75", "data.labelled=[{dir: x, splits: [train, val]}]", "betas=[0.8, 0.9]"])
+    overrides = ["tau=0.75", "data.labelled=[{dir: x, splits: [train, val]}]", "betas=[0.8, 0.9]"]
+    cfg = load_config(None, SMALL + overrides)
     assert cfg.method.tau == 0.75
     assert cfg.data.labelled[0].splits == ["train", "val"]
     assert cfg.optim.betas == (0.8, 0.9)
@@ -79,7 +80,10 @@ def test_overrides_parse_to_nested_dicts():
     assert parse_overrides(["tau=0.8", "run.name=x"]) == {"method": {"tau": 0.8}, "run": {"name": "x"}}
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "launch_configs" / "train").rglob("*.yaml")), ids=lambda p: p.name)
+TRAIN_CONFIGS = sorted((REPO / "launch_configs" / "train").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_training_config_validates(path):
     cfg = load_config(path)
     assert cfg.data.labelled and cfg.data.val

@@ -100,7 +100,7 @@ def assert_same_run(a: dict, b: dict) -> None:
     assert a["state"]["round"] == b["state"]["round"] and a["state"]["step"] == b["state"]["step"]
     ha, hb = comparable(a["state"]["history"]), comparable(b["state"]["history"])
     assert len(ha) == len(hb)
-    for x, y in zip(ha, hb):
+    for x, y in zip(ha, hb, strict=True):
         sx, sy = x.pop("selection", None), y.pop("selection", None)
         assert x == y
         if sx is not None:

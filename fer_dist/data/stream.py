@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import random
 import signal
 from collections.abc import Iterator, Sequence
@@ -40,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fer_dist.data import plan as planning
 from fer_dist.data.augment import Transform
+from fer_dist.data.manifest import Manifest, read_manifest
 from fer_dist.data.shardread import decode_png, parse_cls, read_shard
 from fer_dist.errors import FerDistError
 
@@ -47,7 +47,7 @@ SHUFFLE_BUFFER = 1000  # raw samples held per worker; PNG faces are a few KB eac
 
 
 @dataclass(frozen=True)
-class ShardInfo:
+class RunShard:
     """One shard as a run sees it: its samples hold run ids first_run_id .. first_run_id + count - 1."""
 
     path: Path
@@ -57,24 +57,14 @@ class ShardInfo:
     offset: int = 0  # the directory's id offset: tar key = run id - offset
 
 
-def load_manifest(directory: Path) -> dict:
-    """A shard directory's manifest.json, checked for what the streams rely on."""
-    path = Path(directory) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FerDistError(f"{path}: no manifest; is {directory} a shard directory?") from None
-    except (OSError, ValueError) as err:
-        raise FerDistError(f"{path}: unreadable manifest ({err})") from None
-    if not str(manifest.get("format", "")).startswith("fer-dist-shards/"):
-        raise FerDistError(f"{path}: not a fer-dist shard manifest (format {manifest.get('format')!r})")
-    num_ids = manifest.get("num_ids")
-    if not isinstance(num_ids, int) or not isinstance(manifest.get("splits"), dict):
-        raise FerDistError(f"{path}: manifest lacks num_ids or splits")
-    for split, info in manifest["splits"].items():
-        for shard in info.get("shards", []):
-            if shard["first_id"] < 0 or shard["first_id"] + shard["count"] > num_ids:
-                raise FerDistError(f"{path}: split {split}: shard {shard['file']} has ids beyond {num_ids}")
+def load_manifest(directory: Path) -> Manifest:
+    """A shard directory's manifest, checked for the id ranges the streams rely on."""
+    manifest = read_manifest(Path(directory))
+    for split, info in manifest.splits.items():
+        for shard in info.shards:
+            if shard.first_id < 0 or shard.first_id + shard.count > manifest.num_ids:
+                raise FerDistError(f"{directory}/manifest.json: split {split}: shard {shard.file} has ids "
+                                   f"beyond num_ids {manifest.num_ids}")
     return manifest
 
 
@@ -83,36 +73,36 @@ class ShardSet:
 
     def __init__(self, entries: Sequence[tuple[str | Path, Sequence[str]]]) -> None:
         self.entries: list[tuple[Path, tuple[str, ...]]] = [(Path(d).resolve(), tuple(s)) for d, s in entries]
-        self.manifests: dict[Path, dict] = {}
+        self.manifests: dict[Path, Manifest] = {}
         self._offsets: dict[Path, int] = {}
         total = 0
         for directory, _ in self.entries:
             if directory not in self.manifests:
                 self.manifests[directory] = load_manifest(directory)
                 self._offsets[directory] = total
-                total += self.manifests[directory]["num_ids"]
+                total += self.manifests[directory].num_ids
         self.num_ids = total
 
     @property
     def offsets(self) -> list[dict]:
         """What fixes the id space, per directory in order: saved with a run and compared on resume."""
-        return [{"dataset": m.get("dataset"), "fingerprint": (m.get("source") or {}).get("fingerprint"),
-                 "num_ids": m["num_ids"], "offset": self._offsets[d]} for d, m in self.manifests.items()]
+        return [{"dataset": m.dataset, "fingerprint": m.source.get("fingerprint"),
+                 "num_ids": m.num_ids, "offset": self._offsets[d]} for d, m in self.manifests.items()]
 
-    def shards(self, entry: int) -> list[ShardInfo]:
+    def shards(self, entry: int) -> list[RunShard]:
         """The shards of entry `entry` (its splits in the order named, each in id order)."""
         directory, splits = self.entries[entry]
         manifest, offset = self.manifests[directory], self._offsets[directory]
         out = []
         for split in splits:
-            if split not in manifest["splits"]:
-                have = ", ".join(manifest["splits"])
+            if split not in manifest.splits:
+                have = ", ".join(manifest.splits)
                 raise FerDistError(f"{directory}: no split {split!r} (it has {have})")
-            for s in manifest["splits"][split]["shards"]:
-                path = directory / s["file"]
+            for s in manifest.splits[split].shards:
+                path = directory / s.file
                 if not path.is_file():
                     raise FerDistError(f"{path}: shard listed in the manifest is missing")
-                out.append(ShardInfo(path, s["count"], offset + s["first_id"], s["labelled"], offset))
+                out.append(RunShard(path, s.count, offset + s.first_id, s.labelled, offset))
         return out
 
 
@@ -158,7 +148,7 @@ def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
 class _Stream(IterableDataset):
     """The per-worker stages after planning: read -> (shuffle) -> skip -> decode -> transform -> batch."""
 
-    def __init__(self, shards: Sequence[ShardInfo], plans: list[planning.SlotPlan], *, transform: Transform,
+    def __init__(self, shards: Sequence[RunShard], plans: list[planning.SlotPlan], *, transform: Transform,
                  batch_size: int, labels: bool, seed: tuple[int, ...] | None, shuffle_buffer: int) -> None:
         self.paths = [str(s.path) for s in shards]
         self.offsets = [s.offset for s in shards]
@@ -228,7 +218,7 @@ def _check_mask(include: torch.Tensor) -> np.ndarray:
     return include.cpu().numpy()
 
 
-def _selected(shards: Sequence[ShardInfo], mask: np.ndarray) -> list[np.ndarray]:
+def _selected(shards: Sequence[RunShard], mask: np.ndarray) -> list[np.ndarray]:
     return planning.selected_ids([(s.first_run_id, s.count) for s in shards], mask)
 
 
@@ -255,7 +245,7 @@ class TrainStream:
 
 
 def train_loader(
-    shards: list[ShardInfo],
+    shards: list[RunShard],
     include: torch.Tensor,
     targets: torch.Tensor,
     *,
@@ -304,7 +294,7 @@ class ExhaustiveStream:
 
 
 def exhaustive_loader(
-    shards: list[ShardInfo],
+    shards: list[RunShard],
     include: torch.Tensor | None,
     *,
     transform: Transform,
