@@ -18,9 +18,10 @@ class Bar:
     def __init__(self, progress: RichProgress | None, task: int | None):
         self._progress, self._task = progress, task
 
-    def advance(self, n: int = 1, loss: float | None = None) -> None:
+    def advance(self, n: int = 1, loss: float | None = None, images_per_s: float | None = None) -> None:
         if self._progress is not None:
             extra = f"loss {loss:.4f}" if loss is not None else ""
+            extra += f"  {images_per_s:.0f} img/s" if images_per_s else ""
             self._progress.update(self._task, advance=n, extra=extra)
 
 

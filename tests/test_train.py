@@ -21,6 +21,7 @@ import yaml
 from fer_dist.checkpoint import latest_checkpoint, load_checkpoint
 from fer_dist.data.pack import pack
 from fer_dist.data.sources.base import SourceOptions
+from fer_dist.method import should_stop
 from fer_dist.metrics import read_metrics
 from fer_dist.models import load_exported
 
@@ -178,3 +179,17 @@ def test_sigterm_saves_together_exits_cleanly_and_resumes(workdir: Path, referen
     assert stopped_at.name.startswith("step-"), stopped_at
     train(workdir, "stopped", 2)
     assert_same_run(final_state(run_dir), final_state(reference))
+
+
+def test_moving_average_rule_stops_the_run(workdir: Path):
+    """With T = 1 the run must stop at the first round whose accuracy falls (or run to max_rounds)."""
+    train(workdir, "stopping", 1, "method.stop_window=1", "method.max_rounds=8", "method.warmup_epochs=1")
+    state = final_state(workdir / "runs" / "stopping")["state"]
+    accs = [h["val/acc"] for h in state["history"] if h["kind"] == "round"]
+    first_fall = next((t for t in range(2, len(accs) + 1) if should_stop(accs[:t], 1)), None)
+    if first_fall is None:
+        assert len(accs) == 8 and state["stop_reason"] == "max_rounds (8)"
+    else:
+        assert len(accs) == first_fall and state["stop_reason"].startswith("moving average")
+    summary = yaml.safe_load((workdir / "runs" / "stopping" / "summary.json").read_text())
+    assert summary["rounds"] == len(accs) and summary["processes"] == 1
