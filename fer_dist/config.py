@@ -14,8 +14,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fer_dist.errors import FerDistError
 
-SYNTHETIC_DIR = "shards/synthetic"
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -28,19 +26,14 @@ class ShardsRef(_Section):
     splits: list[str] = Field(min_length=1, description="split names inside it, e.g. [train]")
 
 
-def _ref(split: str) -> list[ShardsRef]:
-    return [ShardsRef(dir=SYNTHETIC_DIR, splits=[split])]
-
-
 class DataConfig(_Section):
-    """Which shards are labelled, unlabelled, validation and test data."""
+    """Which shards are labelled, unlabelled, validation and test data (no defaults: a run names its data)."""
 
-    labelled: list[ShardsRef] = Field(default_factory=lambda: _ref("train"),
-                                      description="X_l: the samples with a class in these splits")
-    unlabelled: list[ShardsRef] = Field(default_factory=lambda: _ref("train"),
+    labelled: list[ShardsRef] = Field(default_factory=list, description="X_l: the samples with a class")
+    unlabelled: list[ShardsRef] = Field(default_factory=list,
                                         description="X_u: samples of these splits not in X_l, labels hidden")
-    val: list[ShardsRef] = Field(default_factory=lambda: _ref("val"), description="validation (labelled)")
-    test: list[ShardsRef] = Field(default_factory=lambda: _ref("test"), description="test (labelled)")
+    val: list[ShardsRef] = Field(default_factory=list, description="validation (labelled)")
+    test: list[ShardsRef] = Field(default_factory=list, description="test (labelled); may be empty")
     num_workers: int = Field(1, ge=0, description="DataLoader workers per process")
     augment: bool = Field(True, description="METHOD.md section 6 augmentation on training batches")
 
@@ -95,7 +88,8 @@ class RunConfig(_Section):
     resume: str = Field("auto", description="auto (latest checkpoint if any) | never | a checkpoint path")
     checkpoint_every_steps: int = Field(0, ge=0, description="also checkpoint every N training steps; 0: off")
     keep_last: int = Field(3, ge=1, description="checkpoints kept besides the best")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="through Accelerate")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None, description="through Accelerate; None: the launcher's setting")
     num_processes: int | None = Field(None, ge=1, description="expected world size, checked at start")
     debug: bool = Field(False, description="check the target table across processes after every rewrite")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs the tensorboard extra)")
@@ -126,7 +120,10 @@ class TrainConfig(_Section):
         if self.model.backbone == "vggface" and self.model.pretrained and not self.model.weights:
             raise ValueError("model.weights: vggface with pretrained: true needs a local weights file "
                              "(or set model.pretrained: false)")
-        if self.method.use_unlabelled and not self.data.unlabelled:
+        for part in ("labelled", "val"):
+            if not getattr(self.data, part):
+                raise ValueError(f"data.{part}: name at least one shard directory and split")
+        if self.method.self_training and self.method.use_unlabelled and not self.data.unlabelled:
             raise ValueError("data.unlabelled: empty while method.use_unlabelled is true")
         return self
 
@@ -150,8 +147,8 @@ LEAVES = _leaf_paths(TrainConfig)
 
 
 def _resolve_key(key: str) -> str:
-    """Full dotted path of a key; a bare leaf name (`tau`) works where it is unique."""
-    if key in LEAVES:
+    """Full dotted path of a key; a bare leaf name (`tau`) works where it is unique; a section as a whole."""
+    if key in LEAVES or key in TrainConfig.model_fields:
         return key
     matches = [p for p in LEAVES if p.rsplit(".", 1)[-1] == key]
     if len(matches) == 1:

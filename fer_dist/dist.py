@@ -36,9 +36,15 @@ def _launched_world_size() -> int | None:
 
 
 def make_accelerator(
-    *, mixed_precision: str = "no", expected_processes: int | None = None, **kwargs: Any
+    *, mixed_precision: str | None = "no", expected_processes: int | None = None, **kwargs: Any
 ) -> Accelerator:
-    """An Accelerator that forms a real process group on CPU too, checked against the launch's size."""
+    """An Accelerator that forms a real process group on CPU too, checked against the launch's size.
+
+    `mixed_precision=None` leaves the choice to the launcher (`accelerate launch --mixed_precision` or its
+    config file); an explicit value overrides the launcher.
+    """
+    if mixed_precision is None:
+        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mixed_precision not in _MIXED_PRECISION:
         choices = ", ".join(_MIXED_PRECISION)
         raise FerDistError(f"mixed_precision: expected one of {choices}, got {mixed_precision!r}")
@@ -227,6 +233,20 @@ def all_sum(accelerator: Accelerator, value: float | torch.Tensor) -> torch.Tens
     if accelerator.num_processes == 1:
         return t.clone()
     return accelerator.reduce(t, reduction="sum")
+
+
+def broadcast_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm running stats).
+
+    DDP copies them from rank 0 only at the start of a training forward; after it each rank has updated
+    them from its own batch. A prediction pass on the unwrapped model must use one set everywhere, or the
+    gathered table would mix several models' outputs.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point() or buf.dtype == torch.long:
+            torch.distributed.broadcast(buf.data, src=0)
 
 
 class StopRequest:

@@ -1,13 +1,13 @@
-"""The run's metrics: one JSONL file (main process only), optional TensorBoard, one-line console records."""
+"""The run's metrics: one JSONL file (main process only), optional TensorBoard, one-line records on stderr."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
-
-from rich.console import Console
 
 from fer_dist.errors import FerDistError
 
@@ -28,11 +28,9 @@ def _plain(value: Any) -> Any:
 class MetricsLog:
     """Appends records to `metrics.jsonl`; a no-op on processes other than the main one."""
 
-    def __init__(self, path: Path, *, enabled: bool, tensorboard: bool = False,
-                 console: Console | None = None):
+    def __init__(self, path: Path, *, enabled: bool, tensorboard: bool = False):
         self.path = path
         self.enabled = enabled
-        self.console = console or Console(stderr=True, log_path=False)
         self._file = None
         self._tb = None
         if not enabled:
@@ -51,7 +49,8 @@ class MetricsLog:
         if self._file is None:
             return 0
         self._file.flush()
-        return self._file.tell()
+        # append mode: after a resume truncated the file, tell() still reports the old end until a write
+        return self._file.seek(0, 2)
 
     @staticmethod
     def truncate(path: Path, offset: int) -> None:
@@ -73,9 +72,9 @@ class MetricsLog:
                     self._tb.add_scalar(key, value, step)
 
     def say(self, text: str) -> None:
-        """A line for a person (and for SLURM logs)."""
+        """A line for a person (and for SLURM logs): plain text, never wrapped."""
         if self.enabled:
-            self.console.log(text, highlight=False)
+            print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Flush and close the file and TensorBoard writer."""

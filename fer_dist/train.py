@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -23,6 +24,7 @@ from fer_dist import checkpoint, dist, method
 from fer_dist.classes import NUM_CLASSES
 from fer_dist.config import TrainConfig, dump_config, load_config
 from fer_dist.data.augment import eval_transform, train_transform
+from fer_dist.data.plan import derive_seed
 from fer_dist.data.stream import exhaustive_loader, train_loader
 from fer_dist.errors import FerDistError
 from fer_dist.metrics import MetricsLog
@@ -52,6 +54,7 @@ class State:
     epoch_loss: float = 0.0                 # this process's loss sum over those batches
     include: torch.Tensor | None = None     # the current round's training set, once composed
     round_stats: dict[str, Any] = field(default_factory=dict)  # what compose() found for the current round
+    round_epoch: int = 0                    # epochs of the current round finished (epochs_per_round > 1)
     best_acc: float = -1.0
     bad_epochs: int = 0                     # warm-up epochs without a better validation accuracy
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -104,33 +107,38 @@ def build_run(cfg: TrainConfig, acc) -> Run:
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                  weight_decay=cfg.optim.weight_decay)
     warm = cfg.optim.lr_warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-    model, optimizer, scheduler = acc.prepare(net, optimizer, scheduler)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    # The scheduler stays out of prepare(): Accelerate's wrapper steps it once per process per step.
+    model, optimizer = acc.prepare(net, optimizer)
+    # Dropout masks differ between processes (the model itself is already identical: DDP broadcast it).
+    torch.manual_seed(derive_seed(cfg.run.seed, acc.process_index, 1))
     eps = cfg.method.eps if cfg.method.label_smoothing else 0.0
     targets = torch.zeros(data.num_ids, NUM_CLASSES)
     targets[data.labelled] = method.smooth_labels(data.labels[data.labelled], NUM_CLASSES, eps)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process, tensorboard=cfg.run.tensorboard)
     run = Run(cfg, acc, run_dir, data, model, optimizer, scheduler, State(targets=targets), log,
               dist.StopRequest(), Progress(enabled=acc.is_main_process and cfg.run.progress))
-    resume_from(run)
+    if not resume_from(run) and acc.is_main_process and (run_dir / "best").exists():
+        shutil.rmtree(run_dir / "best")  # an earlier run's model must never be tested as this one's
     if acc.is_main_process:
         dump_config(cfg, run_dir / "config.yaml")
+    acc.wait_for_everyone()
     return run
 
 
-def resume_from(run: Run) -> None:
+def resume_from(run: Run) -> bool:
     """Load the checkpoint `run.resume` names (auto: the latest), checking that it fits this run."""
     how = run.cfg.run.resume
     path = None if how == "never" else checkpoint.latest_checkpoint(run.dir) if how == "auto" else Path(how)
     if path is None:
         MetricsLog.truncate(run.log.path, 0) if run.acc.is_main_process else None
-        return
+        return False
     saved, rng = checkpoint.load_checkpoint(path, run.acc.process_index)
     if saved["offsets"] != run.data.shardset.offsets:
         raise FerDistError(f"{path}: its shard directories or their sizes differ from this config's data")
-    if saved["world_size"] != run.acc.num_processes and saved["state"]["step_in_epoch"]:
-        raise FerDistError(f"{path}: saved mid-epoch by {saved['world_size']} processes; resume it with "
-                           f"as many (now {run.acc.num_processes}) or from a round checkpoint")
+    if saved["state"]["step_in_epoch"]:
+        check_mid_epoch(path, saved, run)
     run.net.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
@@ -143,7 +151,24 @@ def resume_from(run: Run) -> None:
         checkpoint.restore_rng(rng)
     if run.acc.is_main_process:
         MetricsLog.truncate(run.log.path, saved["metrics_offset"])
-    run.log.say(f"resumed from {path} (phase {run.state.phase}, round {run.state.round}, step {run.state.step})")
+    st = run.state
+    run.log.say(f"resumed from {path} (phase {st.phase}, round {st.round}, step {st.step})")
+    return True
+
+
+def check_mid_epoch(path: Path, saved: dict[str, Any], run: Run) -> None:
+    """A mid-epoch position only means the same batches under the same stream plan."""
+    was, now = saved["config"], run.cfg.to_dict()
+    same = {
+        "the number of processes": (saved["world_size"], run.acc.num_processes),
+        "optim.batch_size": (was["optim"]["batch_size"], now["optim"]["batch_size"]),
+        "data.num_workers": (was["data"]["num_workers"], now["data"]["num_workers"]),
+        "run.seed": (was["run"]["seed"], now["run"]["seed"]),
+    }
+    for what, (before, after) in same.items():
+        if before != after:
+            raise FerDistError(f"{path}: saved mid-epoch with {what} = {before}, now {after}; resume with "
+                               "the same value or from a warm-up/round checkpoint (resume=<its path>)")
 
 
 def save(run: Run, tag: str, *, is_best: bool = False) -> None:
@@ -189,12 +214,12 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
             st.step += 1
             st.step_in_epoch += 1
             seen += images.shape[0] * acc.num_processes
+            rate = seen / max(time.perf_counter() - tick, 1e-9)
             if st.step % cfg.run.log_every == 0:
-                rate = seen / (time.perf_counter() - tick)
                 run.log.write("step", st.step, {"train/loss": loss, "train/images_per_s": rate,
                                                 "train/lr": run.scheduler.get_last_lr()[0]})
                 seen, tick = 0, time.perf_counter()
-            bar.advance(loss=loss)
+            bar.advance(loss=loss, images_per_s=rate)
             every = cfg.run.checkpoint_every_steps
             if every and st.step % every == 0 and st.step_in_epoch < stream.steps:
                 save(run, f"step-{st.step:08d}")
@@ -226,12 +251,14 @@ def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> float:
 def predict(run: Run, shards, include: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """p(.|x) for every id in `include`, gathered on every process: ids [M], probs [M, K], gather stats."""
     net, acc = run.net, run.acc
+    dist.broadcast_buffers(acc, net)
     net.eval()
     stream = exhaustive_loader(shards, include, transform=eval_transform(net.input_spec),
                                batch_size=run.cfg.run.eval_batch_size, rank=acc.process_index,
                                world=acc.num_processes, num_workers=run.cfg.data.num_workers)
     ids_parts, prob_parts = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, NUM_CLASSES)]
-    with run.progress.task(name, total=None) as bar, (acc.autocast() if acc.device.type != "cpu" else nullcontext()):
+    autocast = acc.autocast() if acc.device.type != "cpu" else nullcontext()
+    with run.progress.task(name, total=None) as bar, autocast:
         for images, _labels, ids in stream:
             logits = net(images.to(acc.device)).float()
             prob_parts.append(torch.softmax(logits, dim=1).cpu())
@@ -286,20 +313,40 @@ def warmup(run: Run) -> None:
         st.bad_epochs = 0 if st.best_acc > best_before else st.bad_epochs + 1
         save(run, f"warmup-{st.epoch:04d}", is_best=st.best_acc > best_before)
     st.phase = "rounds" if m.self_training and m.max_rounds > 0 else "done"
-    if (run.dir / "best").exists():
+    if st.best_acc >= 0:
         # theta_0 is the best warm-up model, not the last one (which is `patience` epochs past it)
-        run.net.load_state_dict(load_exported(run.dir / "best").state_dict())
+        load_best(run)
     save(run, f"warmup-{st.epoch:04d}")
+
+
+def load_best(run: Run) -> None:
+    """Every process loads `best/` and checks that they all hold the same weights."""
+    run.net.load_state_dict(load_exported(run.dir / "best").state_dict())
+    flat = torch.cat([p.detach().reshape(-1).cpu().float() for p in run.net.state_dict().values()])
+    dist.check_same_everywhere(run.acc, flat, f"{run.dir / 'best'} as loaded")
 
 
 def compose(run: Run) -> dict[str, Any]:
     """METHOD.md 3.1-3.4: predict all, gather, rewrite the one target table, draw the round's set."""
-    m, st, data = run.cfg.method, run.state, run.data
+    m, data = run.cfg.method, run.data
     pool = data.labelled | data.unlabelled if m.use_unlabelled else data.labelled
     tick = time.perf_counter()
     ids, probs, gather = predict(run, data.train_shards, pool, "predict")
     t_predict = time.perf_counter() - tick - gather["seconds"]
     tick = time.perf_counter()
+    stats = rewrite_and_draw(run, ids, probs)
+    selection = stats.pop("selection")
+    return {**stats, "time/predict": t_predict, "time/gather": gather["seconds"],
+            "time/rewrite": time.perf_counter() - tick, "gather/bytes": gather["bytes"],
+            "selection": selection}
+
+
+def rewrite_and_draw(run: Run, ids: torch.Tensor, probs: torch.Tensor) -> dict[str, Any]:
+    """METHOD.md 3.2-3.4 on the gathered predictions (ids [M] sorted, probs [M, K], alike on every process).
+
+    Rewrites the target table's rows, draws the round's set into `state.include`, returns the round's stats.
+    """
+    m, st, data = run.cfg.method, run.state, run.data
     labels = data.method_labels()[ids]
     rw = method.rewrite_targets(probs, labels, st.targets[ids], tau=m.tau,
                                 alpha=m.alpha if m.alpha_rule else None)
@@ -314,17 +361,16 @@ def compose(run: Run) -> dict[str, Any]:
     include[draw.added] = True
     st.include = include
     conf_probs = probs[rw.confident]
+    mean_conf = float(conf_probs.max(1).values.mean()) if conf_probs.numel() else float("nan")
     added_classes = st.targets[draw.added].argmax(1)
     return {
         "unlabelled/confident": int(rw.confident.sum()),
         "unlabelled/drawn": int(draw.added.numel()),
         "unlabelled/class_hist": torch.bincount(added_classes, minlength=NUM_CLASSES).tolist(),
-        "unlabelled/mean_conf": float(conf_probs.max(1).values.mean()) if conf_probs.numel() else float("nan"),
+        "unlabelled/mean_conf": mean_conf,
         "labelled/reset": int(rw.reset.sum()),
         "labelled/kept": int(rw.kept.sum()),
         "labelled/removed": int(draw.removed.numel()),
-        "time/predict": t_predict, "time/gather": gather["seconds"],
-        "time/rewrite": time.perf_counter() - tick, "gather/bytes": gather["bytes"],
         "selection": {"confident": confident, "removed": draw.removed, "added": draw.added},
     }
 
@@ -336,15 +382,20 @@ def self_train(run: Run) -> None:
         if st.include is None:  # not composed yet (a resume mid-round goes straight on training)
             st.round_stats = compose(run)
         tick = time.perf_counter()
-        loss = 0.0
-        for e in range(m.epochs_per_round):
+        loss = st.round_stats.get("train/loss", 0.0)
+        while st.round_epoch < m.epochs_per_round:
+            e = st.round_epoch
             loss = train_epoch(run, st.include, f"round {st.round + 1}" + (f".{e + 1}" if e else ""))
+            st.round_epoch += 1
+            st.round_stats["train/loss"] = loss
         st.round += 1
+        st.round_epoch = 0
         stats, selection = dict(st.round_stats), st.round_stats.get("selection")
         stats.pop("selection", None)
         st.include, st.round_stats = None, {}
         best_before = st.best_acc
-        validate(run, "round", st.round, {"train/loss": loss, "time/train": time.perf_counter() - tick, **stats})
+        stats |= {"train/loss": loss, "time/train": time.perf_counter() - tick}
+        validate(run, "round", st.round, stats)
         st.history[-1]["selection"] = selection
         accs = [h["val/acc"] for h in st.history if h["kind"] == "round"]
         if method.should_stop(accs, m.stop_window):
@@ -363,8 +414,8 @@ def self_train(run: Run) -> None:
 
 def finish(run: Run) -> dict[str, Any]:
     """Test the best model; write summary.json; returns the summary."""
-    if (run.dir / "best").exists():
-        run.net.load_state_dict(load_exported(run.dir / "best").state_dict())
+    if run.state.best_acc >= 0:
+        load_best(run)
     test_acc = accuracy(run, run.data.test_shards, run.data.test, "test") if run.data.test.any() else None
     warm = [h["val/acc"] for h in run.state.history if h["kind"] == "warmup"]
     summary = {

@@ -9,7 +9,9 @@ from fer_dist.config import LEAVES, TrainConfig, load_config, parse_overrides
 from fer_dist.errors import FerDistError
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.backbone=small_cnn"]
+DATA = {"labelled": [{"dir": "d", "splits": ["train"]}], "unlabelled": [{"dir": "d", "splits": ["train"]}],
+        "val": [{"dir": "d", "splits": ["val"]}]}
+SMALL = ["model.backbone=small_cnn", f"data={DATA}"]
 
 
 def write(tmp_path: Path, tree: dict) -> Path:
@@ -28,7 +30,7 @@ def test_defaults_are_the_papers_values():
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path):
-    path = write(tmp_path, {"model": {"backbone": "small_cnn"}, "method": {"tau": 0.8, "alpha": 0.9}})
+    path = write(tmp_path, {"model": {"backbone": "small_cnn"}, "data": DATA, "method": {"tau": 0.8, "alpha": 0.9}})
     cfg = load_config(path, ["method.tau=0.65"])
     assert cfg.method.tau == 0.65          # override beats YAML
     assert cfg.method.alpha == 0.9         # YAML beats default
@@ -58,9 +60,11 @@ def test_leaf_names_are_unique():
     ({}, ["nope=1"], "unknown key 'nope'"),
     ({}, ["method.tau"], "expected key=value"),
     ({"model": {"backbone": "vggface"}}, [], "model.weights"),
+    ({"data": {"labelled": DATA["labelled"]}}, [], "data.val: name at least one"),
+    ({"data": {"val": DATA["val"], "labelled": DATA["labelled"]}}, [], "data.unlabelled: empty"),
 ])
 def test_errors_are_one_line_and_name_the_key(tmp_path, tree, overrides, needle):
-    tree = {"model": {"backbone": "small_cnn"}} | tree
+    tree = {"model": {"backbone": "small_cnn"}, "data": DATA} | tree
     with pytest.raises(FerDistError) as e:
         load_config(write(tmp_path, tree), overrides)
     assert needle in str(e.value)
@@ -74,6 +78,13 @@ def test_bad_yaml_names_the_file(tmp_path):
         load_config(path)
     with pytest.raises(FerDistError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_no_data_defaults_a_real_run_could_silently_use():
+    with pytest.raises(FerDistError, match="data.labelled"):
+        load_config(None, ["model.backbone=small_cnn"])
+    cfg = load_config(None, SMALL + ["method.use_unlabelled=false", "data.unlabelled=[]"])
+    assert cfg.data.unlabelled == [] and cfg.data.test == []
 
 
 def test_overrides_parse_to_nested_dicts():

@@ -6,7 +6,7 @@ invariance of a round's selection and draw, a SIGKILLed run resumed, a SIGTERMed
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
 import socket
 import subprocess
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -84,6 +85,17 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = TIMEOUT) -> No
         assert proc.poll() is None, f"run ended before {path} appeared: {proc.stdout.read()[-2000:]}"
         assert time.monotonic() < deadline, f"{path} did not appear"
         time.sleep(0.05)
+
+
+def signal_tree(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the launcher and every process under it, as SLURM does to a job step.
+
+    torchrun starts each worker in a session of its own, so signalling the launcher's group would miss them.
+    """
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
 
 
 def final_state(run_dir: Path) -> dict:
@@ -158,10 +170,16 @@ def test_prediction_selection_and_draw_do_not_depend_on_world_size(workdir: Path
 
 def test_killed_run_resumes_to_the_same_end(workdir: Path, reference: Path):
     proc = start(workdir, "killed")
-    wait_for(workdir / "runs" / "killed" / "checkpoints" / "round-0001" / "meta.json", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
+    latest = workdir / "runs" / "killed" / "checkpoints" / "latest"
+    deadline = time.monotonic() + TIMEOUT
+    # kill once `latest` names round 1: the resume then starts from a round, with trained BatchNorm stats
+    while not (latest.exists() and latest.read_text().strip() == "round-0001"):
+        assert proc.poll() is None and time.monotonic() < deadline, "round-0001 never became the latest"
+        time.sleep(0.02)
+    signal_tree(proc, signal.SIGKILL)
     proc.wait(timeout=30)
-    train(workdir, "killed", 2)  # resume: auto is the default
+    result = train(workdir, "killed", 2)  # resume: auto is the default
+    assert "resumed from" in result.stderr and "round-0001" in result.stderr
     assert_same_run(final_state(workdir / "runs" / "killed"), final_state(reference))
     ref = [r for r in read_metrics(reference / "metrics.jsonl") if r["kind"] != "step"]
     got = [r for r in read_metrics(workdir / "runs" / "killed" / "metrics.jsonl") if r["kind"] != "step"]
@@ -172,7 +190,7 @@ def test_sigterm_saves_together_exits_cleanly_and_resumes(workdir: Path, referen
     proc = start(workdir, "stopped")
     run_dir = workdir / "runs" / "stopped"
     wait_for(run_dir / "checkpoints" / "warmup-0001" / "meta.json", proc)
-    os.killpg(proc.pid, signal.SIGTERM)
+    signal_tree(proc, signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
     assert "stopped on request" in output, output[-2000:]
     stopped_at = latest_checkpoint(run_dir)
@@ -183,12 +201,12 @@ def test_sigterm_saves_together_exits_cleanly_and_resumes(workdir: Path, referen
 
 def test_moving_average_rule_stops_the_run(workdir: Path):
     """With T = 1 the run must stop at the first round whose accuracy falls (or run to max_rounds)."""
-    train(workdir, "stopping", 1, "method.stop_window=1", "method.max_rounds=8", "method.warmup_epochs=1")
+    train(workdir, "stopping", 1, "method.stop_window=1", "method.max_rounds=5", "method.warmup_epochs=1")
     state = final_state(workdir / "runs" / "stopping")["state"]
     accs = [h["val/acc"] for h in state["history"] if h["kind"] == "round"]
     first_fall = next((t for t in range(2, len(accs) + 1) if should_stop(accs[:t], 1)), None)
     if first_fall is None:
-        assert len(accs) == 8 and state["stop_reason"] == "max_rounds (8)"
+        assert len(accs) == 5 and state["stop_reason"] == "max_rounds (5)"
     else:
         assert len(accs) == first_fall and state["stop_reason"].startswith("moving average")
     summary = yaml.safe_load((workdir / "runs" / "stopping" / "summary.json").read_text())
