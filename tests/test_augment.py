@@ -94,3 +94,28 @@ def test_train_geometry_stays_within_the_papers_limits():
     assert max(abs(a) for a in angles) < 10.0 + 3.0  # +3: the mark and pixel rounding bias the fit
     assert max(abs(a) for a in angles) > 4.0
     assert 60 < flipped < 140
+
+
+def test_opencv_affine_is_the_identity_at_zero_and_keeps_a_centre_point_within_the_shift():
+    from fer_dist.data.augment import RandomAffineCV
+
+    image = torch.zeros(1, 48, 48, dtype=torch.uint8)
+    image[0, 20:28, 20:28] = 255
+    assert torch.equal(RandomAffineCV(0.0, 0.0, (1.0, 1.0))(image), image)
+    warp = RandomAffineCV(10.0, 0.09, (1.0, 1.1))
+    for seed in range(50):
+        torch.manual_seed(seed)
+        out = warp(image)
+        assert out.shape == image.shape and out.dtype == torch.uint8
+        ys, xs = torch.nonzero(out[0] > 127, as_tuple=True)
+        # the square's centre (23.5) moves by the shift (<= 0.09 * 48 = 4.3 px) plus what a 10 degree turn
+        # and a 10 % zoom about the image centre do to a point 0 px from it: nothing
+        assert abs(ys.float().mean() - 23.5) <= 4.5 and abs(xs.float().mean() - 23.5) <= 4.5
+    torch.manual_seed(3)
+    a = warp(image)
+    torch.manual_seed(3)
+    assert torch.equal(a, warp(image))
+    rgb = torch.stack([image[0], image[0] // 2, 255 - image[0]])
+    torch.manual_seed(4)
+    out = warp(rgb)
+    assert out.shape == (3, 48, 48) and not torch.equal(out[0], out[2])

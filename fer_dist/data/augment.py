@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import cv2
 import torch
 from torchvision.transforms import v2
 
@@ -69,6 +70,37 @@ class MatchChannels(torch.nn.Module):
         return f"channels={self.channels}"
 
 
+class RandomAffineCV(torch.nn.Module):
+    """v2.RandomAffine's draw (rotation, translation, scale; fill 0) applied with OpenCV's warpAffine.
+
+    Same parameters from torch's global generator, so seeding and resumes work alike; torchvision's warp
+    (a grid_sample) cost 350-400 us on a 48 px face against ~20 us here, most of the stream's CPU time.
+    """
+
+    def __init__(self, degrees: float, translate: float, scale: tuple[float, float]) -> None:
+        super().__init__()
+        self.degrees, self.translate, self.scale = degrees, translate, scale
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        c, h, w = image.shape
+        draws = torch.rand(4).tolist()
+        angle = (2 * draws[0] - 1) * self.degrees
+        tx = round((2 * draws[1] - 1) * self.translate * w)
+        ty = round((2 * draws[2] - 1) * self.translate * h)
+        zoom = self.scale[0] + draws[3] * (self.scale[1] - self.scale[0])
+        # Rotation and zoom about the centre, then the shift: v2.RandomAffine's order.
+        matrix = cv2.getRotationMatrix2D(((w - 1) * 0.5, (h - 1) * 0.5), angle, zoom)
+        matrix[:, 2] += (tx, ty)
+        pixels = image[0].numpy() if c == 1 else image.permute(1, 2, 0).numpy()
+        warped = cv2.warpAffine(pixels, matrix, (w, h), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        out = torch.from_numpy(warped)
+        return out[None] if c == 1 else out.permute(2, 0, 1).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"degrees={self.degrees}, translate={self.translate}, scale={self.scale}"
+
+
 def _finish(spec: InputSpec) -> list[torch.nn.Module]:
     """The deterministic tail shared by both pipelines: resize, channel match, float, normalise."""
     return [
@@ -95,7 +127,7 @@ def train_transform(
     if not 0.0 < zoom[0] <= zoom[1]:
         raise FerDistError(f"train_transform zoom: {zoom} is not a range (low, high) of positive scales")
     stages: list[torch.nn.Module] = [v2.RandomHorizontalFlip(0.5)] if flip else []
-    stages.append(v2.RandomAffine(degrees=rotation, translate=(shift, shift), scale=zoom))
+    stages.append(RandomAffineCV(rotation, shift, zoom))
     return v2.Compose(stages + _finish(spec))
 
 
