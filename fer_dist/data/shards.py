@@ -8,11 +8,13 @@ digest per sample so that verification can name the sample that changed, not onl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import tarfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from fer_dist.classes import CLASSES, UNLABELLED, UNLABELLED_NAME
 from fer_dist.data.manifest import DIGEST_CHARS, Manifest, ShardInfo, SplitInfo, read_manifest
 
 MEMBERS: tuple[str, ...] = ("cls", "json", "png")
+WRITE_BUFFER = 1 << 20  # bytes buffered per shard file being written
 
 
 def sample_key(sample_id: int) -> str:
@@ -32,9 +35,12 @@ def shard_file(split: str, index: int) -> str:
     return f"{split}-{index:06d}.tar"
 
 
+_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=True, separators=(",", ":"))  # made once, not per call
+
+
 def dump_json(obj: object) -> bytes:
     """Canonical JSON bytes (sorted keys, ASCII) so equal data gives equal bytes."""
-    return json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    return _JSON.encode(obj).encode("ascii")
 
 
 # USTAR header fields around the two that vary (name, size): mode 0444, uid/gid 0, mtime 0, a regular file,
@@ -46,20 +52,46 @@ _MTIME = b"00000000000\0"
 # regular files), prefix and padding.
 _AFTER_CHKSUM = tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC + b"\0" * (64 + 16 + 155 + 12)
 _FIXED_SUM = sum(_MODE_IDS) + sum(_MTIME) + sum(_AFTER_CHKSUM) + 8 * ord(" ")  # chksum counts as 8 spaces
+_PADDING = [b"\0" * n for n in range(tarfile.BLOCKSIZE)]  # by length: the zeros that complete a block
+_SUFFIXES = [(f".{ext}".encode("ascii"), sum(f".{ext}".encode("ascii"))) for ext in MEMBERS]  # name ends
 
 
 def tar_member(name: str, data: bytes) -> bytes:
     """One regular-file member (header, data, padding) with the fixed header fields, as tarfile writes it."""
-    raw = name.encode("ascii").ljust(100, b"\0")
-    size = b"%011o\0" % len(data)
-    chksum = b"%06o\0 " % (_FIXED_SUM + sum(raw) + sum(size))
-    header = raw + _MODE_IDS + size + _MTIME + chksum + _AFTER_CHKSUM
-    return header + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+    raw = name.encode("ascii")
+    return _header(raw, sum(raw), len(data)) + data + _PADDING[-len(data) % tarfile.BLOCKSIZE]
+
+
+def _header(raw: bytes, raw_sum: int, size: int) -> bytes:
+    """A member's header block from its name (and the name's byte sum, its padding adds nothing) and size."""
+    field, field_sum = _size_field(size)
+    chksum = b"%06o\0 " % (_FIXED_SUM + raw_sum + field_sum)
+    return b"".join((raw.ljust(100, b"\0"), _MODE_IDS, field, _MTIME, chksum, _AFTER_CHKSUM))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _size_field(size: int) -> tuple[bytes, int]:
+    """A header's size field and its byte sum (sizes repeat: .cls members, PNGs of similar faces)."""
+    field = b"%011o\0" % size
+    return field, sum(field)
 
 
 def sample_bytes(key: str, members: dict[str, bytes]) -> bytes:
     """A sample's members as they lie in the tar, in MEMBERS order."""
-    return b"".join([tar_member(f"{key}.{ext}", members[ext]) for ext in MEMBERS])
+    return _sample_bytes(key, [members[ext] for ext in MEMBERS])
+
+
+def _sample_bytes(key: str, contents: Sequence[bytes]) -> bytes:
+    """sample_bytes from the members' contents in MEMBERS order (_header inlined: once per sample)."""
+    raw = key.encode("ascii")
+    key_sum = sum(raw)
+    parts: list[bytes] = []
+    for (suffix, suffix_sum), data in zip(_SUFFIXES, contents, strict=True):
+        field, field_sum = _size_field(len(data))
+        chksum = b"%06o\0 " % (_FIXED_SUM + key_sum + suffix_sum + field_sum)
+        parts += ((raw + suffix).ljust(100, b"\0"), _MODE_IDS, field, _MTIME, chksum, _AFTER_CHKSUM, data,
+                  _PADDING[-len(data) % tarfile.BLOCKSIZE])
+    return b"".join(parts)
 
 
 def sample_digest(key: str, members: dict[str, bytes]) -> str:
@@ -78,14 +110,15 @@ class _OpenShard:
 
     def __init__(self, path: Path, first_id: int) -> None:
         self.path, self.first_id = path, first_id
-        self.file = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 -- closed by close() or abort()
+        self.file = open(path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 -- closed by close() or abort()
         self.sha256 = hashlib.sha256()
         self.written = 0
         self.digests: list[str] = []
         self.labelled = 0
 
-    def add(self, key: str, members: dict[str, bytes]) -> None:
-        data = sample_bytes(key, members)
+    def add(self, key: str, contents: Sequence[bytes]) -> None:
+        """Append a sample from its members' contents in MEMBERS order."""
+        data = _sample_bytes(key, contents)
         self._write(data)
         self.digests.append(f"{zlib.crc32(data):08x}")  # sample_digest without building the bytes twice
 
@@ -119,8 +152,7 @@ class SplitWriter:
         label = UNLABELLED if label is None else label
         name = CLASSES[label] if label != UNLABELLED else UNLABELLED_NAME
         doc = {**meta, "id": sample_id, "label": label, "class": name, "split": self.split}
-        members = {"cls": str(label).encode(), "json": dump_json(doc), "png": png}
-        self._open.add(sample_key(sample_id), members)
+        self._open.add(sample_key(sample_id), (str(label).encode(), dump_json(doc), png))  # MEMBERS order
         self._open.labelled += label != UNLABELLED
         self.class_counts[name] = self.class_counts.get(name, 0) + 1
         if len(self._open.digests) == self.per_shard:

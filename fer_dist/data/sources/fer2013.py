@@ -19,9 +19,10 @@ from fer_dist.data.sources.base import (
     SourceOptions,
     decode_pixels,
     finish,
-    image_loader,
     no_images,
     one_src,
+    path_prefix,
+    read_image,
     walk_images,
 )
 from fer_dist.errors import FerDistError
@@ -128,19 +129,35 @@ def _list_folders(root: Path) -> Listing:
     walk = walk_images(root)
     records: list[Record] = []
     skipped = list(walk.skipped)
+    # Strings, not Paths, and each folder checked once: this loop runs once per image.
+    prefix = path_prefix(root)
+    folders: dict[str, tuple[int | None, str] | None] = {}  # folder -> (label, split); None: too shallow
+    files: list[str] = []
     for rel in walk.images:
-        parts = rel.split("/")
-        if len(parts) < 3:
+        cut = rel.rfind("/")
+        here = rel[:cut] if cut > 0 else ""
+        folder = folders.get(here, False)
+        if folder is False:
+            folder = folders[here] = _folder(root, here.split("/"))
+        if folder is None:
             skipped.append((rel, "not inside a <split>/<class>/ folder"))
             continue
-        if parts[0].lower() not in FOLDER_SPLITS:
-            known = ", ".join(FOLDER_SPLITS)
-            raise FerDistError(f"{root / parts[0]}: unknown FER2013 split folder {parts[0]!r} "
-                               f"(known: {known})")
-        label = class_index(parts[1], FER2013_FOLDERS, where=str(root / parts[0] / parts[1]))
-        usage = parts[-1].split("_", 1)[0]
-        split = USAGE_SPLITS.get(usage, FOLDER_SPLITS[parts[0].lower()])
-        records.append(Record(rel, label, {"path": rel, "split": split}, image_loader(root / rel)))
+        label, split = folder
+        split = USAGE_SPLITS.get(rel[cut + 1 :].partition("_")[0], split)  # the Usage prefix decides
+        path = prefix + rel
+        records.append(Record(rel, label, {"path": rel, "split": split}, functools.partial(read_image, path)))
+        files.append(path)
     if not records:
         raise no_images(root)
-    return finish(records, skipped, [root / r.key for r in records], DEFAULT_ALIGN)
+    return finish(records, skipped, files, DEFAULT_ALIGN)
+
+
+def _folder(root: Path, parts: list[str]) -> tuple[int | None, str] | None:
+    """The label of a `<split>/<class>[/...]` folder and the split its files take without a Usage prefix."""
+    if len(parts) < 2:
+        return None
+    if parts[0].lower() not in FOLDER_SPLITS:
+        known = ", ".join(FOLDER_SPLITS)
+        raise FerDistError(f"{root / parts[0]}: unknown FER2013 split folder {parts[0]!r} (known: {known})")
+    label = class_index(parts[1], FER2013_FOLDERS, where=str(root / parts[0] / parts[1]))
+    return label, FOLDER_SPLITS[parts[0].lower()]

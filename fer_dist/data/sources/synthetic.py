@@ -364,7 +364,7 @@ def _check(options: SourceOptions) -> None:
         raise FerDistError(f"synthetic: --peak-frames must be 1..{options.frames - 1} (frames - 1), "
                            f"got {options.peak_frames}")
     if options.image_size < 16:
-        raise FerDistError(f"synthetic: --image-size must be at least 16, got {options.image_size}")
+        raise FerDistError(f"synthetic: --size must be at least 16, got {options.image_size}")
     if options.seed < 0:
         raise FerDistError(f"synthetic: --seed must be non-negative, got {options.seed}")
 
