@@ -30,7 +30,8 @@ def test_defaults_are_the_papers_values():
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path):
-    path = write(tmp_path, {"model": {"backbone": "small_cnn"}, "data": DATA, "method": {"tau": 0.8, "alpha": 0.9}})
+    tree = {"model": {"backbone": "small_cnn"}, "data": DATA, "method": {"tau": 0.8, "alpha": 0.9}}
+    path = write(tmp_path, tree)
     cfg = load_config(path, ["method.tau=0.65"])
     assert cfg.method.tau == 0.65          # override beats YAML
     assert cfg.method.alpha == 0.9         # YAML beats default

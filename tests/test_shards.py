@@ -19,7 +19,7 @@ import pytest
 from fer_dist.classes import CLASSES
 from fer_dist.data.faces import align_face
 from fer_dist.data.manifest import MANIFEST, read_manifest
-from fer_dist.data.pack import pack, source_fingerprint
+from fer_dist.data.pack import _shuffle_key, pack, source_fingerprint
 from fer_dist.data.shards import tar_end, tar_member, verify_shards
 from fer_dist.data.sources import SOURCES, ImageReadError, Listing, Record, SourceOptions, SourceSpec
 from fer_dist.errors import FerDistError
@@ -144,7 +144,7 @@ def test_rgb_shards_store_true_rgb(tmp_path: Path) -> None:
         np.testing.assert_array_equal(cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB), expected)
 
 
-def test_ids_run_split_by_split_in_key_order_and_shards_are_contiguous(tmp_path: Path) -> None:
+def test_ids_run_split_by_split_in_seeded_order_and_shards_are_contiguous(tmp_path: Path) -> None:
     m = fake_pack(tmp_path / "out", subjects=20, frames=3, samples_per_shard=7).manifest
     samples = read_tars(tmp_path / "out")
     metas = [json.loads(samples[i]["json"]) for i in range(m.num_ids)]
@@ -152,7 +152,8 @@ def test_ids_run_split_by_split_in_key_order_and_shards_are_contiguous(tmp_path:
     assert splits == sorted(splits, key=["train", "val", "test"].index)
     for name in ("train", "val", "test"):
         keys = [meta["key"] for meta in metas if meta["split"] == name]
-        assert keys == sorted(keys)
+        # shuffled by (seed, key), so a shard mixes subjects and classes; reproducible from the seed
+        assert keys == sorted(keys, key=lambda k: _shuffle_key(0, k)) and keys != sorted(keys)
     assert list(m.splits) == ["train", "val", "test"]
     next_id = 0
     for split, info in m.shards():

@@ -1,8 +1,9 @@
 """The `shard` job: list a source, split it, align every face on all cores, write shards atomically.
 
-Images are processed split by split in key order, in chunks shared between this process (which also
-writes the shards) and `workers - 1` helper processes; results are written in order, so ids and bytes do
-not depend on the number of workers. A corrupt image is skipped (listed in the manifest) and takes no id.
+Images are processed split by split in an order shuffled by the seed, in chunks shared between this
+process (which also writes the shards) and `workers - 1` helper processes; results are written in order,
+so ids and bytes do not depend on the number of workers. A corrupt image is skipped (listed in the
+manifest) and takes no id.
 Everything is written to `<out>.tmp-<pid>`, renamed to `<out>` once complete.
 """
 
@@ -274,6 +275,10 @@ def pack(
     return PackSummary(out, manifest, warnings, time.perf_counter() - started)
 
 
+def _shuffle_key(seed: int, key: str) -> bytes:
+    return hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
+
+
 def _build(tmp: Path, dataset: str, listing: Listing, params: dict, processor: _Processor,
            progress: bool) -> Manifest:
     """Split, process and write every record into `tmp`; its manifest, the source fingerprint left empty."""
@@ -281,8 +286,11 @@ def _build(tmp: Path, dataset: str, listing: Listing, params: dict, processor: _
     splits = assign_splits(records, params["split"], params["seed"])
     fold_ids = assign_folds(records, params["folds"], params["seed"]) if params["folds"] else None
     rank = {name: i for i, name in enumerate(split_order(splits))}
-    # Ids go split by split (train, val, test, others), each in key order: process in that order.
-    sort_keys = [(rank[s], r.key) for s, r in zip(splits, records, strict=True)]
+    # Ids go split by split (train, val, test, others), each in an order shuffled by the seed: in key order a
+    # shard would hold one class (FER2013's folders) or one subject, and a rank streaming a contiguous run
+    # of shards would see batches of one class. The shuffle is a hash of (seed, key): the same whatever the
+    # number of workers or the order the source listed the records in.
+    sort_keys = [(rank[s], _shuffle_key(params["seed"], r.key)) for s, r in zip(splits, records, strict=True)]
     order = sorted(range(len(records)), key=sort_keys.__getitem__)
     writer = _ShardsWriter(tmp, _shard_sizes(Counter(splits), params["samples_per_shard"]))
     image = ImageParams(params["size"], params["channels"], params["align"])
