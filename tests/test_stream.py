@@ -351,3 +351,42 @@ def test_the_worker_side_survives_pickling_for_spawn(shards):
     clone = pickle.loads(pickle.dumps(stream._dataset))
     for (a_img, a_ids), (b_img, b_ids) in zip(stream._dataset, clone, strict=True):
         assert torch.equal(a_ids, b_ids) and torch.equal(a_img, b_img)
+
+
+def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
+    """SLURM signals every process of a job; the stop is the trainer's to handle, never a worker's death."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from fer_dist.dist import StopRequest
+
+    n = sum(s.count for s in shards)
+    include = torch.ones(n, dtype=torch.bool)
+    targets = torch.zeros(n, 7)
+    stop, done = StopRequest(), threading.Event()
+
+    def pester() -> None:  # SIGTERM to this process and all its children, over and over, forks included
+        me = psutil.Process()
+        while not done.is_set():
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    p.send_signal(signal.SIGTERM)
+                except psutil.Error:
+                    pass
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=pester, daemon=True)
+    thread.start()
+    try:
+        for epoch in range(4):  # each epoch forks new workers while the signals keep coming
+            stream = train_loader(shards, include, targets, transform=eval_transform(SPEC), global_batch=4,
+                                  rank=0, world=1, num_workers=2, seed=0, epoch=epoch)
+            assert sum(1 for _ in stream) == stream.steps
+    finally:
+        done.set()
+        thread.join()
+        stop.close()
+    assert stop.requested

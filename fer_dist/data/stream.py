@@ -162,10 +162,12 @@ class _Stream(IterableDataset):
             # copying its pages) cost a third of a second per pass in the benchmark. The worker's own
             # objects are still collected.
             gc.freeze()
-            # SLURM and `kill -- -PGID` signal the whole process group: a stop request is the trainer's
-            # to handle at a step boundary; a loader worker dying of it would crash the step instead.
+            # SLURM signals every process of the job: a stop request is the trainer's to handle at a step
+            # boundary; a loader worker dying of it would crash the step instead. The worker was forked
+            # with these signals blocked (_iterate), so none got through before this point.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         plan = self.plans[info.id if info is not None else 0]
         try:
             yield from self._batches(plan, in_worker=info is not None)
@@ -205,6 +207,24 @@ class _Stream(IterableDataset):
             yield images, torch.tensor(labels, dtype=torch.long), ids
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
+def _iterate(loader: DataLoader) -> Iterator:
+    """Iterate a loader whose workers are forked with the stop signals blocked.
+
+    PyTorch's workers install a SIGTERM handler that exits; a stop request arriving between a worker's fork
+    and its first batch would kill it. Blocked, the signal waits in the worker until _Stream ignores it,
+    and in this process until the workers are started, when its handler runs as usual.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        it = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    yield from it
+
+
 def _loader(dataset: _Stream, num_workers: int) -> DataLoader:
     # An own generator: DataLoader otherwise draws its workers' base seed from the trainer's global one.
     generator = torch.Generator().manual_seed(planning.derive_seed(*(dataset.seed or (0,))))
@@ -234,7 +254,7 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         n = 0
-        for item in _loader(self._dataset, self._workers) if len(self) else ():
+        for item in _iterate(_loader(self._dataset, self._workers)) if len(self) else ():
             if isinstance(item, _Failure):
                 raise FerDistError(item.message)
             images, ids = item
@@ -287,7 +307,7 @@ class ExhaustiveStream:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for item in _loader(self._dataset, self._workers) if self.samples else ():
+        for item in _iterate(_loader(self._dataset, self._workers)) if self.samples else ():
             if isinstance(item, _Failure):
                 raise FerDistError(item.message)
             yield item
