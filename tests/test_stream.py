@@ -355,6 +355,7 @@ def test_the_worker_side_survives_pickling_for_spawn(shards):
 
 def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
     """SLURM signals every process of a job; the stop is the trainer's to handle, never a worker's death."""
+    import contextlib
     import signal
     import threading
     import time
@@ -372,10 +373,8 @@ def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
         me = psutil.Process()
         while not done.is_set():
             for p in [me, *me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     p.send_signal(signal.SIGTERM)
-                except psutil.Error:
-                    pass
             time.sleep(0.002)
 
     thread = threading.Thread(target=pester, daemon=True)
