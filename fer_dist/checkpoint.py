@@ -38,6 +38,7 @@ from accelerate import Accelerator
 from fer_dist import __version__
 from fer_dist.dist import any_process
 from fer_dist.errors import FerDistError
+from fer_dist.files import TMP_PREFIX, fsync_dir, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ META = "meta.json"
 INDEX = "index.json"
 LATEST = "latest"
 BEST = "best"
-TMP = ".tmp-"
+TMP = TMP_PREFIX
 INDEX_FORMAT = "fer-dist-checkpoints/1"
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 # Exact types: numpy scalars subclass float (np.float64) and NamedTuples subclass tuple, and torch.load
@@ -128,32 +129,12 @@ def _check_loadable(obj: Any, where: str = "state") -> None:
                            "checkpoint holds only tensors, numbers, strings, None and lists/dicts of them")
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a directory's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_torch(obj: Any, path: Path) -> None:
     """torch.save, flushed to disk."""
     with open(path, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Replace path's content in one step: write a .tmp- sibling, fsync, os.replace."""
-    tmp = path.parent / f"{TMP}{path.name}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _remove(path: Path) -> None:
@@ -170,7 +151,7 @@ def _swap_in(src: Path, dest: Path) -> None:
     if dest.exists():
         os.rename(dest, aside)
     os.rename(src, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     _remove(aside)
 
 
@@ -269,7 +250,7 @@ def _link_or_copy_dir(src: Path, dest: Path) -> None:
             os.link(f, dest / f.name)
         except OSError:
             shutil.copy2(f, dest / f.name)
-    _fsync_dir(dest)
+    fsync_dir(dest)
 
 
 def _publish(root: Path, tmp: Path, tag: str, state: dict[str, Any], meta: dict[str, Any], keep_last: int,
@@ -286,7 +267,7 @@ def _publish(root: Path, tmp: Path, tag: str, state: dict[str, Any], meta: dict[
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     with open(tmp / META, "rb") as f:
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     _swap_in(tmp, root / tag)
     tags = [t for t in index["tags"] if t != tag] + [tag]
     kept, pruned = tags[-keep_last:], tags[:-keep_last]
@@ -296,8 +277,8 @@ def _publish(root: Path, tmp: Path, tag: str, state: dict[str, Any], meta: dict[
         _swap_in(staged, root / BEST)
         index["best"] = tag
     index.update(format=INDEX_FORMAT, tags=kept)
-    _write_text_atomic(root / INDEX, json.dumps(index, indent=2) + "\n")
-    _write_text_atomic(root / LATEST, tag + "\n")
+    write_text_atomic(root / INDEX, json.dumps(index, indent=2) + "\n")
+    write_text_atomic(root / LATEST, tag + "\n")
     # After index and latest no longer name them: a crash here leaves stray directories, never a
     # pointer to a deleted one. best/ holds its own links, so pruning its tag keeps it whole.
     for old in pruned:

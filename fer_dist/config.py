@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fer_dist.errors import FerDistError
+from fer_dist.files import write_text_atomic
 
 
 class _Section(BaseModel):
@@ -237,6 +238,4 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:
 
 def dump_config(cfg: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -9,6 +9,7 @@ rounds (section 3: predict -> gather -> rewrite -> compose -> train -> validate)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -27,6 +28,7 @@ from fer_dist.data.augment import eval_transform, train_transform
 from fer_dist.data.plan import derive_seed
 from fer_dist.data.stream import exhaustive_loader, train_loader
 from fer_dist.errors import FerDistError
+from fer_dist.files import write_text_atomic
 from fer_dist.metrics import MetricsLog
 from fer_dist.models import ModelSpec, build_model, export_model, load_exported
 from fer_dist.progress import Progress
@@ -278,8 +280,8 @@ def accuracy(run: Run, shards, mask: torch.Tensor, name: str) -> float:
     return float((probs.argmax(1) == run.data.labels[ids]).float().mean())
 
 
-def validate(run: Run, kind: str, index: int, values: dict[str, Any]) -> float:
-    """Validation accuracy; records it, exports the best model, checkpoints."""
+def validate(run: Run, kind: str, index: int, values: dict[str, Any]) -> bool:
+    """Validation accuracy: recorded, and the model exported when it is the best so far (returned)."""
     st = run.state
     acc_val = accuracy(run, run.data.val_shards, run.data.val, "validate")
     improved = acc_val > st.best_acc
@@ -295,7 +297,7 @@ def validate(run: Run, kind: str, index: int, values: dict[str, Any]) -> float:
              "labelled/reset": "alpha-reset"}
     run.log.say(f"{kind} {index}: val acc {acc_val:.4f} (best {st.best_acc:.4f})"
                 + "".join(f", {name} {values[k]:.4g}" for k, name in shown.items() if k in values))
-    return acc_val
+    return improved
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,10 +310,9 @@ def warmup(run: Run) -> None:
     while st.epoch < m.warmup_epochs and st.bad_epochs < m.warmup_patience:
         loss = train_epoch(run, run.data.labelled, f"warm-up {st.epoch + 1}")
         st.epoch += 1
-        best_before = st.best_acc
-        validate(run, "warmup", st.epoch, {"train/loss": loss})
-        st.bad_epochs = 0 if st.best_acc > best_before else st.bad_epochs + 1
-        save(run, f"warmup-{st.epoch:04d}", is_best=st.best_acc > best_before)
+        improved = validate(run, "warmup", st.epoch, {"train/loss": loss})
+        st.bad_epochs = 0 if improved else st.bad_epochs + 1
+        save(run, f"warmup-{st.epoch:04d}", is_best=improved)
     st.phase = "rounds" if m.self_training and m.max_rounds > 0 else "done"
     if st.best_acc >= 0:
         # theta_0 is the best warm-up model, not the last one (which is `patience` epochs past it)
@@ -382,20 +383,16 @@ def self_train(run: Run) -> None:
         if st.include is None:  # not composed yet (a resume mid-round goes straight on training)
             st.round_stats = compose(run)
         tick = time.perf_counter()
-        loss = st.round_stats.get("train/loss", 0.0)
         while st.round_epoch < m.epochs_per_round:
             e = st.round_epoch
-            loss = train_epoch(run, st.include, f"round {st.round + 1}" + (f".{e + 1}" if e else ""))
+            st.round_stats["train/loss"] = train_epoch(
+                run, st.include, f"round {st.round + 1}" + (f".{e + 1}" if e else ""))
             st.round_epoch += 1
-            st.round_stats["train/loss"] = loss
-        st.round += 1
-        st.round_epoch = 0
-        stats, selection = dict(st.round_stats), st.round_stats.get("selection")
-        stats.pop("selection", None)
+        st.round, st.round_epoch = st.round + 1, 0
+        stats = dict(st.round_stats, **{"time/train": time.perf_counter() - tick})
+        selection = stats.pop("selection")
         st.include, st.round_stats = None, {}
-        best_before = st.best_acc
-        stats |= {"train/loss": loss, "time/train": time.perf_counter() - tick}
-        validate(run, "round", st.round, stats)
+        improved = validate(run, "round", st.round, stats)
         st.history[-1]["selection"] = selection
         accs = [h["val/acc"] for h in st.history if h["kind"] == "round"]
         if method.should_stop(accs, m.stop_window):
@@ -404,7 +401,7 @@ def self_train(run: Run) -> None:
         elif st.round >= m.max_rounds:
             st.stop_reason = f"max_rounds ({m.max_rounds})"
             st.phase = "done"
-        save(run, f"round-{st.round:04d}", is_best=st.best_acc > best_before)
+        save(run, f"round-{st.round:04d}", is_best=improved)
         if st.phase == "done":
             return
         if run.cfg.run.stop_after_rounds is not None and st.round >= run.cfg.run.stop_after_rounds:
@@ -425,11 +422,7 @@ def finish(run: Run) -> dict[str, Any]:
         "best_val": run.state.best_acc, "test_acc_of_best": test_acc, "steps": run.state.step,
     }
     if run.acc.is_main_process:
-        import json
-
-        tmp = run.dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(run.dir / "summary.json")
+        write_text_atomic(run.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         run.progress.summary(summary)
     return summary
 
@@ -462,10 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     run = None
     try:
         config_path, overrides = parse_args(argv)
+        cfg = load_config(config_path or QUICKSTART, overrides)
         if config_path is None:
-            config_path = QUICKSTART
-            ensure_synthetic_shards()
-        cfg = load_config(config_path, overrides)
+            ensure_synthetic_shards(Path(cfg.data.labelled[0].dir))
         acc = dist.make_accelerator(mixed_precision=cfg.run.mixed_precision,
                                     expected_processes=cfg.run.num_processes)
         run = build_run(cfg, acc)
@@ -485,9 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.shutdown()
 
 
-def ensure_synthetic_shards() -> None:
-    """The quick start shards the synthetic set first where `shards/synthetic` is missing."""
-    out = Path("shards/synthetic")
+def ensure_synthetic_shards(out: Path) -> None:
+    """The quick start shards the synthetic set first where its shard folder is missing."""
     if (out / "manifest.json").exists():
         return
     if dist.is_main_launch_process():
