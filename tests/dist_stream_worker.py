@@ -22,8 +22,7 @@ SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))
 
 
 def _images_match(images: torch.Tensor, ids: torch.Tensor) -> bool:
-    want = torch.tensor([pixel_value(int(i)) / 255 for i in ids])
-    return bool(torch.allclose(images[:, 0, 4, 4], want, atol=1e-4))
+    return images[:, 0, 4, 4].tolist() == [pixel_value(int(i)) for i in ids]
 
 
 def main(shard_dir: str, out: str) -> None:

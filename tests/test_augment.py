@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fer_dist.data.augment import InputSpec, eval_transform, train_transform
+from fer_dist.data.augment import InputSpec, eval_transform, normalise, train_transform
 from fer_dist.errors import FerDistError
 
 GREY = InputSpec(size=40, channels=1, mean=(0.5,), std=(0.25,))
@@ -31,17 +31,28 @@ def test_train_transform_refuses_settings_beyond_the_paper(kwargs):
         train_transform(GREY, **kwargs)
 
 
-def test_eval_transform_resizes_matches_channels_and_normalises():
+def test_eval_transform_resizes_and_matches_channels_and_normalise_scales():
     grey = torch.full((1, 20, 20), 102, dtype=torch.uint8)  # 0.4 in [0, 1]
     out = eval_transform(RGB)(grey)
-    assert out.shape == (3, 40, 40) and out.dtype == torch.float32
-    assert torch.allclose(out, torch.full_like(out, (0.4 - 0.5) / 0.5), atol=1e-5)
+    assert out.shape == (3, 40, 40) and out.dtype == torch.uint8 and bool((out == 102).all())
+    norm = normalise(out[None], RGB)
+    assert norm.shape == (1, 3, 40, 40) and norm.dtype == torch.float32
+    assert torch.allclose(norm, torch.full_like(norm, (0.4 - 0.5) / 0.5), atol=1e-5)
 
     rgb = torch.zeros((3, 40, 40), dtype=torch.uint8)
     rgb[0] = 255  # pure red: luma 0.299
     out = eval_transform(GREY)(rgb)
     assert out.shape == (1, 40, 40)
-    assert torch.allclose(out, torch.full_like(out, (0.299 - 0.5) / 0.25), atol=0.02)
+    norm = normalise(out[None], GREY)
+    assert torch.allclose(norm, torch.full_like(norm, (0.299 - 0.5) / 0.25), atol=0.02)
+
+
+def test_normalise_uses_each_channels_mean_and_std():
+    spec = InputSpec(size=2, channels=3, mean=(0.1, 0.2, 0.3), std=(0.5, 0.25, 0.125))
+    images = torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8)
+    want = (images.double() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1).double()) \
+        / torch.tensor(spec.std).view(1, 3, 1, 1).double()
+    assert torch.allclose(normalise(images, spec).double(), want, atol=1e-5)
 
 
 def test_eval_transform_is_deterministic_and_leaves_the_generator_alone():
@@ -67,7 +78,7 @@ def test_train_transform_is_reproducible_from_the_seed():
 
 def _bright(out: torch.Tensor) -> torch.Tensor:
     """(row, col) coordinates of the bright pixels of a [1, H, W] output."""
-    return (out[0] > 0).nonzero().float()
+    return (out[0] > 127).nonzero().float()
 
 
 def test_train_geometry_stays_within_the_papers_limits():
@@ -86,7 +97,7 @@ def test_train_geometry_stays_within_the_papers_limits():
     angles, flipped = [], 0
     for _ in range(200):
         out = tf(bar)
-        flipped += int(out[0, :, 20:].gt(0).sum() > out[0, :, :20].gt(0).sum())
+        flipped += int(out[0, :, 20:].gt(127).sum() > out[0, :, :20].gt(127).sum())
         pts = _bright(out)
         line = pts[(pts[:, 0] - pts[:, 0].median()).abs() < 6]
         cov = torch.cov(line.T)
@@ -96,13 +107,13 @@ def test_train_geometry_stays_within_the_papers_limits():
     assert 60 < flipped < 140
 
 
-def test_opencv_affine_is_the_identity_at_zero_and_keeps_a_centre_point_within_the_shift():
-    from fer_dist.data.augment import RandomAffineCV
-
+def test_warp_is_the_identity_at_zero_and_keeps_a_centre_point_within_the_shift():
+    plain = InputSpec(size=48, channels=1, mean=(0.0,), std=(1.0,))
     image = torch.zeros(1, 48, 48, dtype=torch.uint8)
     image[0, 20:28, 20:28] = 255
-    assert torch.equal(RandomAffineCV(0.0, 0.0, (1.0, 1.0))(image), image)
-    warp = RandomAffineCV(10.0, 0.09, (1.0, 1.1))
+    still = train_transform(plain, zoom=(1.0, 1.0), shift=0.0, rotation=0.0, flip=False)
+    assert torch.equal(still(image), image)
+    warp = train_transform(plain, flip=False)
     for seed in range(50):
         torch.manual_seed(seed)
         out = warp(image)
@@ -117,5 +128,33 @@ def test_opencv_affine_is_the_identity_at_zero_and_keeps_a_centre_point_within_t
     assert torch.equal(a, warp(image))
     rgb = torch.stack([image[0], image[0] // 2, 255 - image[0]])
     torch.manual_seed(4)
-    out = warp(rgb)
+    out = train_transform(InputSpec(48, 3, (0.0,) * 3, (1.0,) * 3))(rgb)
     assert out.shape == (3, 48, 48) and not torch.equal(out[0], out[2])
+
+
+def test_flip_mirrors_the_face_about_its_centre():
+    plain = InputSpec(size=32, channels=1, mean=(0.0,), std=(1.0,))
+    image = torch.randint(0, 256, (1, 32, 32), dtype=torch.uint8)
+    flip_only = train_transform(plain, zoom=(1.0, 1.0), shift=0.0, rotation=0.0, flip=True)
+    outs = []
+    for seed in range(20):
+        torch.manual_seed(seed)
+        outs.append(flip_only(image))
+    mirrored = image.flip(-1)
+    assert all(torch.equal(o, image) or torch.equal(o, mirrored) for o in outs)
+    assert any(torch.equal(o, mirrored) for o in outs) and any(torch.equal(o, image) for o in outs)
+
+
+def test_shrinking_averages_instead_of_sampling():
+    """A fine checkerboard shrunk 4x must come out mid-grey (antialiased), not as a sampled pattern."""
+    board = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    board[0, ::2, ::2] = board[0, 1::2, 1::2] = 255
+    out = eval_transform(InputSpec(size=16, channels=1, mean=(0.0,), std=(1.0,)))(board)
+    assert out.shape == (1, 16, 16) and (out.float() - 127.5).abs().max() < 1.0
+
+
+def test_transform_refuses_what_is_not_a_decoded_face():
+    with pytest.raises(FerDistError, match="uint8 face"):
+        eval_transform(GREY)(torch.zeros(2, 8, 8, dtype=torch.uint8))
+    with pytest.raises(FerDistError, match="uint8 face"):
+        eval_transform(GREY)(torch.zeros(1, 8, 8))

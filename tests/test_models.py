@@ -108,6 +108,19 @@ def test_input_size_override_and_channel_check():
     raises_one_line(lambda: model(torch.zeros(1, 1, 48, 48)), "model:", "[N, 3, H, W]")
 
 
+def test_uint8_faces_are_normalised_with_the_input_spec():
+    """The loaders deliver uint8 pixels: the model normalises them as a float caller would have."""
+    from fer_dist.data.augment import normalise
+
+    model = build_model(ModelSpec(backbone="mobilenet_v2", pretrained=False, input_size=32)).eval()
+    faces = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    floats = (faces.float() / 255 - torch.tensor(model.input_spec.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(model.input_spec.std).view(1, 3, 1, 1)
+    assert torch.allclose(normalise(faces, model.input_spec), floats, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(model(faces), model(floats), atol=1e-5)
+
+
 def test_small_cnn_is_small_and_the_default():
     model = build_model(ModelSpec())
     total, trainable = count_parameters(model)

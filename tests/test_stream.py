@@ -28,7 +28,7 @@ from fer_dist.data.augment import InputSpec, eval_transform, train_transform
 from fer_dist.data.stream import ShardSet, exhaustive_loader, read_labels, train_loader
 from fer_dist.errors import FerDistError
 
-SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))  # output = pixel / 255: the id is readable
+SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))
 UNEVEN = {"train": [5, 1, 9, 3, 13], "test": [4, 2]}  # 37 ids, deliberately uneven shards
 
 
@@ -47,8 +47,8 @@ def shards(shard_dir):
 
 def _check_images(images: torch.Tensor, ids: torch.Tensor) -> None:
     """Each image still carries its id's pixel value at the centre (augmentation keeps the centre inside)."""
-    want = torch.tensor([pixel_value(int(i)) / 255 for i in ids])
-    assert torch.allclose(images[:, 0, 4, 4], want, atol=1e-4)
+    assert images.dtype == torch.uint8
+    assert images[:, 0, 4, 4].tolist() == [pixel_value(int(i)) for i in ids]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,8 +310,8 @@ def test_exhaustive_without_mask_reads_everything_in_rgb(tmp_path):
                                      world=1, num_workers=0))
     images, _, ids = batches[0]
     assert ids.tolist() == [0, 1, 2, 3, 4]
-    v = torch.tensor([pixel_value(i) for i in range(5)], dtype=torch.float32)
-    assert torch.allclose(images[:, :, 4, 4] * 255, torch.stack([v, v // 2, 255 - v], 1), atol=1e-3)
+    v = torch.tensor([pixel_value(i) for i in range(5)], dtype=torch.uint8)
+    assert torch.equal(images[:, :, 4, 4], torch.stack([v, v // 2, 255 - v], 1))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,28 +1,35 @@
-"""METHOD.md section 6 augmentation and the model's resize/normalise, as torchvision.transforms.v2 pipelines.
+"""METHOD.md section 6 augmentation and the model's resize, in one OpenCV pass per face; normalisation.
 
 A transform takes one decoded face, a uint8 tensor [C, H, W] with C = 1 (grey) or 3 (RGB, in that order),
-and returns a float tensor [spec.channels, spec.size, spec.size], normalised with the model's mean and std.
+and returns a uint8 tensor [spec.channels, spec.size, spec.size]. Normalising to the model's mean and std is
+left to `normalise`, which FerNet applies to uint8 batches on the model's device: a loader worker then ships
+a quarter of the bytes (uint8, not float32) and spends no time on float arithmetic the accelerator does
+for free.
 
-Stage order (train): horizontal flip -> one affine warp (rotation within +-10 degrees, shifts strictly under
-10 % of the side in x and y, slight zoom in 1.0 - 1.1) -> resize to the model's side -> channel match ->
-float in [0, 1] -> normalise. The geometry is applied before the resize so that a small face is warped at its
-own size (cheaper, and the model's resize then smooths the warp), and the channel match comes after the
-resize so grey faces are resized once, not three times.
+Stage order (train): horizontal flip and one affine warp (rotation within +-10 degrees, shifts strictly
+under 10 % of the side in x and y, slight zoom in 1.0 - 1.1), folded into a single warpAffine at the face's
+own size -> resize to the model's side -> channel match. The geometry comes before the resize so a small face
+is warped at its own size (cheaper, and the resize then smooths the warp); the channel match comes after it
+so a grey face is resized once, not three times.
 
-The random stages draw from torch's global generator. They do not seed it: the stream does, once per batch
-from (seed, epoch, rank, worker role, batch index), so a resumed run draws the same augmentations
-(see fer_dist/data/stream.py). The transforms are plain picklable modules so DataLoader workers can use them
-under fork or spawn.
+Why not torchvision.transforms.v2: its per-call dispatch made the same pipeline cost 130 us per 48 px face
+(60 us without augmentation) against ~15 us here, and the loader's CPU is taken from training.
+
+The random draws come from torch's global generator (five uniforms per face: flip, angle, x and y shift,
+zoom). The transform does not seed it: the stream does, once per batch from (seed, epoch, rank, worker role,
+batch index), so a resumed run draws the same augmentations (see fer_dist/data/stream.py). Transforms are
+plain picklable objects so DataLoader workers can use them under fork or spawn.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
+import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from fer_dist.errors import FerDistError
 
@@ -49,66 +56,70 @@ class InputSpec:
             raise FerDistError(f"InputSpec.std: {self.std} has a value that is not positive")
 
 
-class MatchChannels(torch.nn.Module):
-    """Grey -> RGB by repeating the plane, RGB -> grey by luma; anything else passes unchanged."""
+@dataclass(frozen=True)
+class Augmentation:
+    """METHOD.md section 6's ranges: rotation in degrees, shift as a share of the side, zoom (low, high)."""
 
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.channels = channels
+    rotation: float
+    shift: float
+    zoom: tuple[float, float]
+    flip: bool
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        have = image.shape[-3]
-        if have == self.channels:
-            return image
-        if have == 1 and self.channels == 3:
-            return image.expand(3, *image.shape[-2:]).contiguous()
-        if have == 3 and self.channels == 1:
-            return v2.functional.rgb_to_grayscale(image, num_output_channels=1)
-        raise FerDistError(f"cannot turn a {have}-channel image into {self.channels} channels")
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}"
-
-
-class RandomAffineCV(torch.nn.Module):
-    """v2.RandomAffine's draw (rotation, translation, scale; fill 0) applied with OpenCV's warpAffine.
-
-    Same parameters from torch's global generator, so seeding and resumes work alike; torchvision's warp
-    (a grid_sample) cost 350-400 us on a 48 px face against ~20 us here, most of the stream's CPU time.
-    """
-
-    def __init__(self, degrees: float, translate: float, scale: tuple[float, float]) -> None:
-        super().__init__()
-        self.degrees, self.translate, self.scale = degrees, translate, scale
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        c, h, w = image.shape
-        draws = torch.rand(4).tolist()
-        angle = (2 * draws[0] - 1) * self.degrees
-        tx = round((2 * draws[1] - 1) * self.translate * w)
-        ty = round((2 * draws[2] - 1) * self.translate * h)
-        zoom = self.scale[0] + draws[3] * (self.scale[1] - self.scale[0])
-        # Rotation and zoom about the centre, then the shift: v2.RandomAffine's order.
-        matrix = cv2.getRotationMatrix2D(((w - 1) * 0.5, (h - 1) * 0.5), angle, zoom)
-        matrix[:, 2] += (tx, ty)
-        pixels = image[0].numpy() if c == 1 else image.permute(1, 2, 0).numpy()
-        warped = cv2.warpAffine(pixels, matrix, (w, h), flags=cv2.INTER_LINEAR,
-                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-        out = torch.from_numpy(warped)
-        return out[None] if c == 1 else out.permute(2, 0, 1).contiguous()
-
-    def extra_repr(self) -> str:
-        return f"degrees={self.degrees}, translate={self.translate}, scale={self.scale}"
+    def matrix(self, h: int, w: int) -> np.ndarray:
+        """A 2x3 affine matrix drawn from torch's generator: flip, then rotation and zoom about the
+        centre, then the shift (v2.RandomAffine's order)."""
+        flip, turn, dx, dy, zoom = torch.rand(5).tolist()
+        angle = math.radians((2 * turn - 1) * self.rotation)
+        scale = self.zoom[0] + zoom * (self.zoom[1] - self.zoom[0])
+        # cv2.getRotationMatrix2D's matrix about the centre, written out: NumPy's small-array calls
+        # cost more than the warp itself on a 48 px face
+        a, b = scale * math.cos(angle), scale * math.sin(angle)
+        cx, cy = (w - 1) * 0.5, (h - 1) * 0.5
+        tx = (1 - a) * cx - b * cy + round((2 * dx - 1) * self.shift * w)
+        ty = b * cx + (1 - a) * cy + round((2 * dy - 1) * self.shift * h)
+        if self.flip and flip < 0.5:  # x -> w - 1 - x before the rest
+            return np.array([[-a, b, tx + a * (w - 1)], [b, a, ty - b * (w - 1)]])
+        return np.array([[a, b, tx], [-b, a, ty]])
 
 
-def _finish(spec: InputSpec) -> list[torch.nn.Module]:
-    """The deterministic tail shared by both pipelines: resize, channel match, float, normalise."""
-    return [
-        v2.Resize((spec.size, spec.size), antialias=True),
-        MatchChannels(spec.channels),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(spec.mean), list(spec.std)),
-    ]
+class FaceTransform:
+    """uint8 face [C, H, W] -> uint8 [channels, size, size] of the spec: augment, resize, match channels."""
+
+    def __init__(self, spec: InputSpec, augmentation: Augmentation | None) -> None:
+        self.spec, self.augmentation = spec, augmentation
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 3 or image.dtype != torch.uint8 or image.shape[0] not in (1, 3):
+            raise FerDistError(f"transform: need a uint8 face [1 or 3, H, W], got {image.dtype} "
+                               f"{tuple(image.shape)}")
+        # HxW (grey) or HxWx3 (RGB): OpenCV's layout; a grey face is a view, not a copy
+        pixels = image.numpy()
+        pixels = pixels[0] if image.shape[0] == 1 else np.ascontiguousarray(pixels.transpose(1, 2, 0))
+        h, w = pixels.shape[:2]
+        if self.augmentation is not None:
+            pixels = cv2.warpAffine(pixels, self.augmentation.matrix(h, w), (w, h), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        side = self.spec.size
+        if (h, w) != (side, side):
+            # INTER_AREA averages when shrinking (antialiased); bilinear when enlarging
+            method = cv2.INTER_AREA if side * side < h * w else cv2.INTER_LINEAR
+            pixels = cv2.resize(pixels, (side, side), interpolation=method)
+        if pixels.ndim == 2:
+            out = torch.from_numpy(pixels)[None]
+            return out.expand(3, side, side).contiguous() if self.spec.channels == 3 else out
+        if self.spec.channels == 1:
+            return torch.from_numpy(cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY))[None]
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
+    def __repr__(self) -> str:
+        return f"FaceTransform({self.spec}, {self.augmentation})"
+
+
+def normalise(images: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 faces [N, C, H, W] -> float32 (x / 255 - mean) / std, on the images' device."""
+    std = torch.tensor(spec.std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    return images.float().mul_(1.0 / 255).sub_(mean).div_(std)
 
 
 def train_transform(
@@ -126,11 +137,9 @@ def train_transform(
         raise FerDistError(f"train_transform rotation: {rotation} is outside 0 - 10 degrees")
     if not 0.0 < zoom[0] <= zoom[1]:
         raise FerDistError(f"train_transform zoom: {zoom} is not a range (low, high) of positive scales")
-    stages: list[torch.nn.Module] = [v2.RandomHorizontalFlip(0.5)] if flip else []
-    stages.append(RandomAffineCV(rotation, shift, zoom))
-    return v2.Compose(stages + _finish(spec))
+    return FaceTransform(spec, Augmentation(rotation, shift, (float(zoom[0]), float(zoom[1])), flip))
 
 
 def eval_transform(spec: InputSpec) -> Transform:
-    """Resize, channel match, normalise: nothing random."""
-    return v2.Compose(_finish(spec))
+    """Resize and channel match: nothing random."""
+    return FaceTransform(spec, None)

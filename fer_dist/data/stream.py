@@ -5,8 +5,8 @@ Stages, in open_clip's order, each a named step below:
   -> plan (fer_dist/data/plan.py, from the manifest's id ranges and the include mask, before any read):
      shard order shuffled by (seed, epoch), cut into rank windows balanced by SELECTED count, each cut
      again among the rank's DataLoader workers; every worker has a computed batch quota
-  -> read the worker's pieces of tar (fer_dist/data/shardread.py): member names checked against the
-     allow-list, samples outside `include` skipped by key before their bytes are read
+  -> index the shards read (fer_dist/data/shardread.py, once per process: every header checked, member
+     names against the allow-list), then read the worker's pieces: only the selected samples' members
   -> shuffle buffer over the raw PNG bytes, seeded by (seed, epoch, rank, worker role)
   -> skip the batches a resumed run already trained on (no decode, no transform)
   -> decode (PNG only) -> transform (torch's RNG seeded per batch) -> batch, in the worker.
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import random
 import signal
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -40,7 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fer_dist.data import plan as planning
 from fer_dist.data.augment import Transform
 from fer_dist.data.manifest import Manifest, read_manifest
-from fer_dist.data.shardread import decode_png, parse_cls, read_shard
+from fer_dist.data.shardread import ShardIndex, decode_png, index_shard, parse_cls, read_samples
 from fer_dist.errors import FerDistError
 
 SHUFFLE_BUFFER = 1000  # raw samples held per worker; PNG faces are a few KB each
@@ -55,6 +54,10 @@ class RunShard:
     first_run_id: int
     labelled: int
     offset: int = 0  # the directory's id offset: tar key = run id - offset
+
+    def index(self) -> ShardIndex:
+        """The shard's member index (walked and checked once per process, then cached)."""
+        return index_shard(str(self.path), self.first_run_id - self.offset, self.count)
 
 
 def load_manifest(directory: Path) -> Manifest:
@@ -116,7 +119,7 @@ def read_labels(shardset: ShardSet) -> torch.Tensor:
                 continue
             seen.add(shard.path)
             keys = np.arange(shard.count, dtype=np.int64) + (shard.first_run_id - shard.offset)
-            for sid, members in read_shard(str(shard.path), keys, ("cls",)):
+            for sid, members in read_samples(shard.index(), keys, ("cls",)):
                 labels[shard.offset + sid] = parse_cls(members.get("cls"), str(shard.path), sid)
             got = int((labels[shard.first_run_id:shard.first_run_id + shard.count] >= 0).sum())
             if got != shard.labelled:
@@ -131,18 +134,23 @@ class _Failure:
     message: str
 
 
-def _shuffled(items: Iterator, size: int, rng: random.Random) -> Iterator:
-    """A shuffle buffer: hold `size` items, emit a random one as each new item arrives, then the rest."""
-    buf: list = []
+def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """A shuffle buffer: hold `size` items, emit a random one as each new item arrives, then the rest.
+
+    The slots are drawn a thousand at a time: one draw per sample from `random` cost as much as reading it.
+    """
+    items = iter(items)
+    buf = list(itertools.islice(items, size))
+    slots: Iterator[int] = iter(())
     for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
+        j = next(slots, None)
+        if j is None:
+            slots = iter(rng.integers(0, size, 1024).tolist())
+            j = next(slots)
         yield buf[j]
         buf[j] = item
-    rng.shuffle(buf)
-    yield from buf
+    for j in rng.permutation(len(buf)).tolist():
+        yield buf[j]
 
 
 class _Stream(IterableDataset):
@@ -150,8 +158,8 @@ class _Stream(IterableDataset):
 
     def __init__(self, shards: Sequence[RunShard], plans: list[planning.SlotPlan], *, transform: Transform,
                  batch_size: int, labels: bool, seed: tuple[int, ...] | None, shuffle_buffer: int) -> None:
-        self.paths = [str(s.path) for s in shards]
-        self.offsets = [s.offset for s in shards]
+        self.shards = list(shards)
+        self.indexes: dict[int, ShardIndex] = {}
         self.plans, self.transform, self.batch_size = plans, transform, batch_size
         self.labels, self.seed, self.shuffle_buffer = labels, seed, shuffle_buffer
 
@@ -174,18 +182,26 @@ class _Stream(IterableDataset):
         except FerDistError as err:
             yield _Failure(str(err))
 
+    def load_indexes(self) -> None:
+        """Index the shards the plans read, in this process before the workers start: forked workers
+        inherit the indexes, spawned ones receive them with the dataset. A bad shard fails here, in the
+        main process, with the error naming it."""
+        for shard in {piece.shard for plan in self.plans for piece in plan.pieces}:
+            self.indexes[shard] = self.shards[shard].index()
+
     def _raw(self, plan: planning.SlotPlan) -> Iterator[tuple[str, int, int, dict[str, bytes]]]:
         """(shard path, sample key, run id, members) for the plan's pieces, in order."""
         fields = ("cls", "png") if self.labels else ("png",)
         for piece in plan.pieces:
-            path, offset = self.paths[piece.shard], self.offsets[piece.shard]
-            for key, members in read_shard(path, piece.ids - offset, fields):
-                yield path, key, offset + key, members
+            shard = self.shards[piece.shard]
+            index = self.indexes.get(piece.shard) or shard.index()
+            for key, members in read_samples(index, piece.ids - shard.offset, fields):
+                yield index.path, key, shard.offset + key, members
 
     def _batches(self, plan: planning.SlotPlan, in_worker: bool) -> Iterator[tuple[torch.Tensor, ...]]:
         raw = self._raw(plan)
         if self.seed is not None:
-            rng = random.Random(planning.derive_seed(*self.seed, plan.role))
+            rng = np.random.default_rng(planning.derive_seed(*self.seed, plan.role))
             raw = _shuffled(raw, self.shuffle_buffer, rng)
         raw = itertools.islice(raw, plan.skip * self.batch_size, None)  # skipped: read, never decoded
         for k in range(plan.batches):
@@ -254,6 +270,8 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         n = 0
+        if len(self):
+            self._dataset.load_indexes()
         for item in _iterate(_loader(self._dataset, self._workers)) if len(self) else ():
             if isinstance(item, _Failure):
                 raise FerDistError(item.message)
@@ -307,6 +325,8 @@ class ExhaustiveStream:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if self.samples:
+            self._dataset.load_indexes()
         for item in _iterate(_loader(self._dataset, self._workers)) if self.samples else ():
             if isinstance(item, _Failure):
                 raise FerDistError(item.message)

@@ -2,7 +2,7 @@
 
     spec = ModelSpec(backbone="mobilenet_v2", input_size=48)
     model = build_model(spec)            # FerNet: .backbone, .head, .input_spec, .spec
-    logits = model(images)               # [N, C, H, W] normalised -> [N, K]
+    logits = model(images)               # [N, C, H, W] uint8 pixels (or normalised floats) -> [N, K]
     export_model(model, "out/model");  model = load_exported("out/model")
 """
 

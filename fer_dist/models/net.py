@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fer_dist.classes import CLASSES
-from fer_dist.data.augment import InputSpec
+from fer_dist.data.augment import InputSpec, normalise
 from fer_dist.errors import FerDistError
 from fer_dist.models.backbones import BACKBONES, Blocks, make_trunk
 from fer_dist.models.spec import ModelSpec, parse_trainable
@@ -30,7 +30,11 @@ def make_head(in_features: int, hidden: int, dropout: float, num_classes: int) -
 
 
 class FerNet(nn.Module):
-    """Normalised images [N, C, H, W] -> backbone features [N, F] -> head -> logits [N, K]."""
+    """Faces [N, C, H, W] -> backbone features [N, F] -> head -> logits [N, K].
+
+    Faces come as uint8 pixels (the loaders' batches; normalised here, on the model's device, with the
+    input spec's mean and std) or as float32 already normalised.
+    """
 
     def __init__(self, spec: ModelSpec, backbone: nn.Module, features: int, input_spec: InputSpec) -> None:
         super().__init__()
@@ -46,6 +50,8 @@ class FerNet(nn.Module):
         if images.dim() != 4 or images.shape[1] != self.input_spec.channels:
             raise FerDistError(f"model: expected images [N, {self.input_spec.channels}, H, W] for "
                                f"{self.spec.backbone}, got {list(images.shape)}")
+        if images.dtype == torch.uint8:
+            images = normalise(images, self.input_spec)
         return self.head(self.backbone(images))
 
     def blocks(self) -> Blocks:

@@ -35,7 +35,7 @@ from torchvision.io import ImageReadMode, decode_image
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
-from fer_dist.data.shardread import decode_png, read_shard
+from fer_dist.data.shardread import decode_png, read_samples
 from fer_dist.data.stream import ShardSet, train_loader
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,7 +124,7 @@ def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: i
     blobs = []
     for s in shards:
         keys = chosen[(chosen >= s.first_run_id) & (chosen < s.first_run_id + s.count)] - s.offset
-        blobs += [m["png"] for _, m in read_shard(str(s.path), keys, ("png",))]
+        blobs += [m["png"] for _, m in read_samples(s.index(), keys, ("png",))]
     folder = ImageFolder(str(FER / "train"), transform=tf, loader=read_image)
     subset = Subset(folder, np.random.default_rng(0).choice(len(folder), len(chosen), replace=False).tolist())
     runs = {
