@@ -180,8 +180,9 @@ def read_samples(
 ) -> Iterator[tuple[int, dict[str, bytes]]]:
     """(key, {field: bytes}) for the sample keys `keys` of an indexed shard, only the members in `fields`.
 
-    Reads go forward through one buffer filled in large chunks; a file changed since it was indexed is
-    refused rather than read at stale offsets.
+    One pread per member, straight into its bytes: no read-ahead buffer to copy through (a 1 MB one cost
+    more in cache misses for the decode that follows than the system calls it saved). A file changed
+    since it was indexed is refused rather than read at stale offsets.
     """
     if keys.size == 0:
         return
@@ -193,24 +194,14 @@ def read_samples(
     with open(index.path, "rb", buffering=0) as f:
         if _stamp(f) != index.stamp:
             raise FerDistError(f"{index.path}: the shard changed while the run was reading it")
-        buf, base = b"", 0
+        fd, pread = f.fileno(), os.pread
         for j, key in enumerate(keys.tolist()):
             members = {}
             for field, ats, sizes in cols:
-                at, size = ats[j], sizes[j]
-                if at < 0:
-                    continue
-                rel = at - base
-                if rel < 0 or rel + size > len(buf):
-                    if 0 <= rel <= len(buf):  # forward: keep the unread tail, read on from the file position
-                        buf = buf[rel:] + f.read(max(size, _CHUNK))
-                    else:
-                        f.seek(at)
-                        buf = f.read(max(size, _CHUNK))
-                    base, rel = at, 0
-                    if len(buf) < size:
+                if ats[j] >= 0:
+                    data = members[field] = pread(fd, sizes[j], ats[j])
+                    if len(data) < sizes[j]:
                         raise FerDistError(f"{index.path}: truncated at sample {key:08d}")
-                members[field] = buf[rel:rel + size]
             yield key, members
 
 

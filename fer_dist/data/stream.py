@@ -215,12 +215,13 @@ class _Stream(IterableDataset):
                     torch.default_generator.manual_seed(seed)
                 images = torch.stack([self.transform(decode_png(m.get("png"), path, key))
                                       for path, key, _, m in chunk])
-            ids = torch.tensor([rid for _, _, rid, _ in chunk], dtype=torch.long)
+            # ids and labels travel as lists: a second tensor would cost a second shared-memory segment
+            # per batch, as much again as the images' (0.4 ms each way for a batch of 32)
+            ids = [rid for _, _, rid, _ in chunk]
             if not self.labels:
                 yield images, ids
                 continue
-            labels = [parse_cls(m.get("cls"), path, key) for path, key, _, m in chunk]
-            yield images, torch.tensor(labels, dtype=torch.long), ids
+            yield images, [parse_cls(m.get("cls"), path, key) for path, key, _, m in chunk], ids
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
@@ -241,11 +242,16 @@ def _iterate(loader: DataLoader) -> Iterator:
     yield from it
 
 
+def _as_is(batch: tuple) -> tuple:
+    return batch
+
+
 def _loader(dataset: _Stream, num_workers: int) -> DataLoader:
     # An own generator: DataLoader otherwise draws its workers' base seed from the trainer's global one.
     generator = torch.Generator().manual_seed(planning.derive_seed(*(dataset.seed or (0,))))
+    # collate_fn: the batches are made; DataLoader's default would walk every id of every batch
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      generator=generator)
+                      generator=generator, collate_fn=_as_is)
 
 
 def _check_mask(include: torch.Tensor) -> np.ndarray:
@@ -275,7 +281,7 @@ class TrainStream:
         for item in _iterate(_loader(self._dataset, self._workers)) if len(self) else ():
             if isinstance(item, _Failure):
                 raise FerDistError(item.message)
-            images, ids = item
+            images, ids = item[0], torch.tensor(item[1], dtype=torch.long)
             yield images, self._targets.index_select(0, ids.to(self._targets.device)), ids
             n += 1
         if n != len(self):  # the plan guarantees it; a shortfall would hang the other ranks' collectives
@@ -330,7 +336,8 @@ class ExhaustiveStream:
         for item in _iterate(_loader(self._dataset, self._workers)) if self.samples else ():
             if isinstance(item, _Failure):
                 raise FerDistError(item.message)
-            yield item
+            images, labels, ids = item
+            yield images, torch.tensor(labels, dtype=torch.long), torch.tensor(ids, dtype=torch.long)
 
 
 def exhaustive_loader(
