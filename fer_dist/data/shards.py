@@ -86,12 +86,19 @@ def _sample_bytes(key: str, contents: Sequence[bytes]) -> bytes:
     raw = key.encode("ascii")
     key_sum = sum(raw)
     parts: list[bytes] = []
-    for (suffix, suffix_sum), data in zip(_SUFFIXES, contents, strict=True):
+    for (tail, fixed_sum), data in zip(_name_tails(len(raw)), contents, strict=True):
         field, field_sum = _size_field(len(data))
-        chksum = b"%06o\0 " % (_FIXED_SUM + key_sum + suffix_sum + field_sum)
-        parts += ((raw + suffix).ljust(100, b"\0"), _MODE_IDS, field, _MTIME, chksum, _AFTER_CHKSUM, data,
-                  _PADDING[-len(data) % tarfile.BLOCKSIZE])
+        parts += (raw, tail, field, _MTIME, b"%06o\0 " % (fixed_sum + key_sum + field_sum), _AFTER_CHKSUM,
+                  data, _PADDING[-len(data) % tarfile.BLOCKSIZE])
     return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _name_tails(key_length: int) -> tuple[tuple[bytes, int], ...]:
+    """Per member, in MEMBERS order: the header bytes from the end of the key to the size field (the
+    name's `.ext` and NUL padding, mode, uid, gid), and the byte sum of every fixed header field."""
+    return tuple(((suffix + b"\0" * (100 - key_length - len(suffix)) + _MODE_IDS), _FIXED_SUM + suffix_sum)
+                 for suffix, suffix_sum in _SUFFIXES)
 
 
 def sample_digest(key: str, members: dict[str, bytes]) -> str:
