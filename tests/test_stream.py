@@ -25,7 +25,15 @@ from shard_fixtures import (
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
-from fer_dist.data.stream import ShardSet, exhaustive_loader, read_labels, train_loader
+from fer_dist.data.stream import (
+    INLINE_BATCH,
+    ShardSet,
+    exhaustive_loader,
+    pack_batch,
+    read_labels,
+    train_loader,
+    unpack_batch,
+)
 from fer_dist.errors import FerDistError
 
 SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))
@@ -352,7 +360,7 @@ def test_the_worker_side_survives_pickling_for_spawn(shards):
     clone = pickle.loads(pickle.dumps(stream._dataset))
     assert clone.indexes and clone.indexes.keys() == stream._dataset.indexes.keys()
     for (a_img, a_ids), (b_img, b_ids) in zip(stream._dataset, clone, strict=True):
-        assert a_ids == b_ids and torch.equal(a_img, b_img)
+        assert a_ids == b_ids and torch.equal(unpack_batch(a_img), unpack_batch(b_img))
 
 
 def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
@@ -391,3 +399,15 @@ def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
         thread.join()
         stop.close()
     assert stop.requested
+
+
+@pytest.mark.parametrize("n, side", [(4, 8), (16, 48), (INLINE_BATCH // (3 * 48 * 48) + 1, 48)])
+def test_batches_travel_packed_and_arrive_whole(n, side):
+    """Small uint8 batches leave a worker as bytes, large ones as a tensor; both arrive as the same batch."""
+    faces = [torch.randint(0, 256, (3, side, side), dtype=torch.uint8) for _ in range(n)]
+    packed = pack_batch(faces)
+    assert isinstance(packed, torch.Tensor) == (n * 3 * side * side > INLINE_BATCH)
+    arrived = unpack_batch(pickle.loads(pickle.dumps(packed)))
+    assert torch.equal(arrived, torch.stack(faces))
+    floats = [f.float() for f in faces]  # anything but uint8 goes as a tensor
+    assert torch.equal(unpack_batch(pack_batch(floats)), torch.stack(floats))

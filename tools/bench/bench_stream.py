@@ -5,13 +5,15 @@
 - stream: train_loader over the shards, the include mask selecting N train ids at random with a density
   of 0.9 (a round's share: X_l less 10 %) over the shards read, so skipping ids by key is measured too;
   decoded + augmented + batched in the workers.
-- bound: the same PNG bytes already in RAM, the same decode (cv2.imdecode) + augmentation + batching, same
-  workers and batch: what the stream would reach if reading tars cost nothing.
+- bound: the same PNG bytes already in RAM, the same decode (cv2.imdecode) + augmentation + batching and
+  the same batch transfer (stream.pack_batch), same workers and batch: what the stream would reach if
+  reading tars cost nothing.
 - imagefolder: torchvision.datasets.ImageFolder over the same data set's JPEG files (N random files), the
   same transform, workers and batch size.
 Targets: stream >= 90 % of the bound, and ahead of ImageFolder. Each pipeline runs --repeat times,
-interleaved, and the best counts; rates are given per wall second and per CPU second (main process plus
-its joined workers), the latter being the steadier figure on a shared machine.
+interleaved, and the best counts; the median over rounds of each round's stream / bound (two passes run
+back to back) is printed too, steadier where the machine's speed drifts. Rates are given per wall second
+and per CPU second (main process plus its joined workers).
 Skips (exit 0) where ../shared is absent.
 Shards: --shards DIR, else shards/fer2013 (built with `fer-dist shard` if missing), else a fallback built
 from the train JPEGs with tests/shard_fixtures.py (same contract format) when the command is unavailable.
@@ -36,7 +38,7 @@ from torchvision.io import ImageReadMode, decode_image
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
 from fer_dist.data.shardread import decode_png, read_samples
-from fer_dist.data.stream import ShardSet, train_loader
+from fer_dist.data.stream import ShardSet, pack_batch, train_loader, unpack_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 FER = ROOT.parent / "shared" / "data" / "fer2013"
@@ -86,7 +88,12 @@ class InMemory(IterableDataset):
         for k, start in enumerate(range(0, len(mine) - self.batch + 1, self.batch)):
             torch.default_generator.manual_seed(plan.derive_seed(0, 0, 0, wid, k))  # as the stream does
             chunk = mine[start:start + self.batch]
-            yield torch.stack([self.transform(decode_png(b, "ram", 0)) for b in chunk])
+            yield pack_batch([self.transform(decode_png(b, "ram", 0)) for b in chunk])  # as the stream
+
+
+def as_is(batch):
+    """The stream's collate_fn: batches pass as the workers made them."""
+    return batch
 
 
 def read_image(path: str) -> torch.Tensor:
@@ -130,15 +137,16 @@ def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: i
     runs = {
         "stream": lambda: train_loader(shards, include, targets, transform=tf, global_batch=batch, rank=0,
                                        world=1, num_workers=workers, seed=0, epoch=0),
-        "bound": lambda: DataLoader(InMemory(blobs, batch, tf), batch_size=None, num_workers=workers),
+        "bound": lambda: map(unpack_batch, DataLoader(InMemory(blobs, batch, tf), batch_size=None,
+                                                      num_workers=workers, collate_fn=as_is)),
         "imagefolder": lambda: DataLoader(subset, batch_size=batch, shuffle=True, num_workers=workers),
     }
-    best = {name: (0.0, 0.0) for name in runs}
-    for _ in range(repeat):
-        for name, make in runs.items():
-            wall, cpu = _rate(make)
-            best[name] = (max(best[name][0], wall), max(best[name][1], cpu))
-    return best
+    rounds = [{name: _rate(make) for name, make in runs.items()} for _ in range(repeat)]
+    best = {name: tuple(max(r[name][i] for r in rounds) for i in (0, 1)) for name in runs}
+    # stream / bound of each round, its two passes run back to back: steadier than best / best where the
+    # machine's speed drifts between rounds
+    paired = tuple(float(np.median([r["stream"][i] / r["bound"][i] for r in rounds])) for i in (0, 1))
+    return {**best, "paired": paired}
 
 
 def main() -> None:
@@ -165,8 +173,8 @@ def main() -> None:
             for i, unit in enumerate(("wall s", "CPU s")):
                 st, bd, fo = r["stream"][i], r["bound"][i], r["imagefolder"][i]
                 print(f"{label:>15}, workers {workers}, samples per {unit:6}: stream {st:6.0f}  "
-                      f"bound {bd:6.0f}  imagefolder {fo:6.0f}  stream/bound {st / bd:4.2f}  "
-                      f"stream/imagefolder {st / fo:4.2f}", flush=True)
+                      f"bound {bd:6.0f}  imagefolder {fo:6.0f}  stream/bound {st / bd:4.2f} (median of "
+                      f"rounds {r['paired'][i]:4.2f})  stream/imagefolder {st / fo:4.2f}", flush=True)
 
 
 if __name__ == "__main__":
