@@ -24,12 +24,16 @@ happens inside torch.random.fork_rng so the trainer's own generator is left unto
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
+import multiprocessing
 import signal
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from multiprocessing import resource_tracker
 from pathlib import Path
 
 import numpy as np
@@ -256,14 +260,21 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
 
 
 def _iterate(loader: DataLoader) -> Iterator:
-    """Iterate a loader whose workers are forked with the stop signals blocked.
+    """Iterate a loader whose workers start with the stop signals blocked.
 
-    PyTorch's workers install a SIGTERM handler that exits; a stop request arriving between a worker's fork
+    PyTorch's workers install a SIGTERM handler that exits; a stop request arriving between a worker's start
     and its first batch would kill it. Blocked, the signal waits in the worker until _Stream ignores it,
-    and in this process until the workers are started, when its handler runs as usual.
+    and in this process until the workers are started, when its handler runs as usual. The fork server
+    (worker_context), started here the first time, keeps the blocked mask for good: SLURM's SIGTERM to every
+    process of the job must not kill it either, or the next loader could not start.
     """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
+        if loader.num_workers:
+            # Starting multiprocessing's resource tracker unblocks SIGTERM in this thread (bpo-33613's
+            # fix); start it first, then block again, so that the fork server starts blocked.
+            resource_tracker.ensure_running()
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         it = iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -274,12 +285,35 @@ def _as_is(batch: tuple) -> tuple:
     return batch
 
 
+@functools.cache
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """How loader workers start: forked from a fork server, not from the trainer (where available).
+
+    Forking the trainer itself, a process with other threads (gloo's, queue feeders of the last epoch's
+    loader), can leave the child waiting forever on a lock one of them held: CPython before 3.11.8 does so
+    in `PyOS_AfterFork_Child` (gh-112275; seen here as a quick start stuck at round 8). The fork server is
+    started once (fork + exec: no inherited locks), imports the stream's modules once, and forks each
+    worker from its single thread; the workers also stop sharing the trainer's memory, whose copy-on-write
+    pages the trainer would otherwise pay for after every epoch's fork. Each worker receives the dataset
+    pickled (plans, the indexes of the shards read, the transform).
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None  # Windows: DataLoader's default (spawn)
+    ctx = multiprocessing.get_context("forkserver")
+    # Each worker re-runs the main module (`python -m fer_dist.train`: fer_dist.train) as __mp_main__, as
+    # under spawn: imported once in the server, that costs the module's body, not its imports.
+    main = getattr(sys.modules["__main__"], "__spec__", None)
+    ctx.set_forkserver_preload([__name__, "__main__", *([main.name] if main is not None else [])])
+    return ctx
+
+
 def _loader(dataset: _Stream, num_workers: int) -> DataLoader:
     # An own generator: DataLoader otherwise draws its workers' base seed from the trainer's global one.
     generator = torch.Generator().manual_seed(planning.derive_seed(*(dataset.seed or (0,))))
     # collate_fn: the batches are made; DataLoader's default would walk every id of every batch
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      generator=generator, collate_fn=_as_is)
+                      generator=generator, collate_fn=_as_is,
+                      multiprocessing_context=worker_context() if num_workers else None)
 
 
 def _check_mask(include: torch.Tensor) -> np.ndarray:
