@@ -26,7 +26,7 @@ from fer_dist.classes import NUM_CLASSES
 from fer_dist.config import TrainConfig, dump_config, load_config
 from fer_dist.data.augment import eval_transform, train_transform
 from fer_dist.data.plan import derive_seed
-from fer_dist.data.stream import exhaustive_loader, train_loader
+from fer_dist.data.stream import exhaustive_loader, start_worker_server, train_loader
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_text_atomic
 from fer_dist.metrics import MetricsLog
@@ -102,6 +102,8 @@ def build_run(cfg: TrainConfig, acc) -> Run:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     torch.manual_seed(cfg.run.seed)  # same initial head on every process (DDP also broadcasts it)
+    if cfg.data.num_workers:
+        start_worker_server()  # its imports overlap the rest of the set-up
     data = load_run_data(cfg.data)
     spec = ModelSpec(num_classes=NUM_CLASSES, **cfg.model.model_dump())
     net = build_model(spec)

@@ -411,3 +411,26 @@ def test_batches_travel_packed_and_arrive_whole(n, side):
     assert torch.equal(arrived, torch.stack(faces))
     floats = [f.float() for f in faces]  # anything but uint8 goes as a tensor
     assert torch.equal(unpack_batch(pack_batch(floats)), torch.stack(floats))
+
+
+def test_workers_come_from_the_fork_server_not_from_this_process(shards):
+    """Forking the multi-threaded trainer can deadlock the child (CPython gh-112275): workers must not be
+    this process's direct children, and each epoch's workers come from the same server."""
+    import os
+
+    import psutil
+
+    n = sum(s.count for s in shards)
+    parents = set()
+    for epoch in range(2):
+        stream = train_loader(shards, torch.ones(n, dtype=torch.bool), torch.zeros(n, 7),
+                              transform=eval_transform(SPEC), global_batch=4, rank=0, world=1, num_workers=2,
+                              seed=0, epoch=epoch)
+        batches = iter(stream)
+        next(batches)
+        me = psutil.Process()
+        workers = [p for p in me.children(recursive=True) if p.ppid() != os.getpid()]
+        assert len(workers) >= 2
+        parents |= {p.ppid() for p in workers}
+        list(batches)
+    assert len(parents) == 1 and os.getpid() not in parents

@@ -33,7 +33,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from multiprocessing import resource_tracker
+from multiprocessing import forkserver, resource_tracker
 from pathlib import Path
 
 import numpy as np
@@ -170,13 +170,12 @@ class _Stream(IterableDataset):
     def __iter__(self) -> Iterator:
         info = get_worker_info()
         if info is not None:
-            # The forked worker inherits the trainer's whole heap; one full collection walking it (and
-            # copying its pages) cost a third of a second per pass in the benchmark. The worker's own
-            # objects are still collected.
+            # The worker inherits its fork server's heap (torch, OpenCV, the main module); full collections
+            # walking it (and copying its pages) would cost every epoch. Its own objects are still collected.
             gc.freeze()
             # SLURM signals every process of the job: a stop request is the trainer's to handle at a step
-            # boundary; a loader worker dying of it would crash the step instead. The worker was forked
-            # with these signals blocked (_iterate), so none got through before this point.
+            # boundary; a loader worker dying of it would crash the step instead. The worker started with
+            # these signals blocked (_iterate, worker_context), so none got through before this point.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -187,9 +186,9 @@ class _Stream(IterableDataset):
             yield _Failure(str(err))
 
     def load_indexes(self) -> None:
-        """Index the shards the plans read, in this process before the workers start: forked workers
-        inherit the indexes, spawned ones receive them with the dataset. A bad shard fails here, in the
-        main process, with the error naming it."""
+        """Index the shards the plans read, in this process before the workers start (they receive the
+        indexes with the pickled dataset; this process keeps them for the next epochs). A bad shard fails
+        here, in the main process, with the error naming it."""
         for shard in {piece.shard for plan in self.plans for piece in plan.pieces}:
             self.indexes[shard] = self.shards[shard].index()
 
@@ -264,21 +263,37 @@ def _iterate(loader: DataLoader) -> Iterator:
 
     PyTorch's workers install a SIGTERM handler that exits; a stop request arriving between a worker's start
     and its first batch would kill it. Blocked, the signal waits in the worker until _Stream ignores it,
-    and in this process until the workers are started, when its handler runs as usual. The fork server
-    (worker_context), started here the first time, keeps the blocked mask for good: SLURM's SIGTERM to every
-    process of the job must not kill it either, or the next loader could not start.
+    and in this process until the workers are started, when its handler runs as usual.
     """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         if loader.num_workers:
-            # Starting multiprocessing's resource tracker unblocks SIGTERM in this thread (bpo-33613's
-            # fix); start it first, then block again, so that the fork server starts blocked.
-            resource_tracker.ensure_running()
-            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            start_worker_server()
         it = iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     yield from it
+
+
+def start_worker_server() -> None:
+    """Start the loader workers' fork server now (it takes seconds to import its modules: a trainer calls
+    this early, so the import overlaps its own set-up); a no-op once it runs.
+
+    The server starts with SIGTERM and SIGUSR1 blocked and keeps them so: SLURM's SIGTERM to every process
+    of the job must not kill it, or the next loader could not start; its workers inherit the mask.
+    """
+    ctx = worker_context()
+    if ctx is None:
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        # Starting multiprocessing's resource tracker unblocks SIGTERM in this thread (bpo-33613's fix):
+        # start it first, then block again, so that the fork server starts blocked.
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _as_is(batch: tuple) -> tuple:
@@ -300,10 +315,11 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None  # Windows: DataLoader's default (spawn)
     ctx = multiprocessing.get_context("forkserver")
-    # Each worker re-runs the main module (`python -m fer_dist.train`: fer_dist.train) as __mp_main__, as
-    # under spawn: imported once in the server, that costs the module's body, not its imports.
+    # Each worker re-runs the main module as __mp_main__ (as under spawn: `-m fer_dist.train` runs
+    # fer_dist.train's body, a script runs the script; CPython's "__main__" preload never applies). With
+    # the trainer's imports loaded once in the server, that costs the module's body, not 2 s of imports.
     main = getattr(sys.modules["__main__"], "__spec__", None)
-    ctx.set_forkserver_preload([__name__, "__main__", *([main.name] if main is not None else [])])
+    ctx.set_forkserver_preload([__name__, "fer_dist.train", *([main.name] if main is not None else [])])
     return ctx
 
 
