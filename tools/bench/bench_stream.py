@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
 import subprocess
 import sys
 import time
@@ -34,11 +33,19 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Subset, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image
+from trainer_setup import cpu_seconds
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
 from fer_dist.data.shardread import decode_png, read_samples
-from fer_dist.data.stream import ShardSet, pack_batch, train_loader, unpack_batch
+from fer_dist.data.stream import (
+    ShardSet,
+    pack_batch,
+    start_worker_server,
+    train_loader,
+    unpack_batch,
+    worker_context,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FER = ROOT.parent / "shared" / "data" / "fer2013"
@@ -101,18 +108,12 @@ def read_image(path: str) -> torch.Tensor:
     return decode_image(path, mode=ImageReadMode.UNCHANGED)
 
 
-def _cpu() -> float:
-    """CPU seconds of this process and its finished children (the DataLoader workers, once joined)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-
-
 def _rate(make) -> tuple[float, float]:
     """(samples per wall second, samples per CPU second) of one pass; CPU time is robust to a shared box."""
-    tick, cpu, n = time.perf_counter(), _cpu(), 0
+    tick, cpu, n = time.perf_counter(), cpu_seconds(), 0
     for batch in make():  # the iterator joins its workers when exhausted, so their CPU time is counted
         n += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
-    return n / (time.perf_counter() - tick), n / (_cpu() - cpu)
+    return n / (time.perf_counter() - tick), n / (cpu_seconds() - cpu)
 
 
 def select(shards, limit: int | None, density: float) -> np.ndarray:
@@ -133,13 +134,17 @@ def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: i
         keys = chosen[(chosen >= s.first_run_id) & (chosen < s.first_run_id + s.count)] - s.offset
         blobs += [m["png"] for _, m in read_samples(s.index(), keys, ("png",))]
     folder = ImageFolder(str(FER / "train"), transform=tf, loader=read_image)
+    context = worker_context() if workers else None  # every pipeline's workers start as the stream's do
+    start_worker_server()
     subset = Subset(folder, np.random.default_rng(0).choice(len(folder), len(chosen), replace=False).tolist())
     runs = {
         "stream": lambda: train_loader(shards, include, targets, transform=tf, global_batch=batch, rank=0,
                                        world=1, num_workers=workers, seed=0, epoch=0),
         "bound": lambda: map(unpack_batch, DataLoader(InMemory(blobs, batch, tf), batch_size=None,
-                                                      num_workers=workers, collate_fn=as_is)),
-        "imagefolder": lambda: DataLoader(subset, batch_size=batch, shuffle=True, num_workers=workers),
+                                                      num_workers=workers, collate_fn=as_is,
+                                                      multiprocessing_context=context)),
+        "imagefolder": lambda: DataLoader(subset, batch_size=batch, shuffle=True, num_workers=workers,
+                                          multiprocessing_context=context),
     }
     rounds = [{name: _rate(make) for name, make in runs.items()} for _ in range(repeat)]
     best = {name: tuple(max(r[name][i] for r in rounds) for i in (0, 1)) for name in runs}

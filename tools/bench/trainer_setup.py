@@ -13,9 +13,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from fer_dist import dist
@@ -81,9 +83,13 @@ def describe(run: Run) -> str:
 
 
 def cpu_seconds() -> float:
-    """CPU seconds of this process and its reaped children (loader workers, joined at the end of a pass)."""
+    """CPU seconds of this process, its reaped children, and the loader workers the fork server started
+    and reaped (its children, not ours: counted once a pass has joined them)."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    server = forkserver._forkserver._forkserver_pid  # private, but the only handle on the workers' CPU time
+    workers = psutil.Process(server).cpu_times() if server else None
+    return (own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+            + (workers.children_user + workers.children_system if workers else 0.0))
 
 
 def timed(acc: Any, fn: Callable[[], Any]) -> tuple[float, Any]:
