@@ -142,3 +142,14 @@ def test_the_header_sum_is_exact():
     for block in [bytes(512), b"\xff" * 512, *(rng.integers(0, 256, 512, dtype=np.uint8).tobytes()
                                                for _ in range(200))]:
         assert shardread._byte_sum(block) == sum(block)
+
+
+def test_a_global_pax_header_is_not_taken_for_a_name(tmp_path):
+    path = tmp_path / "g.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "fer-dist"}) as tar:
+        for key in range(2):
+            _member(tar, f"{key:08d}.png", _payload(key, "png"))
+    with tarfile.open(path) as tar:
+        assert tar.pax_headers == {"comment": "fer-dist"}  # the file does start with a 'g' header
+    got = dict(read_samples(index_shard(str(path), 0, 2), np.arange(2), ("png",)))
+    assert got == {k: {"png": _payload(k, "png")} for k in range(2)}

@@ -6,8 +6,8 @@ the checksum, the regular-file type, a name `<key>.<ext>` with `ext` on the allo
 `png`) and the keys the manifest lists, in order. A shard that breaks any of these is refused with a
 FerDistError naming the shard and the sample, before any member's bytes are read or decoded. The index
 (each sample's member offsets) is kept per process, so later reads of the shard - every epoch, every
-round - slice the members they need without parsing a header: the walk cost ~5 us per sample, the stream's
-largest overhead after decoding and augmenting.
+round - `pread` the members they need without parsing a header: the walk cost ~5 us per sample, the
+stream's largest overhead after decoding and augmenting.
 
 Nothing is ever unpickled; `json` is never read by the streams; a `png` member must carry the PNG signature
 before cv2 sees it (cv2.imdecode would otherwise decode whatever format the bytes claim).
@@ -30,9 +30,10 @@ from fer_dist.errors import FerDistError
 ALLOWED = ("cls", "json", "png")
 _ALLOWED = tuple(ext.encode() for ext in ALLOWED)
 _BLOCK = 512
-_CHUNK = 1 << 20  # bytes read ahead at a time
+_CHUNK = 1 << 20  # bytes the index walk reads ahead at a time
 _REGULAR = (ord("0"), 0, ord("7"))  # tar type flags of a regular file
-_PAX, _EXTENDED = ord("x"), (ord("x"), ord("g"), ord("L"))  # headers that describe the next member
+_PAX, _LONG_NAME = ord("x"), ord("L")
+_EXTENDED = (_PAX, ord("g"), _LONG_NAME)  # headers that describe the next member(s), not members
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -53,7 +54,7 @@ def _byte_sum(data: bytes) -> int:
 
 
 def verify_header(header: bytes, path: str) -> None:
-    """The header checksum; checked for members whose bytes are read (the others only need the magic)."""
+    """The header checksum (checked for every header when a shard is indexed)."""
     if _byte_sum(header) - sum(header[148:156]) + 256 != _octal(header[148:156], path):
         name = header[:100].split(b"\0", 1)[0]
         raise FerDistError(f"{path}: corrupt tar header (checksum) for member {name!r}")
@@ -112,8 +113,11 @@ def _walk(f, path: str) -> Iterator[tuple[bytes, int, int]]:
         if kind in _EXTENDED:  # pax / GNU long-name headers describe the next member
             f.seek(pos + _BLOCK)
             body = f.read(size)
-            override = _pax(body) if kind == _PAX else {"path": body.split(b"\0", 1)[0].decode("utf-8")}
-            pos += _BLOCK + ((size + _BLOCK - 1) & -_BLOCK)
+            if kind == _PAX:
+                override = _pax(body)
+            elif kind == _LONG_NAME:
+                override = {"path": body.split(b"\0", 1)[0].decode("utf-8")}
+            pos += _BLOCK + ((size + _BLOCK - 1) & -_BLOCK)  # a global pax header ('g') changes nothing here
             continue
         name = header[:100].split(b"\0", 1)[0]
         if header[345]:
