@@ -434,3 +434,49 @@ def test_workers_come_from_the_fork_server_not_from_this_process(shards):
         parents |= {p.ppid() for p in workers}
         list(batches)
     assert len(parents) == 1 and os.getpid() not in parents
+
+
+_KILLED_TRAINER = """
+import json, os, signal, sys
+import psutil, torch
+from fer_dist.data.augment import InputSpec, eval_transform
+from fer_dist.data.stream import ShardSet, train_loader
+
+def main():
+    shards = ShardSet([(sys.argv[1], ["train"])]).shards(0)
+    n = shards[-1].first_run_id + shards[-1].count
+    stream = train_loader(shards, torch.ones(n, dtype=torch.bool), torch.zeros(n, 7),
+                          transform=eval_transform(InputSpec(8, 1, (0.0,), (1.0,))), global_batch=2, rank=0,
+                          world=1, num_workers=2, seed=0, epoch=0)
+    batches = iter(stream)  # held: the loader and its workers stay up
+    next(batches)
+    print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # a trainer killed outright: no clean-up runs
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_trainer_killed_outright_leaves_no_workers_behind(shard_dir, tmp_path):
+    """The fork server and its workers outlive nothing: they go when the process that started them dies."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "killed_trainer.py"
+    script.write_text(_KILLED_TRAINER)
+    done = subprocess.run([sys.executable, str(script), str(shard_dir)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == -9, done.stderr
+    left = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(left) >= 3  # the fork server, two workers (their parent) and the resource tracker
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() !=
+                                              psutil.STATUS_ZOMBIE for p in left):
+        time.sleep(0.5)
+    alive = [p for p in left if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [psutil.Process(p).cmdline()[-1][:80] for p in alive]

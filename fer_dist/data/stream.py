@@ -24,10 +24,12 @@ happens inside torch.random.fork_rng so the trainer's own generator is left unto
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import itertools
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -179,6 +181,7 @@ class _Stream(IterableDataset):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            _drop_server_keepalive()
         plan = self.plans[info.id if info is not None else 0]
         try:
             yield from self._batches(plan, in_worker=info is not None)
@@ -294,6 +297,21 @@ def start_worker_server() -> None:
         forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _drop_server_keepalive() -> None:
+    """In a worker: close its copy of the descriptor that keeps the fork server alive.
+
+    The server exits when the last copy closes; multiprocessing hands one to every process it starts, so
+    workers alive would keep it up after a trainer killed outright, and the workers with it (DataLoader's
+    watchdog watches their parent, the server). Closed here, the server exits with the trainer, and then the
+    workers (their parent gone) within DataLoader's 5 s status check.
+    """
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if fd is not None:
+        forkserver._forkserver._forkserver_alive_fd = None
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _as_is(batch: tuple) -> tuple:
