@@ -32,6 +32,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -181,7 +183,6 @@ class _Stream(IterableDataset):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-            _drop_server_keepalive()
         plan = self.plans[info.id if info is not None else 0]
         try:
             yield from self._batches(plan, in_worker=info is not None)
@@ -299,6 +300,28 @@ def start_worker_server() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _worker_start(owner: int, worker_id: int) -> None:
+    """DataLoader's worker_init_fn: tie the worker's life to the process that made the loader (`owner`).
+
+    DataLoader's own watchdog watches the worker's parent, here the fork server, and misses an owner
+    killed outright while the worker was starting (the server gone first, the worker then never sees its
+    parent change). A daemon thread checks the owner every second and ends the worker when it is gone.
+    """
+    _drop_server_keepalive()
+
+    def watch() -> None:
+        while True:
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:
+                pass  # the pid exists (it may have been reused; then the server's exit still ends us)
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="fer-dist-owner-watch", daemon=True).start()
+
+
 def _drop_server_keepalive() -> None:
     """In a worker: close its copy of the descriptor that keeps the fork server alive.
 
@@ -347,7 +370,8 @@ def _loader(dataset: _Stream, num_workers: int) -> DataLoader:
     # collate_fn: the batches are made; DataLoader's default would walk every id of every batch
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
                       generator=generator, collate_fn=_as_is,
-                      multiprocessing_context=worker_context() if num_workers else None)
+                      multiprocessing_context=worker_context() if num_workers else None,
+                      worker_init_fn=functools.partial(_worker_start, os.getpid()) if num_workers else None)
 
 
 def _check_mask(include: torch.Tensor) -> np.ndarray:
