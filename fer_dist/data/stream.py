@@ -327,8 +327,8 @@ def _drop_server_keepalive() -> None:
 
     The server exits when the last copy closes; multiprocessing hands one to every process it starts, so
     workers alive would keep it up after a trainer killed outright, and the workers with it (DataLoader's
-    watchdog watches their parent, the server). Closed here, the server exits with the trainer, and then the
-    workers (their parent gone) within DataLoader's 5 s status check.
+    watchdog watches their parent, the server). Closed here, the server exits with the trainer; the workers
+    go with their owner watch (_worker_start).
     """
     fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
     if fd is not None:
@@ -360,7 +360,9 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     # fer_dist.train's body, a script runs the script; CPython's "__main__" preload never applies). With
     # the trainer's imports loaded once in the server, that costs the module's body, not 2 s of imports.
     main = getattr(sys.modules["__main__"], "__spec__", None)
-    ctx.set_forkserver_preload([__name__, "fer_dist.train", *([main.name] if main is not None else [])])
+    preload = [__name__, "fer_dist.train"]
+    ctx.set_forkserver_preload(preload + [main.name] if main is not None and main.name not in preload
+                               else preload)
     return ctx
 
 
