@@ -25,9 +25,11 @@ from shard_fixtures import (
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
+from fer_dist.data.shardread import index_key
 from fer_dist.data.stream import (
     INLINE_BATCH,
     ShardSet,
+    close_loader_workers,
     exhaustive_loader,
     pack_batch,
     read_labels,
@@ -38,6 +40,14 @@ from fer_dist.errors import FerDistError
 
 SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))
 UNEVEN = {"train": [5, 1, 9, 3, 13], "test": [4, 2]}  # 37 ids, deliberately uneven shards
+
+
+@pytest.fixture(autouse=True)
+def _no_workers_left():
+    """Each test starts and ends without loader workers kept from another test."""
+    close_loader_workers()
+    yield
+    close_loader_workers()
 
 
 @pytest.fixture(scope="module")
@@ -353,13 +363,15 @@ def test_two_real_ranks_take_equal_steps(shard_dir, tmp_path):
     assert exhaustive["labels_match"] and exhaustive["images_match"]
 
 
-def test_the_worker_side_survives_pickling_for_spawn(shards):
-    """Under the spawn start method the dataset travels pickled: it must arrive whole and read the same."""
+def test_a_workers_part_and_its_indexes_survive_pickling(shards):
+    """A worker is sent its part of the stream and the shard indexes pickled: both must arrive whole."""
     stream = _epoch(shards, world=2, rank=0, workers=0, seed=4)
-    stream._dataset.load_indexes()  # as the main process does before starting the workers
-    clone = pickle.loads(pickle.dumps(stream._dataset))
-    assert clone.indexes and clone.indexes.keys() == stream._dataset.indexes.keys()
-    for (a_img, a_ids), (b_img, b_ids) in zip(stream._dataset, clone, strict=True):
+    indexes = stream._dataset.load_indexes()  # as the main process does before sending the parts
+    part, sent = pickle.loads(pickle.dumps((stream._dataset.part(0), list(indexes.values()))))
+    assert sent and [index_key(i) for i in sent] == [index_key(i) for i in indexes.values()]
+    for a, b in zip(sent, indexes.values(), strict=True):
+        assert all(np.array_equal(a.at[f], b.at[f]) and np.array_equal(a.size[f], b.size[f]) for f in a.at)
+    for (a_img, a_ids), (b_img, b_ids) in zip(stream._dataset.part(0), part, strict=True):
         assert a_ids == b_ids and torch.equal(unpack_batch(a_img), unpack_batch(b_img))
 
 
@@ -413,27 +425,64 @@ def test_batches_travel_packed_and_arrive_whole(n, side):
     assert torch.equal(unpack_batch(pack_batch(floats)), torch.stack(floats))
 
 
-def test_workers_come_from_the_fork_server_not_from_this_process(shards):
-    """Forking the multi-threaded trainer can deadlock the child (CPython gh-112275): workers must not be
-    this process's direct children, and each epoch's workers come from the same server."""
-    import os
+def _worker_pids() -> set[int]:
+    """This process's loader workers: its grandchildren (their parent is the fork server)."""
+    import psutil
 
+    return {p.pid for p in psutil.Process().children(recursive=True) if p.ppid() != os.getpid()}
+
+
+def test_workers_come_from_the_fork_server_and_are_kept_from_epoch_to_epoch(shards):
+    """Forking the multi-threaded trainer can deadlock the child (CPython gh-112275): workers must not be
+    this process's direct children. Started once, the same workers read every later epoch and stream."""
     import psutil
 
     n = sum(s.count for s in shards)
-    parents = set()
-    for epoch in range(2):
-        stream = train_loader(shards, torch.ones(n, dtype=torch.bool), torch.zeros(n, 7),
-                              transform=eval_transform(SPEC), global_batch=4, rank=0, world=1, num_workers=2,
-                              seed=0, epoch=epoch)
+    everything = torch.ones(n, dtype=torch.bool)
+    seen = []
+    for epoch in range(3):
+        stream = train_loader(shards, everything, torch.zeros(n, 7), transform=eval_transform(SPEC),
+                              global_batch=4, rank=0, world=1, num_workers=2, seed=0, epoch=epoch)
         batches = iter(stream)
         next(batches)
-        me = psutil.Process()
-        workers = [p for p in me.children(recursive=True) if p.ppid() != os.getpid()]
-        assert len(workers) >= 2
-        parents |= {p.ppid() for p in workers}
+        seen.append(_worker_pids())
         list(batches)
-    assert len(parents) == 1 and os.getpid() not in parents
+        exhaustive = iter(exhaustive_loader(shards, None, transform=eval_transform(SPEC), batch_size=4,
+                                            rank=0, world=1, num_workers=2))
+        next(exhaustive)
+        seen.append(_worker_pids())
+        list(exhaustive)
+    assert len(seen[0]) == 2 and all(pids == seen[0] for pids in seen)
+    assert {psutil.Process(p).ppid() for p in seen[0]} != {os.getpid()}
+    close_loader_workers()
+    assert not _worker_pids()
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_an_epoch_left_unfinished_leaves_no_trace_in_the_next(shards, stop_after):
+    """A consumer that stops early (a stop request, an error) must not leave a worker holding that epoch's
+    part: the next epoch reads exactly what it reads with workers started for it."""
+    expected = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
+    close_loader_workers()
+    first = iter(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=0))
+    for _ in range(stop_after):
+        next(first)
+    first.close()  # generator closed mid-epoch, as when train_epoch raises StopRun
+    assert not _worker_pids()  # the workers of the unfinished epoch are gone
+    again = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
+    assert len(again) == len(expected)
+    for a, b in zip(expected, again, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+
+
+def test_two_streams_read_at_once_each_get_their_own_batches(shards):
+    """A second stream read while another is being read gets workers of its own, not the other's."""
+    alone = [list(_epoch(shards, world=1, rank=0, workers=2, seed=s, epoch=0)) for s in (1, 2)]
+    together = list(zip(_epoch(shards, world=1, rank=0, workers=2, seed=1, epoch=0),
+                        _epoch(shards, world=1, rank=0, workers=2, seed=2, epoch=0), strict=True))
+    for k, (a, b) in enumerate(together):
+        assert torch.equal(a[2], alone[0][k][2]) and torch.equal(b[2], alone[1][k][2])
+        assert torch.equal(a[0], alone[0][k][0]) and torch.equal(b[0], alone[1][k][0])
 
 
 _KILLED_TRAINER = """

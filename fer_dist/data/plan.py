@@ -53,6 +53,10 @@ class SlotPlan:
         """Samples this slot reads, skipped ones included."""
         return sum(int(p.ids.size) for p in self.pieces)
 
+    def shards_read(self) -> set[int]:
+        """The shards (positions in the stream's shard list) this slot reads."""
+        return {p.shard for p in self.pieces}
+
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers (seed, epoch, rank, ...), stable across platforms and Python runs."""

@@ -6,7 +6,8 @@ Stages, in open_clip's order, each a named step below:
      shard order shuffled by (seed, epoch), cut into rank windows balanced by SELECTED count, each cut
      again among the rank's DataLoader workers; every worker has a computed batch quota
   -> index the shards read (fer_dist/data/shardread.py, once per process: every header checked, member
-     names against the allow-list), then read the worker's pieces: only the selected samples' members
+     names against the allow-list; the main process indexes, each worker is sent the indexes it lacks),
+     then read the worker's pieces: only the selected samples' members
   -> shuffle buffer over the raw PNG bytes, seeded by (seed, epoch, rank, worker role)
   -> skip the batches a resumed run already trained on (no decode, no transform)
   -> decode (PNG only) -> transform (torch's RNG seeded per batch) -> batch, in the worker.
@@ -14,7 +15,8 @@ Stages, in open_clip's order, each a named step below:
 The DataLoader runs with batch_size=None: batching happens in the workers, so each worker yields exactly its
 quota of full batches and the quotas sum to the rank's steps; every rank therefore yields `steps` batches of
 `global_batch // world` samples whatever the shard sizes, world size and worker count. The stream is not
-passed through accelerator.prepare, which would split it again.
+passed through accelerator.prepare, which would split it again. A process starts its loader workers once
+(_WorkerPool) and sends each epoch's parts to them: every stream it reads, train or exhaustive, runs on them.
 
 Augmentation is reproducible: before each batch, a worker seeds torch's generator from
 (seed, epoch, rank, role, batch index), so batch k is the same whether the epoch ran through or resumed
@@ -24,6 +26,7 @@ happens inside torch.random.fork_rng so the trainer's own generator is left unto
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import gc
@@ -47,7 +50,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fer_dist.data import plan as planning
 from fer_dist.data.augment import Transform
 from fer_dist.data.manifest import Manifest, read_manifest
-from fer_dist.data.shardread import ShardIndex, decode_png, index_shard, parse_cls, read_samples
+from fer_dist.data.shardread import (
+    ShardIndex,
+    decode_png,
+    index_key,
+    index_shard,
+    parse_cls,
+    read_samples,
+    remember,
+)
 from fer_dist.errors import FerDistError
 
 SHUFFLE_BUFFER = 1000  # raw samples held per worker; PNG faces are a few KB each
@@ -162,46 +173,40 @@ def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
 
 
 class _Stream(IterableDataset):
-    """The per-worker stages after planning: read -> (shuffle) -> skip -> decode -> transform -> batch."""
+    """The per-worker stages after planning: read -> (shuffle) -> skip -> decode -> transform -> batch.
+
+    A stream holds one plan per worker role; what one process iterates is one role's part (`part`)."""
 
     def __init__(self, shards: Sequence[RunShard], plans: list[planning.SlotPlan], *, transform: Transform,
                  batch_size: int, labels: bool, seed: tuple[int, ...] | None, shuffle_buffer: int) -> None:
         self.shards = list(shards)
-        self.indexes: dict[int, ShardIndex] = {}
         self.plans, self.transform, self.batch_size = plans, transform, batch_size
         self.labels, self.seed, self.shuffle_buffer = labels, seed, shuffle_buffer
 
+    def part(self, role: int) -> _Stream:
+        """The stream of one worker role: what that worker is sent and iterates."""
+        return _Stream(self.shards, [self.plans[role]], transform=self.transform, batch_size=self.batch_size,
+                       labels=self.labels, seed=self.seed, shuffle_buffer=self.shuffle_buffer)
+
     def __iter__(self) -> Iterator:
-        info = get_worker_info()
-        if info is not None:
-            # The worker inherits its fork server's heap (torch, OpenCV, the main module); full collections
-            # walking it (and copying its pages) would cost every epoch. Its own objects are still collected.
-            gc.freeze()
-            # SLURM signals every process of the job: a stop request is the trainer's to handle at a step
-            # boundary; a loader worker dying of it would crash the step instead. The worker started with
-            # these signals blocked (_iterate, worker_context), so none got through before this point.
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        plan = self.plans[info.id if info is not None else 0]
+        if len(self.plans) != 1:
+            raise RuntimeError(f"a stream of {len(self.plans)} worker roles: iterate one role's part()")
         try:
-            yield from self._batches(plan, in_worker=info is not None)
+            yield from self._batches(self.plans[0], in_worker=get_worker_info() is not None)
         except FerDistError as err:
             yield _Failure(str(err))
 
-    def load_indexes(self) -> None:
-        """Index the shards the plans read, in this process before the workers start (they receive the
-        indexes with the pickled dataset; this process keeps them for the next epochs). A bad shard fails
-        here, in the main process, with the error naming it."""
-        for shard in {piece.shard for plan in self.plans for piece in plan.pieces}:
-            self.indexes[shard] = self.shards[shard].index()
+    def load_indexes(self) -> dict[int, ShardIndex]:
+        """Index the shards the plans read, in this process (once per file version; workers are sent the
+        indexes, not the work). A bad shard fails here, in the main process, with the error naming it."""
+        return {shard: self.shards[shard].index() for plan in self.plans for shard in plan.shards_read()}
 
     def _raw(self, plan: planning.SlotPlan) -> Iterator[tuple[str, int, int, dict[str, bytes]]]:
         """(shard path, sample key, run id, members) for the plan's pieces, in order."""
         fields = ("cls", "png") if self.labels else ("png",)
         for piece in plan.pieces:
             shard = self.shards[piece.shard]
-            index = self.indexes.get(piece.shard) or shard.index()
+            index = shard.index()  # made here or sent by the main process (remember): a lookup
             for key, members in read_samples(index, piece.ids - shard.offset, fields):
                 yield index.path, key, shard.offset + key, members
 
@@ -266,13 +271,13 @@ def _iterate(loader: DataLoader) -> Iterator:
     """Iterate a loader whose workers start with the stop signals blocked.
 
     PyTorch's workers install a SIGTERM handler that exits; a stop request arriving between a worker's start
-    and its first batch would kill it. Blocked, the signal waits in the worker until _Stream ignores it,
-    and in this process until the workers are started, when its handler runs as usual.
+    and its first batch would kill it. Blocked (the fork server's mask, which its workers inherit), the
+    signal waits in the worker until _worker_start ignores it; in this process it waits until the workers
+    are started, when its handler runs as usual.
     """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        if loader.num_workers:
-            start_worker_server()
+        start_worker_server()
         it = iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -301,12 +306,22 @@ def start_worker_server() -> None:
 
 
 def _worker_start(owner: int, worker_id: int) -> None:
-    """DataLoader's worker_init_fn: tie the worker's life to the process that made the loader (`owner`).
+    """DataLoader's worker_init_fn: stop signals ignored, the inherited heap frozen, the worker's life tied to
+    the process that made the loader (`owner`).
 
     DataLoader's own watchdog watches the worker's parent, here the fork server, and misses an owner
     killed outright while the worker was starting (the server gone first, the worker then never sees its
     parent change). A daemon thread checks the owner every second and ends the worker when it is gone.
     """
+    # SLURM signals every process of the job: a stop request is the trainer's to handle at a step boundary;
+    # a loader worker dying of it would crash the step instead. The worker started with these signals
+    # blocked (the fork server's mask), so none got through before this point.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    # The worker inherits its fork server's heap (torch, OpenCV, the main module); full collections walking
+    # it (and copying its pages) would cost every epoch. The worker's own objects are still collected.
+    gc.freeze()
     _drop_server_keepalive()
 
     def watch() -> None:
@@ -366,14 +381,106 @@ def worker_context() -> multiprocessing.context.BaseContext | None:
     return ctx
 
 
-def _loader(dataset: _Stream, num_workers: int) -> DataLoader:
-    # An own generator: DataLoader otherwise draws its workers' base seed from the trainer's global one.
-    generator = torch.Generator().manual_seed(planning.derive_seed(*(dataset.seed or (0,))))
-    # collate_fn: the batches are made; DataLoader's default would walk every id of every batch
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                      generator=generator, collate_fn=_as_is,
-                      multiprocessing_context=worker_context() if num_workers else None,
-                      worker_init_fn=functools.partial(_worker_start, os.getpid()) if num_workers else None)
+class _Parts(IterableDataset):
+    """What a pool's workers iterate: each epoch, the part of a stream that their own queue brings, with the
+    shard indexes they have not been sent before."""
+
+    def __init__(self, queues: list) -> None:
+        self.queues = queues
+
+    def __iter__(self) -> Iterator:
+        part, indexes = self.queues[get_worker_info().id].get()
+        for index in indexes:
+            remember(index)
+        yield from part
+
+
+class _WorkerPool:
+    """A process's loader workers, started once and kept for every later epoch and stream.
+
+    Starting workers cost every epoch ~35 ms before its first batch and ~17 ms at its end (fork, unpickling
+    the stream, shutdown); kept, they cost it once per run. Each epoch every worker is sent its part of the
+    stream (its plan, and the indexes of the shards it has not been sent yet) through a queue of its own,
+    then DataLoader's persistent workers iterate it, handing out batches round-robin as with new workers.
+    A pool whose epoch was left unfinished (an error, a stop request, a consumer that stopped early) is shut
+    down, never reused: a worker that had not started that epoch would still hold its part.
+    """
+
+    def __init__(self, num_workers: int) -> None:
+        ctx = worker_context()
+        self.pid, self.busy, self.closed = os.getpid(), False, False
+        self.queues = [ctx.Queue() for _ in range(num_workers)]
+        self.sent: list[set[tuple]] = [set() for _ in range(num_workers)]  # index keys each worker holds
+        # An own generator: DataLoader otherwise draws its workers' base seed from the trainer's global one
+        # (the stream seeds every batch itself). collate_fn: the batches are made; DataLoader's default
+        # would walk every id of every batch.
+        self.loader = DataLoader(_Parts(self.queues), batch_size=None, num_workers=num_workers,
+                                 persistent_workers=True, generator=torch.Generator().manual_seed(0),
+                                 collate_fn=_as_is, multiprocessing_context=ctx,
+                                 worker_init_fn=functools.partial(_worker_start, os.getpid()))
+
+    def run(self, stream: _Stream) -> Iterator:
+        """The stream's items from the workers, in the plan's round-robin order."""
+        if len(stream.plans) != len(self.queues):
+            raise RuntimeError(f"{len(stream.plans)} worker roles for a pool of {len(self.queues)} workers")
+        indexes = stream.load_indexes()
+        for role, (queue, sent) in enumerate(zip(self.queues, self.sent, strict=True)):
+            new = [indexes[shard] for shard in stream.plans[role].shards_read()
+                   if index_key(indexes[shard]) not in sent]
+            queue.put((stream.part(role), new))
+            sent.update(index_key(index) for index in new)
+        self.busy, finished = True, False
+        try:
+            yield from _iterate(self.loader)
+            finished = True
+        finally:
+            self.busy = False
+            if not finished:
+                self.close()
+
+    def close(self) -> None:
+        """Shut the workers down (DataLoader keeps a persistent loader's iterator, and its workers, until
+        its shutdown is called)."""
+        self.closed = True
+        it, self.loader._iterator = self.loader._iterator, None
+        if it is not None:
+            it._shutdown_workers()
+        for queue in self.queues:
+            queue.cancel_join_thread()  # parts never read are dropped: no flush to wait for
+            queue.close()
+
+
+_POOLS: dict[int, _WorkerPool] = {}  # this process's pools, by number of workers
+
+
+def _items(stream: _Stream, num_workers: int) -> Iterator:
+    """A stream's items: read here (num_workers == 0) or by this process's pool of loader workers."""
+    if num_workers == 0:
+        stream.load_indexes()
+        yield from stream.part(0)
+        return
+    pool = _POOLS.get(num_workers)
+    if pool is None or pool.closed or pool.pid != os.getpid():
+        pool = _POOLS[num_workers] = _WorkerPool(num_workers)
+    elif pool.busy:  # another stream of this process is being read: this one gets workers of its own
+        transient = _WorkerPool(num_workers)
+        try:
+            yield from transient.run(stream)
+        finally:
+            transient.close()
+        return
+    yield from pool.run(stream)
+
+
+def close_loader_workers() -> None:
+    """Shut down this process's loader workers (at exit, or to free their memory between phases)."""
+    while _POOLS:
+        _, pool = _POOLS.popitem()
+        if pool.pid == os.getpid() and not pool.closed:
+            pool.close()
+
+
+atexit.register(close_loader_workers)
 
 
 def _check_mask(include: torch.Tensor) -> np.ndarray:
@@ -398,9 +505,7 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         n = 0
-        if len(self):
-            self._dataset.load_indexes()
-        for item in _iterate(_loader(self._dataset, self._workers)) if len(self) else ():
+        for item in _items(self._dataset, self._workers) if len(self) else ():
             if isinstance(item, _Failure):
                 raise FerDistError(item.message)
             images, ids = unpack_batch(item[0]), torch.tensor(item[1], dtype=torch.long)
@@ -453,9 +558,7 @@ class ExhaustiveStream:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        if self.samples:
-            self._dataset.load_indexes()
-        for item in _iterate(_loader(self._dataset, self._workers)) if self.samples else ():
+        for item in _items(self._dataset, self._workers) if self.samples else ():
             if isinstance(item, _Failure):
                 raise FerDistError(item.message)
             images, labels, ids = item

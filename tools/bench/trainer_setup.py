@@ -7,6 +7,7 @@ unlabelled data are the train split of one shard directory) so that what they ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
@@ -84,12 +85,19 @@ def describe(run: Run) -> str:
 
 def cpu_seconds() -> float:
     """CPU seconds of this process, its reaped children, and the loader workers the fork server started
-    and reaped (its children, not ours: counted once a pass has joined them)."""
+    (its children, not ours): those alive (kept from epoch to epoch) and those it reaped."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     server = forkserver._forkserver._forkserver_pid  # private, but the only handle on the workers' CPU time
-    workers = psutil.Process(server).cpu_times() if server else None
-    return (own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
-            + (workers.children_user + workers.children_system if workers else 0.0))
+    workers = 0.0
+    if server:
+        process = psutil.Process(server)
+        reaped = process.cpu_times()
+        workers = reaped.children_user + reaped.children_system
+        for child in process.children():
+            with contextlib.suppress(psutil.Error):  # a worker that ended meanwhile is counted as reaped
+                times = child.cpu_times()
+                workers += times.user + times.system
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime + workers
 
 
 def timed(acc: Any, fn: Callable[[], Any]) -> tuple[float, Any]:
