@@ -300,7 +300,18 @@ def start_worker_server() -> None:
         # start it first, then block again, so that the fork server starts blocked.
         resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        forkserver.ensure_running()
+        # Each worker re-runs the main module, which the server has preloaded: runpy warns that it is
+        # already imported (by design here), once per worker. The server and its workers take the filter
+        # from the environment they start with.
+        warnings = os.environ.get("PYTHONWARNINGS")
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings, "ignore::RuntimeWarning:runpy"]))
+        try:
+            forkserver.ensure_running()
+        finally:
+            if warnings is None:
+                del os.environ["PYTHONWARNINGS"]
+            else:
+                os.environ["PYTHONWARNINGS"] = warnings
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
@@ -439,15 +450,20 @@ class _WorkerPool:
                 self.close()
 
     def close(self) -> None:
-        """Shut the workers down (DataLoader keeps a persistent loader's iterator, and its workers, until
-        its shutdown is called)."""
+        """Shut the workers down; parts they never read are dropped."""
         self.closed = True
-        it, self.loader._iterator = self.loader._iterator, None
-        if it is not None:
-            it._shutdown_workers()
+        end_persistent_workers(self.loader)
         for queue in self.queues:
             queue.cancel_join_thread()  # parts never read are dropped: no flush to wait for
             queue.close()
+
+
+def end_persistent_workers(loader: DataLoader) -> None:
+    """Shut down a DataLoader's persistent workers now: DataLoader keeps them, with its last iterator,
+    until that iterator is garbage (DataLoader's private `_iterator` and `_shutdown_workers`)."""
+    it, loader._iterator = loader._iterator, None
+    if it is not None:
+        it._shutdown_workers()
 
 
 _POOLS: dict[int, _WorkerPool] = {}  # this process's pools, by number of workers

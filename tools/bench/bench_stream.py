@@ -12,8 +12,9 @@
   same transform, workers and batch size.
 Targets: stream >= 90 % of the bound, and ahead of ImageFolder. Each pipeline runs --repeat times,
 interleaved, and the best counts; the median over rounds of each round's stream / bound (two passes run
-back to back) is printed too, steadier where the machine's speed drifts. Rates are given per wall second
-and per CPU second (main process plus its joined workers).
+back to back) is printed too, steadier where the machine's speed drifts. Every pipeline's workers are
+started once and kept for the later rounds, as the stream's are. Rates are given per wall second and per
+CPU second (main process plus its workers).
 Skips (exit 0) where ../shared is absent.
 Shards: --shards DIR, else shards/fer2013 (built with `fer-dist shard` if missing), else a fallback built
 from the train JPEGs with tests/shard_fixtures.py (same contract format) when the command is unavailable.
@@ -40,6 +41,8 @@ from fer_dist.data.augment import InputSpec, eval_transform, train_transform
 from fer_dist.data.shardread import decode_png, read_samples
 from fer_dist.data.stream import (
     ShardSet,
+    close_loader_workers,
+    end_persistent_workers,
     pack_batch,
     start_worker_server,
     train_loader,
@@ -111,7 +114,7 @@ def read_image(path: str) -> torch.Tensor:
 def _rate(make) -> tuple[float, float]:
     """(samples per wall second, samples per CPU second) of one pass; CPU time is robust to a shared box."""
     tick, cpu, n = time.perf_counter(), cpu_seconds(), 0
-    for batch in make():  # the iterator joins its workers when exhausted, so their CPU time is counted
+    for batch in make():  # cpu_seconds counts the workers, alive (kept) or reaped
         n += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch)
     return n / (time.perf_counter() - tick), n / (cpu_seconds() - cpu)
 
@@ -134,19 +137,26 @@ def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: i
         keys = chosen[(chosen >= s.first_run_id) & (chosen < s.first_run_id + s.count)] - s.offset
         blobs += [m["png"] for _, m in read_samples(s.index(), keys, ("png",))]
     folder = ImageFolder(str(FER / "train"), transform=tf, loader=read_image)
-    context = worker_context() if workers else None  # every pipeline's workers start as the stream's do
+    # Every pipeline's workers start as the stream's do (from the fork server) and, like the stream's, are
+    # kept from one round to the next: each pipeline pays its workers' start in the first round only.
+    context = worker_context() if workers else None
     start_worker_server()
     subset = Subset(folder, np.random.default_rng(0).choice(len(folder), len(chosen), replace=False).tolist())
+    kept = workers > 0
+    bound = DataLoader(InMemory(blobs, batch, tf), batch_size=None, num_workers=workers, collate_fn=as_is,
+                       multiprocessing_context=context, persistent_workers=kept)
+    imagefolder = DataLoader(subset, batch_size=batch, shuffle=True, num_workers=workers,
+                             multiprocessing_context=context, persistent_workers=kept)
     runs = {
         "stream": lambda: train_loader(shards, include, targets, transform=tf, global_batch=batch, rank=0,
                                        world=1, num_workers=workers, seed=0, epoch=0),
-        "bound": lambda: map(unpack_batch, DataLoader(InMemory(blobs, batch, tf), batch_size=None,
-                                                      num_workers=workers, collate_fn=as_is,
-                                                      multiprocessing_context=context)),
-        "imagefolder": lambda: DataLoader(subset, batch_size=batch, shuffle=True, num_workers=workers,
-                                          multiprocessing_context=context),
+        "bound": lambda: map(unpack_batch, bound),
+        "imagefolder": lambda: imagefolder,
     }
     rounds = [{name: _rate(make) for name, make in runs.items()} for _ in range(repeat)]
+    close_loader_workers()
+    end_persistent_workers(bound)
+    end_persistent_workers(imagefolder)
     best = {name: tuple(max(r[name][i] for r in rounds) for i in (0, 1)) for name in runs}
     # stream / bound of each round, its two passes run back to back: steadier than best / best where the
     # machine's speed drifts between rounds
