@@ -26,7 +26,7 @@ from fer_dist.classes import NUM_CLASSES
 from fer_dist.config import TrainConfig, dump_config, load_config
 from fer_dist.data.augment import eval_transform, train_transform
 from fer_dist.data.plan import derive_seed
-from fer_dist.data.stream import exhaustive_loader, start_worker_server, train_loader
+from fer_dist.data.stream import close_loader_workers, exhaustive_loader, start_worker_server, train_loader
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_text_atomic
 from fer_dist.metrics import MetricsLog
@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             run.log.say(f"{e}; continue with resume=auto (the default)")
         return 0
     finally:
+        close_loader_workers()
         if run is not None:
             run.stop.close()
             run.log.close()

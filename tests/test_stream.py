@@ -402,10 +402,12 @@ def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
     thread = threading.Thread(target=pester, daemon=True)
     thread.start()
     try:
-        for epoch in range(4):  # each epoch forks new workers while the signals keep coming
+        for epoch in range(4):  # epochs on new workers (started while the signals keep coming), then kept
             stream = train_loader(shards, include, targets, transform=eval_transform(SPEC), global_batch=4,
                                   rank=0, world=1, num_workers=2, seed=0, epoch=epoch)
             assert sum(1 for _ in stream) == stream.steps
+            if epoch < 2:
+                close_loader_workers()
     finally:
         done.set()
         thread.join()
@@ -453,36 +455,94 @@ def test_workers_come_from_the_fork_server_and_are_kept_from_epoch_to_epoch(shar
         seen.append(_worker_pids())
         list(exhaustive)
     assert len(seen[0]) == 2 and all(pids == seen[0] for pids in seen)
-    assert {psutil.Process(p).ppid() for p in seen[0]} != {os.getpid()}
+    server = {c.pid for c in psutil.Process().children()}  # the fork server among this process's children
+    assert len({psutil.Process(p).ppid() for p in seen[0]} & server) == 1
     close_loader_workers()
     assert not _worker_pids()
 
 
 @pytest.mark.parametrize("stop_after", [1, 3])
 def test_an_epoch_left_unfinished_leaves_no_trace_in_the_next(shards, stop_after):
-    """A consumer that stops early (a stop request, an error) must not leave a worker holding that epoch's
-    part: the next epoch reads exactly what it reads with workers started for it."""
+    """A consumer that stops early (a stop request) keeps the workers; the batches of the unfinished epoch
+    still in flight must not reach the next one, which reads exactly what it reads on new workers."""
     expected = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
     close_loader_workers()
     first = iter(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=0))
     for _ in range(stop_after):
         next(first)
+    workers = _worker_pids()
     first.close()  # generator closed mid-epoch, as when train_epoch raises StopRun
-    assert not _worker_pids()  # the workers of the unfinished epoch are gone
     again = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
+    assert len(workers) == 2 and _worker_pids() == workers  # the same workers
     assert len(again) == len(expected)
     for a, b in zip(expected, again, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
 
 
+@pytest.mark.timeout(60)  # the failure this guards against is a hang
+def test_a_part_that_cannot_be_sent_fails_at_once_and_the_pool_starts_afresh(shards):
+    """A part that does not pickle (a lambda transform) must fail in the caller, not leave its worker
+    waiting for it forever; the workers that did get a part are shut down, the next stream gets new ones."""
+    n = shards[-1].first_run_id + shards[-1].count
+    list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=0))
+    workers = _worker_pids()
+    with pytest.raises((AttributeError, pickle.PicklingError), match="lambda|local"):
+        list(train_loader(shards, fixture_include(n), fixture_targets(n), transform=lambda image: image,
+                          global_batch=6, rank=0, world=1, num_workers=2, seed=3, epoch=1))
+    assert not _worker_pids() & workers
+    again = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
+    close_loader_workers()
+    fresh = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
+    assert [b[2].tolist() for b in again] == [b[2].tolist() for b in fresh]
+
+
+@pytest.mark.timeout(60)  # the failure this guards against is a hang
+def test_a_worker_killed_between_epochs_is_replaced(shards):
+    """A worker that died while idle (the OOM killer's pick) must not fail the next epoch: new workers."""
+    import signal
+    import time
+
+    import psutil
+
+    expected = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
+    workers = _worker_pids()
+    os.kill(min(workers), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(min(workers)) and time.monotonic() < deadline:  # gone and reaped by the server
+        time.sleep(0.05)
+    again = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
+    assert not _worker_pids() & workers
+    assert [b[2].tolist() for b in again] == [b[2].tolist() for b in expected]
+
+
+@pytest.mark.timeout(60)  # the failure this guards against is a hang
+def test_a_forked_child_leaves_its_parents_workers_alone(shards):
+    """A child forked from a process with kept workers must not stop them when it lets go of its copy."""
+    list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=0))
+    workers = _worker_pids()
+    pid = os.fork()
+    if pid == 0:  # the child: drop everything, as a child process's exit would
+        close_loader_workers()
+        import gc
+
+        gc.collect()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    expected = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
+    assert _worker_pids() == workers and len(expected) == _epoch(shards, world=1, rank=0, workers=2).steps
+
+
 def test_two_streams_read_at_once_each_get_their_own_batches(shards):
-    """A second stream read while another is being read gets workers of its own, not the other's."""
+    """A second stream read while another is being read gets workers of its own, not the other's, and
+    they end with it."""
     alone = [list(_epoch(shards, world=1, rank=0, workers=2, seed=s, epoch=0)) for s in (1, 2)]
+    kept = _worker_pids()
     together = list(zip(_epoch(shards, world=1, rank=0, workers=2, seed=1, epoch=0),
                         _epoch(shards, world=1, rank=0, workers=2, seed=2, epoch=0), strict=True))
     for k, (a, b) in enumerate(together):
         assert torch.equal(a[2], alone[0][k][2]) and torch.equal(b[2], alone[1][k][2])
         assert torch.equal(a[0], alone[0][k][0]) and torch.equal(b[0], alone[1][k][0])
+    assert _worker_pids() == kept
 
 
 _KILLED_TRAINER = """

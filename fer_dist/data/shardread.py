@@ -184,6 +184,14 @@ def index_key(index: ShardIndex) -> tuple[str, int, int, tuple[int, int]]:
     return index.path, index.first_key, index.count, index.stamp
 
 
+def indexed(key: tuple[str, int, int, tuple[int, int]]) -> ShardIndex:
+    """The index made (index_shard) or received (remember) in this process under `key` (index_key)."""
+    index = _INDEXES.get(key)
+    if index is None:
+        raise RuntimeError(f"{key[0]}: no index of this shard version in this process")
+    return index
+
+
 def remember(index: ShardIndex) -> None:
     """Take an index made in another process (a loader worker's, sent by its trainer) as this process's own:
     index_shard returns it for as long as the file is the version it was made from."""

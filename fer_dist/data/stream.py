@@ -37,10 +37,12 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing import forkserver, resource_tracker
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,7 @@ from fer_dist.data.shardread import (
     decode_png,
     index_key,
     index_shard,
+    indexed,
     parse_cls,
     read_samples,
     remember,
@@ -182,11 +185,14 @@ class _Stream(IterableDataset):
         self.shards = list(shards)
         self.plans, self.transform, self.batch_size = plans, transform, batch_size
         self.labels, self.seed, self.shuffle_buffer = labels, seed, shuffle_buffer
+        self.index_keys: dict[int, tuple] = {}  # shard -> the index to read it by (load_indexes)
 
     def part(self, role: int) -> _Stream:
         """The stream of one worker role: what that worker is sent and iterates."""
-        return _Stream(self.shards, [self.plans[role]], transform=self.transform, batch_size=self.batch_size,
+        part = _Stream(self.shards, [self.plans[role]], transform=self.transform, batch_size=self.batch_size,
                        labels=self.labels, seed=self.seed, shuffle_buffer=self.shuffle_buffer)
+        part.index_keys = {shard: self.index_keys[shard] for shard in self.plans[role].shards_read()}
+        return part
 
     def __iter__(self) -> Iterator:
         if len(self.plans) != 1:
@@ -198,15 +204,18 @@ class _Stream(IterableDataset):
 
     def load_indexes(self) -> dict[int, ShardIndex]:
         """Index the shards the plans read, in this process (once per file version; workers are sent the
-        indexes, not the work). A bad shard fails here, in the main process, with the error naming it."""
-        return {shard: self.shards[shard].index() for plan in self.plans for shard in plan.shards_read()}
+        indexes, not the work), and read them by these very indexes: a shard file that changes afterwards
+        is refused, not indexed again. A bad shard fails here, in the main process, naming it."""
+        indexes = {shard: self.shards[shard].index() for plan in self.plans for shard in plan.shards_read()}
+        self.index_keys = {shard: index_key(index) for shard, index in indexes.items()}
+        return indexes
 
     def _raw(self, plan: planning.SlotPlan) -> Iterator[tuple[str, int, int, dict[str, bytes]]]:
         """(shard path, sample key, run id, members) for the plan's pieces, in order."""
         fields = ("cls", "png") if self.labels else ("png",)
         for piece in plan.pieces:
             shard = self.shards[piece.shard]
-            index = shard.index()  # made here or sent by the main process (remember): a lookup
+            index = indexed(self.index_keys[piece.shard])  # made here, or sent here and remembered
             for key, members in read_samples(index, piece.ids - shard.offset, fields):
                 yield index.path, key, shard.offset + key, members
 
@@ -265,6 +274,7 @@ def unpack_batch(batch: Packed) -> torch.Tensor:
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+_RUNPY_ALREADY_IMPORTED = "ignore::RuntimeWarning:runpy"
 
 
 def _iterate(loader: DataLoader) -> Iterator:
@@ -291,9 +301,7 @@ def start_worker_server() -> None:
     The server starts with SIGTERM and SIGUSR1 blocked and keeps them so: SLURM's SIGTERM to every process
     of the job must not kill it, or the next loader could not start; its workers inherit the mask.
     """
-    ctx = worker_context()
-    if ctx is None:
-        return
+    worker_context()  # the server's preload list
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         # Starting multiprocessing's resource tracker unblocks SIGTERM in this thread (bpo-33613's fix):
@@ -301,17 +309,13 @@ def start_worker_server() -> None:
         resource_tracker.ensure_running()
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         # Each worker re-runs the main module, which the server has preloaded: runpy warns that it is
-        # already imported (by design here), once per worker. The server and its workers take the filter
-        # from the environment they start with.
-        warnings = os.environ.get("PYTHONWARNINGS")
-        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [warnings, "ignore::RuntimeWarning:runpy"]))
+        # already imported (by design here), once per worker. The server's command line carries this
+        # process's -W options (sys.warnoptions); its workers inherit its filters.
+        sys.warnoptions.append(_RUNPY_ALREADY_IMPORTED)
         try:
             forkserver.ensure_running()
         finally:
-            if warnings is None:
-                del os.environ["PYTHONWARNINGS"]
-            else:
-                os.environ["PYTHONWARNINGS"] = warnings
+            sys.warnoptions.remove(_RUNPY_ALREADY_IMPORTED)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
@@ -368,19 +372,18 @@ def _as_is(batch: tuple) -> tuple:
 
 
 @functools.cache
-def worker_context() -> multiprocessing.context.BaseContext | None:
-    """How loader workers start: forked from a fork server, not from the trainer (where available).
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers start: forked from a fork server, not from the trainer (POSIX; the stop signals
+    this module handles are POSIX's too).
 
     Forking the trainer itself, a process with other threads (gloo's, queue feeders of the last epoch's
     loader), can leave the child waiting forever on a lock one of them held: CPython before 3.11.8 does so
     in `PyOS_AfterFork_Child` (gh-112275; seen here as a quick start stuck at round 8). The fork server is
     started once (fork + exec: no inherited locks), imports the stream's modules once, and forks each
     worker from its single thread; the workers also stop sharing the trainer's memory, whose copy-on-write
-    pages the trainer would otherwise pay for after every epoch's fork. Each worker receives the dataset
-    pickled (plans, the indexes of the shards read, the transform).
+    pages the trainer would otherwise pay for after every epoch's fork. Workers are started once per
+    process and kept (_WorkerPool); each epoch's part reaches them pickled through a queue.
     """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return None  # Windows: DataLoader's default (spawn)
     ctx = multiprocessing.get_context("forkserver")
     # Each worker re-runs the main module as __mp_main__ (as under spawn: `-m fer_dist.train` runs
     # fer_dist.train's body, a script runs the script; CPython's "__main__" preload never applies). With
@@ -400,7 +403,7 @@ class _Parts(IterableDataset):
         self.queues = queues
 
     def __iter__(self) -> Iterator:
-        part, indexes = self.queues[get_worker_info().id].get()
+        part, indexes = ForkingPickler.loads(self.queues[get_worker_info().id].get())
         for index in indexes:
             remember(index)
         yield from part
@@ -412,14 +415,15 @@ class _WorkerPool:
     Starting workers cost every epoch ~35 ms before its first batch and ~17 ms at its end (fork, unpickling
     the stream, shutdown); kept, they cost it once per run. Each epoch every worker is sent its part of the
     stream (its plan, and the indexes of the shards it has not been sent yet) through a queue of its own,
-    then DataLoader's persistent workers iterate it, handing out batches round-robin as with new workers.
-    A pool whose epoch was left unfinished (an error, a stop request, a consumer that stopped early) is shut
-    down, never reused: a worker that had not started that epoch would still hold its part.
+    then DataLoader's persistent workers iterate it. DataLoader's reset gives every worker a task after its
+    resume message, so each worker takes exactly one part per epoch, and hands batches out round-robin from
+    worker 0 as new workers would. A consumer that stops early leaves the pool usable (the next reset drops
+    batches still in flight); an error while sending or reading shuts it down.
     """
 
     def __init__(self, num_workers: int) -> None:
         ctx = worker_context()
-        self.pid, self.busy, self.closed = os.getpid(), False, False
+        self.busy, self.closed = False, False
         self.queues = [ctx.Queue() for _ in range(num_workers)]
         self.sent: list[set[tuple]] = [set() for _ in range(num_workers)]  # index keys each worker holds
         # An own generator: DataLoader otherwise draws its workers' base seed from the trainer's global one
@@ -429,24 +433,36 @@ class _WorkerPool:
                                  persistent_workers=True, generator=torch.Generator().manual_seed(0),
                                  collate_fn=_as_is, multiprocessing_context=ctx,
                                  worker_init_fn=functools.partial(_worker_start, os.getpid()))
+        _LIVE.add(self)
+
+    def usable(self) -> bool:
+        """Open, with every worker alive: one killed while idle (the OOM killer's pick) would fail the next
+        epoch after DataLoader's 5 s check, where new workers can carry on."""
+        it = self.loader._iterator
+        return not self.closed and (it is None or all(w.is_alive() for w in it._workers))
 
     def run(self, stream: _Stream) -> Iterator:
         """The stream's items from the workers, in the plan's round-robin order."""
         if len(stream.plans) != len(self.queues):
             raise RuntimeError(f"{len(stream.plans)} worker roles for a pool of {len(self.queues)} workers")
         indexes = stream.load_indexes()
-        for role, (queue, sent) in enumerate(zip(self.queues, self.sent, strict=True)):
-            new = [indexes[shard] for shard in stream.plans[role].shards_read()
-                   if index_key(indexes[shard]) not in sent]
-            queue.put((stream.part(role), new))
-            sent.update(index_key(index) for index in new)
-        self.busy, finished = True, False
+        self.busy, failed = True, True
         try:
+            for role, (queue, sent) in enumerate(zip(self.queues, self.sent, strict=True)):
+                part = stream.part(role)
+                new = [indexes[shard] for shard in part.index_keys if index_key(indexes[shard]) not in sent]
+                # Pickled here, not in the queue's feeder thread, where an error would only be printed and
+                # the worker would wait for its part forever.
+                queue.put(bytes(ForkingPickler.dumps((part, new))))
+                sent.update(index_key(index) for index in new)
             yield from _iterate(self.loader)
-            finished = True
+            failed = False
+        except GeneratorExit:  # the consumer stopped early: nothing wrong with the workers
+            failed = False
+            raise
         finally:
             self.busy = False
-            if not finished:
+            if failed:  # a part sent to some workers only, or a worker's error: start afresh next time
                 self.close()
 
     def close(self) -> None:
@@ -467,6 +483,8 @@ def end_persistent_workers(loader: DataLoader) -> None:
 
 
 _POOLS: dict[int, _WorkerPool] = {}  # this process's pools, by number of workers
+_LIVE: weakref.WeakSet[_WorkerPool] = weakref.WeakSet()  # every pool of this process, transient ones too
+_DISOWNED: list[_WorkerPool] = []  # a forked child's copies of its parent's pools, never to be touched
 
 
 def _items(stream: _Stream, num_workers: int) -> Iterator:
@@ -476,27 +494,44 @@ def _items(stream: _Stream, num_workers: int) -> Iterator:
         yield from stream.part(0)
         return
     pool = _POOLS.get(num_workers)
-    if pool is None or pool.closed or pool.pid != os.getpid():
-        pool = _POOLS[num_workers] = _WorkerPool(num_workers)
-    elif pool.busy:  # another stream of this process is being read: this one gets workers of its own
+    if pool is not None and pool.busy:  # another stream of this process is being read: workers of its own
         transient = _WorkerPool(num_workers)
         try:
             yield from transient.run(stream)
         finally:
             transient.close()
         return
+    if pool is None or not pool.usable():
+        if pool is not None:
+            pool.close()
+        pool = _POOLS[num_workers] = _WorkerPool(num_workers)
     yield from pool.run(stream)
 
 
 def close_loader_workers() -> None:
-    """Shut down this process's loader workers (at exit, or to free their memory between phases)."""
-    while _POOLS:
-        _, pool = _POOLS.popitem()
-        if pool.pid == os.getpid() and not pool.closed:
+    """Shut down this process's loader workers (the trainer's end, and at exit: the workers ignore the
+    SIGTERM that multiprocessing's own exit handler would send them, then wait for forever)."""
+    for pool in list(_LIVE):
+        if not pool.closed:
             pool.close()
+    _POOLS.clear()
+
+
+def _disown_pools() -> None:
+    """In a child forked from this process: the parent's pools are not the child's to use or shut down.
+    Garbage collected here, their DataLoader iterator would set the event that tells the parent's workers
+    to stop; disarmed and kept, nothing of theirs runs."""
+    for pool in list(_LIVE):
+        it = pool.loader._iterator
+        if it is not None:
+            it._shutdown = True  # its __del__ then does nothing
+        pool.closed = True
+        _DISOWNED.append(pool)
+    _POOLS.clear()
 
 
 atexit.register(close_loader_workers)
+os.register_at_fork(after_in_child=_disown_pools)
 
 
 def _check_mask(include: torch.Tensor) -> np.ndarray:
