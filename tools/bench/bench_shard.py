@@ -7,8 +7,9 @@ cv2.imdecode + cv2.imencode(".png") per image on one core, no file I/O. The pipe
 call (listing, splitting, the worker pool's start, reading the files, alignment, tar writing, checksums,
 the source fingerprint, manifest), timed wall clock from the call to its return in a fresh process, into a
 fresh output folder (replacing an earlier output would add deleting it; the folder is removed untimed).
-Three parts of the single-core time are shown apart so that a shortfall can be placed: listing the source,
-the per-image work with its file reads, and writing the shards from PNGs already made. With --workers N > 1
+Four parts of the single-core time are shown apart so that a shortfall can be placed: listing the source,
+the per-image work with its file reads, writing the shards from PNGs already made, and the source
+fingerprint. With --workers N > 1
 the bound is also run in N processes at once: what N cores give on this machine at the moment (shared or
 virtual cores give less than N times one), the ceiling for workers=N / workers=1. A --limit run reads a
 tree of symlinks, which costs listing and reading a few us per image more than the full set.
@@ -39,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fer_dist.data.pack import ImageParams, _ShardsWriter, pack, process_image
+from fer_dist.data.pack import ImageParams, _ShardsWriter, pack, process_image, source_fingerprint
 from fer_dist.data.sources import SourceOptions, get_source
 from fer_dist.data.splits import assign_splits
 
@@ -132,10 +133,14 @@ def child(src: str, out: str, workers: str) -> None:
 
 
 def parts(src: Path, out: Path) -> list[Timing]:
-    """On one core: listing the source; per-image work with file reads; writing the shards."""
+    """On one core: listing the source; per-image work with file reads; writing the shards; the source
+    fingerprint (a stat per file)."""
     timer = Timer()
     listing = get_source("fer2013")([src], SourceOptions())
     listed = timer.stop()
+    timer = Timer()
+    source_fingerprint("fer2013", [src], listing, SourceOptions())
+    fingerprinted = timer.stop()
     params = ImageParams(48, 1, "none")
     timer = Timer()
     results = [process_image(record.load, params) for record in listing.records]
@@ -149,11 +154,11 @@ def parts(src: Path, out: Path) -> list[Timing]:
     writer.close()
     written = timer.stop()
     shutil.rmtree(out)
-    return [listed, worked, written]
+    return [listed, worked, written, fingerprinted]
 
 
 PARTS = ("part: listing (fer2013 source)", "part: read + decode + align + encode, 1 core",
-         "part: writing shards (tar, json, checksums)")
+         "part: writing shards (tar, json, checksums)", "part: source fingerprint (stat per file)")
 
 
 def measure_round(blobs: list[np.ndarray], files: list[Path], src: Path, tmp: Path,
