@@ -287,7 +287,6 @@ def _iterate(loader: DataLoader) -> Iterator:
     """
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        start_worker_server()
         it = iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -423,6 +422,7 @@ class _WorkerPool:
 
     def __init__(self, num_workers: int) -> None:
         ctx = worker_context()
+        start_worker_server()  # a no-op where the trainer started it with its set-up
         self.busy, self.closed = False, False
         self.queues = [ctx.Queue() for _ in range(num_workers)]
         self.sent: list[set[tuple]] = [set() for _ in range(num_workers)]  # index keys each worker holds
