@@ -20,8 +20,8 @@ from fer_dist.classes import CLASSES
 from fer_dist.data.faces import align_face
 from fer_dist.data.manifest import MANIFEST, read_manifest
 from fer_dist.data.pack import _shuffle_key, pack, source_fingerprint
-from fer_dist.data.shards import tar_end, tar_member, verify_shards
-from fer_dist.data.sources import SOURCES, ImageReadError, Listing, Record, SourceOptions, SourceSpec
+from fer_dist.data.shards import dump_json, tar_end, tar_member, verify_shards
+from fer_dist.data.sources import SOURCES, ImageReadError, Listing, Record, SourceOptions, SourceSpec, get_source
 from fer_dist.errors import FerDistError
 
 BROKEN = "zz/broken.png"
@@ -248,6 +248,36 @@ def test_source_fingerprint_depends_on_files_not_on_where_they_live(tmp_path: Pa
     assert fingerprint(tmp_path / "two", files) == here
     assert fingerprint(tmp_path / "three", {**files, "b.png": 6}) != here
     assert fingerprint(tmp_path / "four", files, dataset="other") != here
+
+
+def test_the_jobs_fingerprint_takes_sizes_from_its_reads_and_equals_one_from_stat(tmp_path: Path) -> None:
+    root = tmp_path / "faces"
+    for n, cls in enumerate(["happy", "sad", "happy"]):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / cls / f"{n}.png"), np.full((20 + n, 20), 10 * n, np.uint8))
+    (root / "sad" / "bad.png").write_bytes(b"not a png")  # read (its size known), then skipped
+    summary = pack("imagefolder", [root], tmp_path / "out", workers=1, progress=False)
+    listing = get_source("imagefolder")([root], SourceOptions())
+    assert summary.manifest.source == source_fingerprint("imagefolder", [root], listing, SourceOptions())
+    assert summary.manifest.source["files"] == 4
+    # Sizes given for some files are taken as they are; a file gone since listing counts as size -1.
+    (root / "happy" / "0.png").unlink()
+    sizes = {str(root / "sad" / "bad.png"): 9}
+    again = source_fingerprint("imagefolder", [root], listing, SourceOptions(), sizes)
+    assert again != summary.manifest.source
+    (root / "happy" / "0.png").write_bytes(b"x" * 10)
+    assert source_fingerprint("imagefolder", [root], listing, SourceOptions(), sizes) != again
+
+
+@pytest.mark.parametrize("doc", [
+    {"path": "train/angry/Training_1.jpg", "split": "train", "id": 12, "label": -1, "class": "unlabelled"},
+    {"b": 1.5, "a": [1, 2.25, None], "c": {"z": True, "y": False}, "intensity": 0.1 + 0.2, "nan": 1e300},
+    {"path": "é/日本/\"quoted\"\n\t.png", "": "", "fold": 0},
+])
+def test_canonical_json_is_the_standard_encoders_output(doc: dict) -> None:
+    expected = json.dumps(doc, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    assert dump_json(doc) == expected
+    assert json.loads(dump_json(doc)) == doc
 
 
 # --- verification: each kind of damage is found and named by shard and sample -------------------------------

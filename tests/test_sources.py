@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from PIL import Image
 
 from fer_dist.classes import CLASSES
 from fer_dist.data.sources import SOURCES, ImageReadError, Listing, SourceOptions, get_source
-from fer_dist.data.sources.base import read_image
+from fer_dist.data.sources.base import IMAGE_EXTENSIONS, is_image, read_image
 from fer_dist.errors import FerDistError
 
 SHARED_FER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fer2013"
@@ -442,3 +443,9 @@ def test_read_image_truncated_and_missing(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError) as exc:
         read_image(str(tmp_path / "gone.png"))
     one_line_error(exc, str(tmp_path / "gone.png"), "cannot read")
+
+
+@pytest.mark.parametrize("name", ["a.png", "A.JPG", "x.tar.gz", "x.jpeg.txt", ".png", "..png", ".a.png", "a.",
+                                  "noext", "a..tiff", ".hidden.PGM", "...", "a.b.c.webp", "dir.png.bak"])
+def test_is_image_agrees_with_splitext(name: str) -> None:
+    assert is_image(name) == (os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)

@@ -6,7 +6,7 @@ Runs inside pool workers: the cascades load lazily, once per process, and nothin
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -34,8 +34,7 @@ Box = tuple[int, int, int, int]  # x, y, width, height
 Point = tuple[float, float]
 
 
-@dataclass(frozen=True)
-class AlignedFace:
+class AlignedFace(NamedTuple):
     """An aligned face crop; detected is True (face and eyes), False (fallback) or None (not attempted)."""
 
     image: np.ndarray
@@ -67,10 +66,11 @@ def align_face(image: np.ndarray, size: int, method: str) -> AlignedFace:
 
 
 def centre_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """The centre square of the image resized to size x size (area interpolation when shrinking)."""
+    """The centre square of the image resized to size x size (area interpolation when shrinking); the image
+    itself, not a copy, when it already is size x size (FER2013 and other pre-cropped sets)."""
     h, w = image.shape[:2]
-    if h == w == size:  # FER2013 and other pre-cropped sets: cv2.resize would only copy, at ~4 us a call
-        return image.copy()
+    if h == w == size:
+        return image
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     square = image[top:top + side, left:left + side]

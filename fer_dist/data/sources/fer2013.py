@@ -13,6 +13,7 @@ import numpy as np
 
 from fer_dist.classes import FER2013_FOLDERS, FER2013_IDS, class_index
 from fer_dist.data.sources.base import (
+    ImageFile,
     ImageReadError,
     Listing,
     Record,
@@ -22,7 +23,6 @@ from fer_dist.data.sources.base import (
     no_images,
     one_src,
     path_prefix,
-    read_image,
     walk_images,
 )
 from fer_dist.errors import FerDistError
@@ -145,7 +145,7 @@ def _list_folders(root: Path) -> Listing:
         label, split = folder
         split = USAGE_SPLITS.get(rel[cut + 1 :].partition("_")[0], split)  # the Usage prefix decides
         path = prefix + rel
-        records.append(Record(rel, label, {"path": rel, "split": split}, functools.partial(read_image, path)))
+        records.append(Record(rel, label, {"path": rel, "split": split}, ImageFile(path)))
         files.append(path)
     if not records:
         raise no_images(root)
