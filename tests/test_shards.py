@@ -21,7 +21,15 @@ from fer_dist.data.faces import align_face
 from fer_dist.data.manifest import MANIFEST, read_manifest
 from fer_dist.data.pack import _shuffle_key, pack, source_fingerprint
 from fer_dist.data.shards import dump_json, tar_end, tar_member, verify_shards
-from fer_dist.data.sources import SOURCES, ImageReadError, Listing, Record, SourceOptions, SourceSpec, get_source
+from fer_dist.data.sources import (
+    SOURCES,
+    ImageReadError,
+    Listing,
+    Record,
+    SourceOptions,
+    SourceSpec,
+    get_source,
+)
 from fer_dist.errors import FerDistError
 
 BROKEN = "zz/broken.png"
