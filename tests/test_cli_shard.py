@@ -123,6 +123,19 @@ def test_a_corrupt_image_is_skipped_counted_and_listed(tmp_path: Path) -> None:
     assert "joy/broken.png" in result.stdout and "files skipped" in result.stdout
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_file_that_cannot_be_read_is_skipped_and_the_rest_written(tmp_path: Path, workers: str) -> None:
+    src = make_imagefolder(tmp_path / "faces")
+    (src / "joy" / "gone.png").symlink_to(tmp_path / "nowhere.png")  # listed, then fails to open
+    out = tmp_path / "out"
+    result = run("shard", "--dataset", "imagefolder", "--src", src, "--out", out, "--workers", workers)
+    assert result.exit_code == 0, result.output
+    m = read_manifest(out)
+    assert m.num_ids == 3 and m.source["files"] == 4
+    assert [s["reason"] for s in m.skipped if s["path"] == "joy/gone.png"] == [
+        "unreadable: cannot read (No such file or directory)"]
+
+
 def bad_inputs(tmp: Path) -> dict[str, tuple[list, tuple[str, ...]]]:
     """Name -> (arguments, fragments the one-line error must hold); each builds its own input first."""
     csv = make_fer2013_csv(tmp / "other.csv", header="emotion,pixels,Usage,comment")

@@ -76,14 +76,42 @@ Loads = list[Callable[[], np.ndarray]]
 
 def process_image(load: Callable[[], np.ndarray], params: ImageParams) -> Processed:
     """Load one face, convert its channels, align it and encode it as PNG; a corrupt file gives a reason."""
+    return _process(load, _read_ahead(load), params)
+
+
+def _process_chunk(loads: Loads, params: ImageParams) -> list[Processed]:
+    """process_image of a run of loaders: one task for a helper process (one message each way per chunk).
+
+    The run's files are read first, then decoded and encoded: alternating file reads with image coding made
+    each FER2013 face ~3 us slower (the kernel's file reading and the codecs evict each other's caches).
+    """
+    files = [_read_ahead(load) for load in loads]
+    return [_process(load, data, params) for load, data in zip(loads, files, strict=True)]
+
+
+def _read_ahead(load: Callable[[], np.ndarray]) -> bytes | ImageReadError | None:
+    """An ImageFile loader's file bytes, or why they cannot be read; None for other loaders (they read when
+    called)."""
+    if not isinstance(load, ImageFile):
+        return None
+    try:
+        return read_file(load.path)
+    except ImageReadError as exc:
+        return exc
+
+
+def _process(load: Callable[[], np.ndarray], data: bytes | ImageReadError | None,
+             params: ImageParams) -> Processed:
+    """process_image given what _read_ahead gave for the loader."""
     file_size = None
     try:
-        if isinstance(load, ImageFile):  # read here, so that the file's size comes back with its face
-            data = read_file(load.path)
-            file_size = len(data)
-            image = decode_image(data, load.path)
-        else:
+        if data is None:
             image = load()
+        elif isinstance(data, ImageReadError):
+            raise data
+        else:  # an ImageFile's bytes: their size comes back with the face, for the source fingerprint
+            file_size = len(data)
+            image = decode_image(data, load.path)  # type: ignore[attr-defined]
     except ImageReadError as exc:
         return None, None, exc.reason, file_size
     if params.channels == 1 and image.ndim == 3:
@@ -98,11 +126,6 @@ def process_image(load: Callable[[], np.ndarray], params: ImageParams) -> Proces
     if not ok:
         raise RuntimeError(f"cv2.imencode failed on a {pixels.shape} image")
     return png.tobytes(), face.detected, None, file_size
-
-
-def _process_chunk(loads: Loads, params: ImageParams) -> list[Processed]:
-    """process_image of a run of loaders: one task for a helper process (one message each way per chunk)."""
-    return [process_image(load, params) for load in loads]
 
 
 def _init_worker() -> None:
