@@ -9,7 +9,7 @@ the source fingerprint, manifest), timed wall clock from the call to its return 
 fresh output folder (replacing an earlier output would add deleting it; the folder is removed untimed).
 Four parts of the single-core time are shown apart so that a shortfall can be placed: listing the source,
 the per-image work with its file reads, writing the shards from PNGs already made, and the source
-fingerprint. With --workers N > 1
+fingerprint (from the sizes those reads found, as the job makes it). With --workers N > 1
 the bound is also run in N processes at once: what N cores give on this machine at the moment (shared or
 virtual cores give less than N times one), the ceiling for workers=N / workers=1. A --limit run reads a
 tree of symlinks, which costs listing and reading a few us per image more than the full set.
@@ -40,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fer_dist.data.pack import ImageParams, _ShardsWriter, pack, process_image, source_fingerprint
+from fer_dist.data.pack import CHUNK, ImageParams, _process_chunk, _ShardsWriter, pack, source_fingerprint
 from fer_dist.data.sources import SourceOptions, get_source
 from fer_dist.data.splits import assign_splits
 
@@ -133,18 +133,22 @@ def child(src: str, out: str, workers: str) -> None:
 
 
 def parts(src: Path, out: Path) -> list[Timing]:
-    """On one core: listing the source; per-image work with file reads; writing the shards; the source
-    fingerprint (a stat per file)."""
+    """On one core: listing the source; per-image work with file reads (in the job's chunks, each chunk's
+    files read ahead of its image work); writing the shards; the source fingerprint (as the job makes it:
+    the image files' sizes taken from those reads)."""
     timer = Timer()
     listing = get_source("fer2013")([src], SourceOptions())
     listed = timer.stop()
-    timer = Timer()
-    source_fingerprint("fer2013", [src], listing, SourceOptions())
-    fingerprinted = timer.stop()
     params = ImageParams(48, 1, "none")
+    loads = [record.load for record in listing.records]
+    chunks = [loads[i:i + CHUNK] for i in range(0, len(loads), CHUNK)]
     timer = Timer()
-    results = [process_image(record.load, params) for record in listing.records]
+    results = [result for chunk in chunks for result in _process_chunk(chunk, params)]
     worked = timer.stop()
+    sizes = {load.path: result[3] for load, result in zip(loads, results, strict=True)}
+    timer = Timer()
+    source_fingerprint("fer2013", [src], listing, SourceOptions(), sizes)
+    fingerprinted = timer.stop()
     splits = assign_splits(listing.records)
     out.mkdir()
     writer = _ShardsWriter(out, dict.fromkeys(set(splits), 1000))
@@ -158,7 +162,7 @@ def parts(src: Path, out: Path) -> list[Timing]:
 
 
 PARTS = ("part: listing (fer2013 source)", "part: read + decode + align + encode, 1 core",
-         "part: writing shards (tar, json, checksums)", "part: source fingerprint (stat per file)")
+         "part: writing shards (tar, json, checksums)", "part: source fingerprint (sizes from the reads)")
 
 
 def measure_round(blobs: list[np.ndarray], files: list[Path], src: Path, tmp: Path,
