@@ -1,6 +1,6 @@
 """Benchmark `fer-dist shard` on the real FER2013 against the one-core decode + encode bound.
 
-    .venv/bin/python tools/bench/bench_shard.py [--limit N] [--workers 1,2] [--repeat R]
+    .venv/bin/python tools/bench/bench_shard.py [--limit N] [--workers 1,2] [--repeat R] [--baseline DIR]
 
 The bound, measured in the same run on the same files: every file's bytes read into RAM first, then
 cv2.imdecode + cv2.imencode(".png") per image on one core, no file I/O. The pipeline is the whole `pack()`
@@ -40,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fer_dist.data.pack import CHUNK, ImageParams, _process_chunk, _ShardsWriter, pack, source_fingerprint
+from fer_dist.data.pack import CHUNK, ImageParams, _process_chunk, _ShardsWriter, source_fingerprint
 from fer_dist.data.sources import SourceOptions, get_source
 from fer_dist.data.splits import assign_splits
 
@@ -113,23 +113,36 @@ def _bound_child(files: list[Path], start: Any, results: Any) -> None:
     results.put(bound(blobs))
 
 
-def pipeline(src: Path, out: Path, workers: int) -> tuple[Timing, int]:
+# One timed pack() call; prints [wall seconds, CPU seconds (helper processes included), faces]. Run with
+# `python -c`, a --baseline checkout first on the path so that its fer_dist is the one timed.
+CHILD = """
+import json, resource, sys, time
+from pathlib import Path
+src, out, workers, code = sys.argv[1:5]
+if code:
+    sys.path.insert(0, code)
+from fer_dist.data.pack import pack
+
+def cpu():
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+wall, used = time.perf_counter(), cpu()
+summary = pack("fer2013", [Path(src)], Path(out), workers=int(workers), overwrite=True, progress=False)
+print(json.dumps([time.perf_counter() - wall, cpu() - used, summary.manifest.num_ids]))  # helpers joined
+"""
+
+
+def pipeline(src: Path, out: Path, workers: int, code: Path | None = None) -> tuple[Timing, int]:
     """One whole pack() call in a fresh process (it pays the worker pool's start as a `fer-dist shard`
-    does), and the faces written."""
-    command = [sys.executable, __file__, "--child", str(src), str(out), str(workers)]
+    does), and the faces written; `code`: a checkout whose fer_dist to time instead of this one."""
+    command = [sys.executable, "-c", CHILD, str(src), str(out), str(workers), str(code or "")]
     try:
         done = subprocess.run(command, check=True, capture_output=True, text=True)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     wall, cpu, count = json.loads(done.stdout)
     return (wall, cpu), count
-
-
-def child(src: str, out: str, workers: str) -> None:
-    """One timed pack() call; prints [wall seconds, CPU seconds (helper processes included), faces]."""
-    timer = Timer()
-    summary = pack("fer2013", [Path(src)], Path(out), workers=int(workers), overwrite=True, progress=False)
-    print(json.dumps([*timer.stop(), summary.manifest.num_ids]))  # the pool has joined its helpers
 
 
 def parts(src: Path, out: Path) -> list[Timing]:
@@ -165,8 +178,8 @@ PARTS = ("part: listing (fer2013 source)", "part: read + decode + align + encode
          "part: writing shards (tar, json, checksums)", "part: source fingerprint (sizes from the reads)")
 
 
-def measure_round(blobs: list[np.ndarray], files: list[Path], src: Path, tmp: Path,
-                  workers: list[int]) -> dict[str, tuple[Timing, int]]:
+def measure_round(blobs: list[np.ndarray], files: list[Path], src: Path, tmp: Path, workers: list[int],
+                  baseline: Path | None) -> dict[str, tuple[Timing, int]]:
     """Every measurement once: name -> (timing, images)."""
     n, cores = len(blobs), max(workers)
     measured = {"bound: decode + PNG encode in RAM, 1 core": (bound(blobs), n)}
@@ -176,6 +189,8 @@ def measure_round(blobs: list[np.ndarray], files: list[Path], src: Path, tmp: Pa
         measured[name] = (timing, n)
     for w in workers:
         measured[f"pipeline: fer-dist shard --workers {w}"] = pipeline(src, tmp / "out", w)
+        if baseline is not None:
+            measured[f"baseline: fer-dist shard --workers {w}"] = pipeline(src, tmp / "out", w, baseline)
     return measured
 
 
@@ -185,11 +200,10 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None, help="use N images spread over the set")
     parser.add_argument("--workers", default="1,2", help="worker counts to time, comma-separated")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of measurements; the best counts")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a checkout of fer-dist (say `git worktree add /tmp/base <commit>`) whose "
+                        "pipeline is timed side by side with this one")
     args = parser.parse_args()
-    if args.child:
-        child(*args.child)
-        return 0
     if not args.src.is_dir():
         print(f"skipped: {args.src} is absent (FER2013 image folders, see ../shared/README.md)")
         return 0
@@ -203,7 +217,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_shard-") as tmp:
         src = args.src if args.limit is None else linked_subset(args.src, files, Path(tmp) / "src")
         for _ in range(args.repeat):
-            for name, ((wall, cpu), count) in measure_round(blobs, files, src, Path(tmp), workers).items():
+            measured = measure_round(blobs, files, src, Path(tmp), workers, args.baseline)
+            for name, ((wall, cpu), count) in measured.items():
                 old = best.get(name, (float("inf"), float("inf"), count))
                 best[name] = (min(old[0], wall), min(old[1], cpu), count)
     report(best, workers)
@@ -229,6 +244,10 @@ def report(best: dict[str, tuple[float, float, int]], workers: list[int]) -> Non
         for w in workers:
             if w != 1:
                 print(f"workers={w} / workers=1 = {pipelines[w] / pipelines[1]:.2f}x (wall clock)")
+    for w in workers:
+        if f"baseline: fer-dist shard --workers {w}" in rates:
+            faster = pipelines[w] / rates[f"baseline: fer-dist shard --workers {w}"][0]
+            print(f"workers={w}: this checkout / the baseline = {faster:.2f}x the speed (wall clock)")
     cores = max(workers)
     if cores > 1:
         ceiling = rates[f"bound: the same on {cores} cores at once"][0] / limit
