@@ -74,19 +74,14 @@ Processed = tuple[bytes | None, bool | None, str | None, int | None]
 Loads = list[Callable[[], np.ndarray]]
 
 
-def process_image(load: Callable[[], np.ndarray], params: ImageParams) -> Processed:
-    """Load one face, convert its channels, align it and encode it as PNG; a corrupt file gives a reason."""
-    return _process(load, _read_ahead(load), params)
-
-
 def _process_chunk(loads: Loads, params: ImageParams) -> list[Processed]:
-    """process_image of a run of loaders: one task for a helper process (one message each way per chunk).
+    """_process_image of a run of loaders: one task for a helper process (one message each way per chunk).
 
     The run's files are read first, then decoded and encoded: alternating file reads with image coding made
-    each FER2013 face ~3 us slower (the kernel's file reading and the codecs evict each other's caches).
+    each FER2013 face 1.5-3 us slower (timed side by side in one process; BENCHMARKS.md).
     """
     files = [_read_ahead(load) for load in loads]
-    return [_process(load, data, params) for load, data in zip(loads, files, strict=True)]
+    return [_process_image(load, data, params) for load, data in zip(loads, files, strict=True)]
 
 
 def _read_ahead(load: Callable[[], np.ndarray]) -> bytes | ImageReadError | None:
@@ -100,9 +95,10 @@ def _read_ahead(load: Callable[[], np.ndarray]) -> bytes | ImageReadError | None
         return exc
 
 
-def _process(load: Callable[[], np.ndarray], data: bytes | ImageReadError | None,
-             params: ImageParams) -> Processed:
-    """process_image given what _read_ahead gave for the loader."""
+def _process_image(load: Callable[[], np.ndarray], data: bytes | ImageReadError | None,
+                   params: ImageParams) -> Processed:
+    """Load one face (from what _read_ahead gave for its loader), convert its channels, align it and encode it
+    as PNG; a corrupt file gives a reason."""
     file_size = None
     try:
         if data is None:
@@ -183,7 +179,7 @@ class _Processor:
             self.pool.shutdown(wait=exc_type is None and self._helpers_up(), cancel_futures=True)
 
     def map(self, loads: Loads, params: ImageParams) -> Iterator[Processed]:
-        """process_image of every loader, in the order of `loads`."""
+        """_process_image of every loader, in the order of `loads`."""
         size = max(1, min(CHUNK, len(loads) // (8 * (self.helpers + 1))))
         chunks = [loads[i:i + size] for i in range(0, len(loads), size)]
         if self.pool is None:
