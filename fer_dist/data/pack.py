@@ -454,9 +454,6 @@ def _relative_paths(paths: list[str], src: Sequence[Path]) -> list[str]:
     """Each path relative to its --src: the fingerprint must not depend on where the data lives."""
     # Strings, not Paths: this runs once per file, and pathlib costs as much as a face's PNG encoding.
     bases = [os.path.join(root if root.is_dir() else root.parent, "") for root in src]
-    if len(bases) == 1 and os.sep == "/":  # the common case, in one pass
-        base, cut = bases[0], len(bases[0])
-        return [p[cut:] if p.startswith(base) else os.path.basename(p) for p in paths]
     return [_relative(p, bases) for p in paths]
 
 

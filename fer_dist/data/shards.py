@@ -8,12 +8,10 @@ digest per sample so that verification can name the sample that changed, not onl
 
 from __future__ import annotations
 
-import array
 import functools
 import hashlib
 import io
 import json
-import sys
 import tarfile
 import zlib
 from collections.abc import Sequence
@@ -91,23 +89,15 @@ def sample_bytes(key: str, members: dict[str, bytes]) -> bytes:
 
 
 def _sample_bytes(key: str, contents: Sequence[bytes]) -> bytes:
-    """sample_bytes from the members' contents in MEMBERS order (.cls, .json, .png), _header written out:
-    this runs once per sample, and a loop over the members costs a quarter more."""
+    """sample_bytes from the members' contents in MEMBERS order (_header inlined: once per sample)."""
     raw = key.encode("ascii")
     key_sum = sum(raw)
-    (cls_tail, cls_sum), (json_tail, json_sum), (png_tail, png_sum) = _name_tails(len(raw))
-    cls, doc, png = contents
-    cls_field, cls_field_sum = _size_field(len(cls))
-    doc_field, doc_field_sum = _size_field(len(doc))
-    png_field, png_field_sum = _size_field(len(png))
-    return b"".join((
-        raw, cls_tail, cls_field, _MTIME, b"%06o\0 " % (cls_sum + key_sum + cls_field_sum), _AFTER_CHKSUM,
-        cls, _PADDING[-len(cls) % tarfile.BLOCKSIZE],
-        raw, json_tail, doc_field, _MTIME, b"%06o\0 " % (json_sum + key_sum + doc_field_sum), _AFTER_CHKSUM,
-        doc, _PADDING[-len(doc) % tarfile.BLOCKSIZE],
-        raw, png_tail, png_field, _MTIME, b"%06o\0 " % (png_sum + key_sum + png_field_sum), _AFTER_CHKSUM,
-        png, _PADDING[-len(png) % tarfile.BLOCKSIZE],
-    ))
+    parts: list[bytes] = []
+    for (tail, fixed_sum), data in zip(_name_tails(len(raw)), contents, strict=True):
+        field, field_sum = _size_field(len(data))
+        parts += (raw, tail, field, _MTIME, b"%06o\0 " % (fixed_sum + key_sum + field_sum), _AFTER_CHKSUM,
+                  data, _PADDING[-len(data) % tarfile.BLOCKSIZE])
+    return b"".join(parts)
 
 
 @functools.lru_cache(maxsize=8)
@@ -130,33 +120,33 @@ def tar_end(written: int) -> bytes:
 
 
 class _OpenShard:
-    """A shard being written: its file, running sha256 and size, and what its ShardInfo will say.
-    SplitWriter.add appends to it directly: the per-sample path is kept to one call."""
+    """A shard being written: its file, running sha256 and size, and what its ShardInfo will say."""
 
     def __init__(self, path: Path, first_id: int) -> None:
         self.path, self.first_id = path, first_id
         self.file = open(path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 -- closed by close() or abort()
-        self.sha256 = hashlib.sha256()  # of what is written: the shard is not read again for its checksum
+        self.sha256 = hashlib.sha256()
         self.written = 0
-        self.crcs = array.array("I")  # each sample's CRC-32 (sample_digest), made hex at close
+        self.digests: list[str] = []
         self.labelled = 0
 
+    def add(self, key: str, contents: Sequence[bytes]) -> None:
+        """Append a sample from its members' contents in MEMBERS order."""
+        data = _sample_bytes(key, contents)
+        self._write(data)
+        self.digests.append(f"{zlib.crc32(data):08x}")  # sample_digest without building the bytes twice
+
     def close(self) -> ShardInfo:
-        end = tar_end(self.written)
-        self.file.write(end)
-        self.sha256.update(end)
+        self._write(tar_end(self.written))
         self.file.close()
-        return ShardInfo(self.path.name, len(self.crcs), self.first_id, self.labelled,
-                         self.sha256.hexdigest(), _hex_digests(self.crcs))
+        return ShardInfo(self.path.name, len(self.digests), self.first_id, self.labelled,
+                         self.sha256.hexdigest(), "".join(self.digests))
 
-
-def _hex_digests(crcs: array.array) -> str:
-    """CRC-32s as DIGEST_CHARS hex digits each, as f"{crc:08x}" writes them, in one pass."""
-    assert crcs.itemsize * 2 == DIGEST_CHARS
-    big_endian = array.array(crcs.typecode, crcs)
-    if sys.byteorder == "little":
-        big_endian.byteswap()
-    return big_endian.tobytes().hex()
+    def _write(self, data: bytes) -> None:
+        # Hashing what is written avoids reading the shard a second time for its checksum.
+        self.file.write(data)
+        self.sha256.update(data)
+        self.written += len(data)
 
 
 class SplitWriter:
@@ -181,14 +171,9 @@ class SplitWriter:
             name = CLASSES[label]
             shard.labelled += 1
         meta["id"], meta["label"], meta["class"], meta["split"] = sample_id, label, name, self.split
-        contents = (str(label).encode(), dump_json(meta), png)  # MEMBERS order
-        data = _sample_bytes(sample_key(sample_id), contents)
-        shard.file.write(data)
-        shard.sha256.update(data)
-        shard.written += len(data)
-        shard.crcs.append(zlib.crc32(data))  # sample_digest without building the bytes twice
+        shard.add(sample_key(sample_id), (str(label).encode(), dump_json(meta), png))  # MEMBERS order
         self.class_counts[name] = self.class_counts.get(name, 0) + 1
-        if len(shard.crcs) == self.per_shard:
+        if len(shard.digests) == self.per_shard:
             self._shards.append(shard.close())
             self._open = None
 

@@ -40,10 +40,6 @@ from typing import Any
 import cv2
 import numpy as np
 
-from fer_dist.data.pack import CHUNK, ImageParams, _process_chunk, _ShardsWriter, source_fingerprint
-from fer_dist.data.sources import SourceOptions, get_source
-from fer_dist.data.splits import assign_splits
-
 DEFAULT_SRC = Path(__file__).resolve().parents[3] / "shared" / "data" / "fer2013"
 TARGET = 0.70
 
@@ -113,42 +109,38 @@ def _bound_child(files: list[Path], start: Any, results: Any) -> None:
     results.put(bound(blobs))
 
 
-# One timed pack() call; prints [wall seconds, CPU seconds (helper processes included), faces]. Run with
-# `python -c`, a --baseline checkout first on the path so that its fer_dist is the one timed.
-CHILD = """
-import json, resource, sys, time
-from pathlib import Path
-src, out, workers, code = sys.argv[1:5]
-if code:
-    sys.path.insert(0, code)
-from fer_dist.data.pack import pack
-
-def cpu():
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-wall, used = time.perf_counter(), cpu()
-summary = pack("fer2013", [Path(src)], Path(out), workers=int(workers), overwrite=True, progress=False)
-print(json.dumps([time.perf_counter() - wall, cpu() - used, summary.manifest.num_ids]))  # helpers joined
-"""
-
-
 def pipeline(src: Path, out: Path, workers: int, code: Path | None = None) -> tuple[Timing, int]:
     """One whole pack() call in a fresh process (it pays the worker pool's start as a `fer-dist shard`
-    does), and the faces written; `code`: a checkout whose fer_dist to time instead of this one."""
-    command = [sys.executable, "-c", CHILD, str(src), str(out), str(workers), str(code or "")]
+    does), and the faces written; `code`: a checkout whose fer_dist to time instead of this one (first on
+    the child's path; this module imports fer_dist only inside functions, so it loads either)."""
+    path = [str(code)] if code is not None else []
+    run = (f"import sys; sys.path[:0] = {[*path, str(Path(__file__).parent)]!r}; import bench_shard; "
+           f"bench_shard.child({str(src)!r}, {str(out)!r}, {workers})")
     try:
-        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", run], check=True, capture_output=True, text=True)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     wall, cpu, count = json.loads(done.stdout)
     return (wall, cpu), count
 
 
+def child(src: str, out: str, workers: int) -> None:
+    """One timed pack() call; prints [wall seconds, CPU seconds (helper processes included), faces]."""
+    from fer_dist.data.pack import pack
+
+    timer = Timer()
+    summary = pack("fer2013", [Path(src)], Path(out), workers=workers, overwrite=True, progress=False)
+    print(json.dumps([*timer.stop(), summary.manifest.num_ids]))  # the pool has joined its helpers
+
+
 def parts(src: Path, out: Path) -> list[Timing]:
     """On one core: listing the source; per-image work with file reads (in the job's chunks, each chunk's
     files read ahead of its image work); writing the shards; the source fingerprint (as the job makes it:
     the image files' sizes taken from those reads)."""
+    from fer_dist.data.pack import CHUNK, ImageParams, _process_chunk, _ShardsWriter, source_fingerprint
+    from fer_dist.data.sources import SourceOptions, get_source
+    from fer_dist.data.splits import assign_splits
+
     timer = Timer()
     listing = get_source("fer2013")([src], SourceOptions())
     listed = timer.stop()
