@@ -1,4 +1,4 @@
-"""The sharding benchmark runs end to end (on a generated FER2013 tree, so CI needs no data set)."""
+"""The sharding benchmarks run end to end (on a generated FER2013 tree, so CI needs no data set)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,13 @@ def test_bench_shard_reports_every_measurement_and_the_verdicts(tmp_path: Path) 
     left = r"floor / bound = \d+%: at 70% of the bound, -?[\d.]+ us per image are left for the job's own"
     assert re.search(left + r" Python \(it spends -?[\d.]+\)", out), out
     assert re.search(r"workers=2 / workers=1 = [\d.]+x", out), out
+
+
+def test_shard_costs_times_each_feature(tmp_path: Path) -> None:
+    src = make_fer2013_folders(tmp_path / "fer2013")
+    costs = BENCH.with_name("shard_costs.py")
+    done = subprocess.run([sys.executable, str(costs), "--src", str(src), "--repeat", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for name in ("metadata JSON", "tar headers", "ordering", "listing beyond the walk", "sum"):
+        assert re.search(rf"^{name}.*\s-?[\d.]+ us/face$", done.stdout, re.MULTILINE), (name, done.stdout)

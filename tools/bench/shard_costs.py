@@ -1,0 +1,97 @@
+"""Per FER2013 face, the cost of each shard job feature that bench_shard.py's floor leaves out.
+
+Each is timed apart, the garbage collector off as in the job.
+
+    .venv/bin/python tools/bench/shard_costs.py [--src DIR] [--repeat R]
+
+- metadata JSON: `dump_json` of each face's document (source metadata, key, alignment, id, label, class,
+  split);
+- tar headers: `_sample_bytes` with real headers (key, sizes, checksums) minus the floor's join of fixed ones;
+- ordering: split assignment, the seeded shuffle keys and the sort;
+- listing beyond the walk: the fer2013 source's listing minus the floor's `os.walk` and sort.
+The source fingerprint is timed by bench_shard.py itself (its "part: source fingerprint" row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import bench_shard
+
+PNG = b"p" * 1500  # a FER2013 face's PNG is ~1.5 KB
+JSON = b"j" * 180
+
+
+def best_of(repeat: int, run: Callable[[], object]) -> float:
+    """The fastest of `repeat` calls, in seconds."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> int:
+    from fer_dist.data.pack import _shuffle_key
+    from fer_dist.data.shards import _sample_bytes, dump_json
+    from fer_dist.data.sources import SourceOptions, get_source
+    from fer_dist.data.splits import assign_splits, split_order
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--src", type=Path, default=bench_shard.DEFAULT_SRC,
+                        help="FER2013 in image-folder form")
+    parser.add_argument("--repeat", type=int, default=5, help="calls of each; the fastest counts")
+    args = parser.parse_args()
+    if not args.src.is_dir():
+        print(f"skipped: {args.src} is absent (FER2013 image folders, see ../shared/README.md)")
+        return 0
+    gc.disable()
+    records = get_source("fer2013")([args.src], SourceOptions()).records
+    splits = assign_splits(records)
+    documents = [{**r.meta, "key": r.key, "aligned": "not_attempted", "id": i, "label": r.label,
+                  "class": "happy", "split": s} for i, (r, s) in enumerate(zip(records, splits, strict=True))]
+    header, padding = bench_shard._HEADER, bench_shard._PAD
+
+    def real_headers() -> None:
+        for i in range(len(records)):
+            _sample_bytes(f"{i:08d}", (b"3", JSON, PNG))
+
+    def fixed_headers() -> None:
+        for _ in range(len(records)):
+            b"".join((header, b"3", padding[1], header, JSON, padding[len(JSON)], header, PNG,
+                      padding[len(PNG) % 512]))
+
+    def ordering() -> None:
+        names = assign_splits(records)
+        rank = {name: i for i, name in enumerate(split_order(names))}
+        keys = [(rank[s], _shuffle_key(0, r.key)) for s, r in zip(names, records, strict=True)]
+        sorted(range(len(keys)), key=keys.__getitem__)
+
+    def walk() -> None:
+        sorted(os.path.join(here, name) for here, _, names in os.walk(args.src) for name in names
+               if name.endswith(".jpg"))
+
+    n, r = len(records), args.repeat
+    costs = {
+        "metadata JSON": best_of(r, lambda: [dump_json(d) for d in documents]),
+        "tar headers (beyond fixed ones)": best_of(r, real_headers) - best_of(r, fixed_headers),
+        "ordering (splits, shuffle keys, sort)": best_of(r, ordering),
+        "listing beyond the walk": best_of(r, lambda: get_source("fer2013")([args.src], SourceOptions()))
+        - best_of(r, walk),
+    }
+    print(f"FER2013: {n} faces from {args.src}; best of {r}; load average {os.getloadavg()[0]:.2f}")
+    for name, seconds in costs.items():
+        print(f"{name:<40}{seconds * 1e6 / n:>8.2f} us/face")
+    print(f"{'sum':<40}{sum(costs.values()) * 1e6 / n:>8.2f} us/face")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
