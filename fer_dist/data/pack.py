@@ -303,6 +303,19 @@ def pack(
     return PackSummary(out, manifest, warnings, time.perf_counter() - started)
 
 
+def write_order(records: Sequence[Record], splits: Sequence[str], seed: int) -> list[int]:
+    """The records' indices in the order they get ids: split by split (train, val, test, others), each
+    split in an order shuffled by the seed.
+
+    In key order a shard would hold one class (FER2013's folders) or one subject, and a rank streaming a
+    contiguous run of shards would see batches of one class. The shuffle is a hash of (seed, key): the same
+    whatever the number of workers or the order the source listed the records in.
+    """
+    rank = {name: i for i, name in enumerate(split_order(splits))}
+    sort_keys = [(rank[s], _shuffle_key(seed, r.key)) for s, r in zip(splits, records, strict=True)]
+    return sorted(range(len(records)), key=sort_keys.__getitem__)
+
+
 def _shuffle_key(seed: int, key: str) -> bytes:
     return hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
 
@@ -314,13 +327,7 @@ def _build(tmp: Path, dataset: str, listing: Listing, params: dict, processor: _
     records = listing.records
     splits = assign_splits(records, params["split"], params["seed"])
     fold_ids = assign_folds(records, params["folds"], params["seed"]) if params["folds"] else None
-    rank = {name: i for i, name in enumerate(split_order(splits))}
-    # Ids go split by split (train, val, test, others), each in an order shuffled by the seed: in key order a
-    # shard would hold one class (FER2013's folders) or one subject, and a rank streaming a contiguous run
-    # of shards would see batches of one class. The shuffle is a hash of (seed, key): the same whatever the
-    # number of workers or the order the source listed the records in.
-    sort_keys = [(rank[s], _shuffle_key(params["seed"], r.key)) for s, r in zip(splits, records, strict=True)]
-    order = sorted(range(len(records)), key=sort_keys.__getitem__)
+    order = write_order(records, splits, params["seed"])
     writer = _ShardsWriter(tmp, _shard_sizes(Counter(splits), params["samples_per_shard"]))
     image = ImageParams(params["size"], params["channels"], params["align"])
     results = processor.map([records[i].load for i in order], image)

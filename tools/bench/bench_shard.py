@@ -131,23 +131,32 @@ def floor(src: Path, out: Path) -> Timing:
     from fer_dist.data.sources.base import read_file  # the job's reader: open, reads, close
 
     timer = Timer()
-    paths = sorted(os.path.join(here, name) for here, _, names in os.walk(src) for name in names
-                   if name.endswith(".jpg"))
+    paths = jpeg_paths(src)
     sha256 = hashlib.sha256()
     with open(out, "wb", buffering=1 << 20) as tar:
         for start in range(0, len(paths), CHUNK):
             files = [read_file(path) for path in paths[start:start + CHUNK]]
             for data in files:
                 image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-                png = cv2.imencode(".png", image)[1].tobytes()
-                sample = b"".join((_HEADER, b"3", _PAD[1], _HEADER, _JSON, _PAD[len(_JSON)], _HEADER, png,
-                                   _PAD[len(png) % _BLOCK]))
+                sample = fixed_sample(cv2.imencode(".png", image)[1].tobytes())
                 tar.write(sample)
                 sha256.update(sample)
                 zlib.crc32(sample)
     timing = timer.stop()
     os.remove(out)
     return timing
+
+
+def jpeg_paths(src: Path) -> list[str]:
+    """Every JPEG under src, sorted: the least listing of FER2013's image folders."""
+    return sorted(os.path.join(here, name) for here, _, names in os.walk(src) for name in names
+                  if name.endswith(".jpg"))
+
+
+def fixed_sample(png: bytes) -> bytes:
+    """A tar sample of the job's size around `png`, with fixed bytes for its headers, class and JSON."""
+    return b"".join((_HEADER, b"3", _PAD[1], _HEADER, _JSON, _PAD[len(_JSON)], _HEADER, png,
+                     _PAD[len(png) % _BLOCK]))
 
 
 def pipeline(src: Path, out: Path, workers: int, code: Path | None = None) -> tuple[Timing, int]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import bench_shard
 
 PNG = b"p" * 1500  # a FER2013 face's PNG is ~1.5 KB
-JSON = b"j" * 180
+JSON = bench_shard._JSON
 
 
 def best_of(repeat: int, run: Callable[[], object]) -> float:
@@ -39,10 +39,10 @@ def best_of(repeat: int, run: Callable[[], object]) -> float:
 
 
 def main() -> int:
-    from fer_dist.data.pack import _shuffle_key
+    from fer_dist.data.pack import write_order
     from fer_dist.data.shards import _sample_bytes, dump_json
     from fer_dist.data.sources import SourceOptions, get_source
-    from fer_dist.data.splits import assign_splits, split_order
+    from fer_dist.data.splits import assign_splits
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--src", type=Path, default=bench_shard.DEFAULT_SRC,
@@ -57,7 +57,6 @@ def main() -> int:
     splits = assign_splits(records)
     documents = [{**r.meta, "key": r.key, "aligned": "not_attempted", "id": i, "label": r.label,
                   "class": "happy", "split": s} for i, (r, s) in enumerate(zip(records, splits, strict=True))]
-    header, padding = bench_shard._HEADER, bench_shard._PAD
 
     def real_headers() -> None:
         for i in range(len(records)):
@@ -65,18 +64,10 @@ def main() -> int:
 
     def fixed_headers() -> None:
         for _ in range(len(records)):
-            b"".join((header, b"3", padding[1], header, JSON, padding[len(JSON)], header, PNG,
-                      padding[len(PNG) % 512]))
+            bench_shard.fixed_sample(PNG)
 
     def ordering() -> None:
-        names = assign_splits(records)
-        rank = {name: i for i, name in enumerate(split_order(names))}
-        keys = [(rank[s], _shuffle_key(0, r.key)) for s, r in zip(names, records, strict=True)]
-        sorted(range(len(keys)), key=keys.__getitem__)
-
-    def walk() -> None:
-        sorted(os.path.join(here, name) for here, _, names in os.walk(args.src) for name in names
-               if name.endswith(".jpg"))
+        write_order(records, assign_splits(records), seed=0)
 
     n, r = len(records), args.repeat
     costs = {
@@ -84,7 +75,7 @@ def main() -> int:
         "tar headers (beyond fixed ones)": best_of(r, real_headers) - best_of(r, fixed_headers),
         "ordering (splits, shuffle keys, sort)": best_of(r, ordering),
         "listing beyond the walk": best_of(r, lambda: get_source("fer2013")([args.src], SourceOptions()))
-        - best_of(r, walk),
+        - best_of(r, lambda: bench_shard.jpeg_paths(args.src)),
     }
     print(f"FER2013: {n} faces from {args.src}; best of {r}; load average {os.getloadavg()[0]:.2f}")
     for name, seconds in costs.items():
