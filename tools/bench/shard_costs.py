@@ -39,7 +39,8 @@ def best_of(repeat: int, run: Callable[[], object]) -> float:
 
 
 def main() -> int:
-    from fer_dist.data.pack import write_order
+    from fer_dist.classes import CLASSES
+    from fer_dist.data.pack import FACE_OUTCOMES, write_order
     from fer_dist.data.shards import _sample_bytes, dump_json
     from fer_dist.data.sources import SourceOptions, get_source
     from fer_dist.data.splits import assign_splits
@@ -55,8 +56,11 @@ def main() -> int:
     gc.disable()
     records = get_source("fer2013")([args.src], SourceOptions()).records
     splits = assign_splits(records)
-    documents = [{**r.meta, "key": r.key, "aligned": "not_attempted", "id": i, "label": r.label,
-                  "class": "happy", "split": s} for i, (r, s) in enumerate(zip(records, splits, strict=True))]
+    # Each face's document as the job makes it: the source's metadata, then what _ShardsWriter.add and
+    # SplitWriter.add put in (FER2013's faces are not aligned: align none).
+    documents = [{**r.meta, "key": r.key, "aligned": FACE_OUTCOMES[None], "id": i, "label": r.label,
+                  "class": CLASSES[r.label], "split": s}
+                 for i, (r, s) in enumerate(zip(records, splits, strict=True))]
 
     def real_headers() -> None:
         for i in range(len(records)):
