@@ -39,7 +39,9 @@ class RunData:
 
 
 def _entries(cfg: DataConfig) -> list[tuple[str, ShardsRef]]:
-    return [(part, ref) for part in ("labelled", "unlabelled", "val", "test") for ref in getattr(cfg, part)]
+    # X_u last: directories get their id offsets in this order, so the ids of X_l, val and test do not
+    # depend on which unlabelled set an arm adds (arms share what they do not vary).
+    return [(part, ref) for part in ("labelled", "val", "test", "unlabelled") for ref in getattr(cfg, part)]
 
 
 def _mask(num_ids: int, shards: list[RunShard]) -> torch.Tensor:

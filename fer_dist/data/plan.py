@@ -8,10 +8,11 @@ Train epoch (equal steps per rank, computed, not hoped for):
 - A rank's batches are split among its W workers by round-robin position: batch j of the rank comes from
   worker role j % W, so role w yields `worker_quotas(steps, W)[w]` batches (they sum to steps), which is the
   order in which a DataLoader over an IterableDataset hands out its workers' batches.
-- The selected ids are laid out in a cyclic sequence: shards in an order shuffled by (seed, epoch), each
-  shard's selected ids ascending. Every (rank, role) slot owns a contiguous window of exactly quota * b
-  positions of that sequence; the windows tile [0, steps * global_batch), so every selected sample appears
-  at least once and the steps * global_batch - N < global_batch repeats are taken from the sequence's start.
+- The selected ids are laid out in a cyclic sequence: the shards that hold selected ids, in an order
+  shuffled by (seed, epoch) over those shards only, each shard's selected ids ascending. Every (rank,
+  role) slot owns a contiguous window of exactly quota * b positions of that sequence; the windows tile
+  [0, steps * global_batch), so every selected sample appears at least once and the
+  steps * global_batch - N < global_batch repeats are taken from the sequence's start.
   A window is cut into pieces (shard, ids): whole shards where shards are many, parts of shards where they
   are few (fewer shards than ranks x workers needs no special case), so balance is by selected count.
 - Resuming after k batches: worker i of the resumed DataLoader plays role (i + k) % W and skips the batches
@@ -129,7 +130,10 @@ def train_plan(
     steps, b, roles = train_steps(n, global_batch), global_batch // world, max(1, workers)
     if not 0 <= skip <= steps:
         raise FerDistError(f"skip_batches {skip} is outside 0..{steps} (the epoch's steps)")
-    order = [i for i in shard_order(len(selected), seed, epoch) if selected[i].size]
+    # Only the shards holding selected ids are shuffled: an epoch's batches depend on what it reads, not on
+    # other shards of the stream's list (the warm-up's on X_l alone, whatever data.unlabelled adds).
+    held = [i for i in range(len(selected)) if selected[i].size]
+    order = [held[j] for j in shard_order(len(held), seed, epoch)]
     quotas = worker_quotas(steps, roles)
     done = worker_quotas(skip, roles)  # batches each role yielded before the resume point
     starts = rank * steps * b + b * np.concatenate([[0], np.cumsum(quotas)])

@@ -1,0 +1,111 @@
+"""Arms share what they do not vary: runs differing only in data.unlabelled train the very same warm-up.
+
+Two real 2-process gloo runs over the same labelled, validation and test shards; one takes its unlabelled
+samples from the same folder's test split (the paper's transductive protocol), the other from a second
+shard folder with a different number of shards and ids. The warm-up reads no unlabelled sample, so its
+checkpoints must be identical to the bit, and the validation accuracies equal.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from shard_fixtures import synthetic_dir
+
+from fer_dist.checkpoint import load_checkpoint
+from fer_dist.config import DataConfig
+from fer_dist.data import plan
+from fer_dist.data.pack import pack
+from fer_dist.data.sources.base import SourceOptions
+from fer_dist.run_data import load_run_data
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
+def test_a_train_plan_ignores_shards_it_selects_nothing_from(world, workers):
+    """Shards with no selected id (X_u's, during the warm-up) leave the shard order and the batches alone."""
+    rng = np.random.default_rng(0)
+    held = [np.sort(rng.choice(1000, 30, replace=False)) + 1000 * k for k in range(6)]
+    empty = np.zeros(0, dtype=np.int64)
+
+    def batches(selected):
+        out = []
+        for rank in range(world):
+            slots = plan.train_plan(selected, global_batch=8, world=world, rank=rank, workers=workers, seed=4,
+                                    epoch=2)[1]
+            out.append([p.ids.tolist() for s in slots for p in s.pieces])
+        return out
+
+    assert batches(held) == batches(held + [empty] * 5) == batches(held + [empty] * 11)
+    assert batches(held) != batches(held[::-1]), "the order of the held shards still matters: a check"
+
+
+def test_ids_of_labelled_val_and_test_do_not_depend_on_the_unlabelled_folder(tmp_path: Path):
+    synthetic_dir(tmp_path / "main", {"train": [6, 5], "val": [4]})
+    synthetic_dir(tmp_path / "held", {"test": [5]})
+    synthetic_dir(tmp_path / "other", {"train": [9, 9]})
+    ref = lambda d, split: [{"dir": str(tmp_path / d), "splits": [split]}]  # noqa: E731
+    base = {"labelled": ref("main", "train"), "val": ref("main", "val"), "test": ref("held", "test")}
+    a = load_run_data(DataConfig(**base, unlabelled=ref("main", "val")))
+    b = load_run_data(DataConfig(**base, unlabelled=ref("other", "train")))
+    assert a.num_ids != b.num_ids
+    n = a.num_ids
+    for part in ("labelled", "val", "test"):
+        assert torch.equal(getattr(a, part), getattr(b, part)[:n]) and not getattr(b, part)[n:].any(), part
+    assert b.unlabelled[n:].any()
+
+
+@pytest.mark.slow
+def test_warm_up_does_not_depend_on_the_unlabelled_set(tmp_path: Path):
+    opts = SourceOptions(subjects=12, frames=5)
+    pack("synthetic", [], tmp_path / "main", options=opts, samples_per_shard=40, workers=1, progress=False)
+    pack("synthetic", [], tmp_path / "other", options=SourceOptions(subjects=8, frames=7, seed=5),
+         samples_per_shard=25, workers=1, progress=False)
+    ref = lambda d, split: [{"dir": str(tmp_path / d), "splits": [split]}]  # noqa: E731
+    base = {
+        "data": {"labelled": ref("main", "train"), "val": ref("main", "val"), "test": ref("main", "test"),
+                 "num_workers": 1},
+        "model": {"backbone": "small_cnn", "pretrained": False, "trainable": "all"},
+        "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 1, "tau": 0.3},
+        "optim": {"lr": 0.002, "batch_size": 16},
+        "run": {"dir": str(tmp_path / "runs"), "debug": True, "progress": False, "num_processes": 2},
+    }
+    arms = {"transductive": ref("main", "test"), "other_folder": ref("other", "train")}
+    for name, unlabelled in arms.items():
+        config = {**base, "data": {**base["data"], "unlabelled": unlabelled}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file",
+               str(REPO / "launch_configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_port()),
+               "-m", "fer_dist.train", "--config", str(tmp_path / f"{name}.yaml"), f"run.name={name}"]
+        result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    runs = [tmp_path / "runs" / name / "checkpoints" for name in arms]
+    a_num_ids, b_num_ids = (load_checkpoint(r / "warmup-0002", 0)[0]["state"]["targets"].shape[0]
+                            for r in runs)
+    assert a_num_ids != b_num_ids, "the two unlabelled sets give the same id space: the test shows nothing"
+    for tag in ("warmup-0001", "warmup-0002"):
+        a, b = (load_checkpoint(r / tag, 0)[0] for r in runs)
+        assert a["model"].keys() == b["model"].keys()
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), f"{tag}: {key} differs"
+        assert [h["val/acc"] for h in a["state"]["history"]] == [h["val/acc"] for h in b["state"]["history"]]
+        assert a["state"]["step"] == b["state"]["step"]
+        # the main folder's ids (X_l, val, test) come first in both id spaces: the same rows, the same targets
+        n = min(a_num_ids, b_num_ids)
+        assert torch.equal(a["state"]["targets"][:n], b["state"]["targets"][:n])
