@@ -61,6 +61,9 @@ class MethodConfig(_Section):
     self_training: bool = Field(True, description="run self-training rounds after the warm-up")
     use_unlabelled: bool = Field(True, description="swap confident unlabelled samples into each round")
     tau: float = Field(0.7, gt=0.0, lt=1.0, description="confidence threshold for unlabelled samples (3.2)")
+    threshold: Literal["fixed", "class_adaptive"] = Field(
+        "fixed", description="fixed: tau (the paper); class_adaptive: per class, the mean confidence of the "
+        "correctly predicted labelled samples of the pass (tau where none)")
     alpha_rule: bool = Field(True, description="rewrite labelled targets with the alpha rule (3.3)")
     alpha: float = Field(0.7, gt=0.0, lt=1.0, description="alpha of the labelled-target rule (3.3)")
     replace_fraction: float = Field(0.1, ge=0.0, le=1.0, description="r: share of X_l swapped (3.4)")

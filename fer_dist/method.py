@@ -4,6 +4,7 @@ Map to /work/shared/METHOD.md:
   section 1   smooth_labels                       two-sided label smoothing
   Notation    soft_cross_entropy                  L = -sum_k q(k|x) log p(k|x)
   3.2         select_confident, confident_unlabelled   U_t = {x in X_u : max_k p_t(k|x) > tau}
+  beyond      class_thresholds                    per-class tau from the labelled predictions (Ada-CM)
   3.3         alpha_target, rewrite_targets       new targets: p for U_t, p or f for X_l (alpha rule)
   3.4         compose_round, round_members        swap a random fraction r of X_l for samples of U_t
   section 4   moving_average, should_stop         stop when the T-round moving average of Acc falls
@@ -74,16 +75,56 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: s
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
-def select_confident(probs: torch.Tensor, tau: float) -> torch.Tensor:
-    """Bool [M]: max_k p(k) > tau, strictly (a maximum equal to tau is not confident)."""
+Threshold = float | torch.Tensor  # one tau for every class, or a [K] tensor: the tau of each class
+
+
+def select_confident(probs: torch.Tensor, tau: Threshold) -> torch.Tensor:
+    """Bool [M]: max_k p(k) > tau, strictly (a maximum equal to tau is not confident).
+
+    With a [K] tensor of thresholds, a row is compared with the threshold of its predicted class (argmax).
+    """
     _check_probs(probs)
     if probs.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=probs.device)
-    return probs.max(dim=1).values > tau
+    top = probs.max(dim=1)
+    if isinstance(tau, torch.Tensor):
+        if tau.shape != (probs.shape[1],):
+            raise ValueError(f"per-class tau must be [{probs.shape[1]}], got {tuple(tau.shape)}")
+        return top.values > tau.to(probs.device, probs.dtype)[top.indices]
+    return top.values > tau
 
 
-def confident_unlabelled(probs: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
-    """Bool [M], the U_t mask of METHOD.md 3.2: unlabelled rows (label -1) whose max probability > tau."""
+def class_thresholds(probs: torch.Tensor, labels: torch.Tensor, *, tau: float, mode: str = "fixed"
+                     ) -> torch.Tensor:
+    """Float [K]: the confidence threshold of each predicted class for this round's selection.
+
+    mode "fixed": tau for every class (METHOD.md 3.2, the paper). mode "class_adaptive" (a step beyond the
+    paper, after Ada-CM, CVPR 2022): for class k, the mean of max_j p(j|x) over the labelled rows of the same
+    prediction pass that are predicted correctly as k (argmax p == y == k); a class with no correctly
+    predicted labelled row falls back to tau. Unlabelled rows (label -1) never enter the means. The means
+    are taken in float64 over the rows in their given order, so every process gets the same value.
+    """
+    _check_probs(probs, rows=labels.shape[0] if labels.dim() == 1 else None)
+    _check_labels(labels, probs.shape[1], allow_unlabelled=True)
+    k = probs.shape[1]
+    out = torch.full((k,), float(tau), dtype=torch.float64)
+    if mode == "fixed":
+        return out.float()
+    if mode != "class_adaptive":
+        raise ValueError(f"mode must be 'fixed' or 'class_adaptive', got {mode!r}")
+    if probs.shape[0]:
+        top = probs.detach().to("cpu", torch.float64).max(dim=1)
+        y = labels.to("cpu", torch.long)
+        right = (y >= 0) & (top.indices == y)
+        count = torch.bincount(y[right], minlength=k)
+        total = torch.zeros(k, dtype=torch.float64).index_add_(0, y[right], top.values[right])
+        out = torch.where(count > 0, total / count.clamp(min=1), out)
+    return out.float()
+
+
+def confident_unlabelled(probs: torch.Tensor, labels: torch.Tensor, tau: Threshold) -> torch.Tensor:
+    """Bool [M], the U_t mask of METHOD.md 3.2: unlabelled rows (label -1) whose max probability > tau
+    (per predicted class where tau is a [K] tensor, see select_confident)."""
     _check_probs(probs, rows=labels.shape[0] if labels.dim() == 1 else None)
     _check_labels(labels, probs.shape[1], allow_unlabelled=True)
     return (labels == UNLABELLED) & select_confident(probs, tau)
@@ -108,13 +149,14 @@ def rewrite_targets(
     labels: torch.Tensor,
     current: torch.Tensor,
     *,
-    tau: float,
+    tau: Threshold,
     alpha: float | None,
 ) -> Rewrite:
     """New targets q_{t+1} from predictions p_t (METHOD.md 3.3); labels -1 mark unlabelled rows.
 
-    Unlabelled: p where max p > tau, otherwise the current row. Labelled: with alpha None (the rule off)
-    the current row; else p where max p > alpha (strictly) and argmax p == y, otherwise f = alpha_target.
+    Unlabelled: p where max p > tau (the predicted class's tau where tau is [K]), otherwise the current
+    row. Labelled: with alpha None (the rule off) the current row; else p where max p > alpha (strictly)
+    and argmax p == y, otherwise f = alpha_target.
     argmax ties resolve to the first maximal class (torch.argmax), so a tie involving y counts as y only
     when y is the lowest tied index.
     """

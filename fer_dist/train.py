@@ -351,7 +351,8 @@ def rewrite_and_draw(run: Run, ids: torch.Tensor, probs: torch.Tensor) -> dict[s
     """
     m, st, data = run.cfg.method, run.state, run.data
     labels = data.method_labels()[ids]
-    rw = method.rewrite_targets(probs, labels, st.targets[ids], tau=m.tau,
+    taus = method.class_thresholds(probs, labels, tau=m.tau, mode=m.threshold)
+    rw = method.rewrite_targets(probs, labels, st.targets[ids], tau=m.tau if m.threshold == "fixed" else taus,
                                 alpha=m.alpha if m.alpha_rule else None)
     st.targets[ids] = rw.targets
     if run.cfg.run.debug:
@@ -371,6 +372,7 @@ def rewrite_and_draw(run: Run, ids: torch.Tensor, probs: torch.Tensor) -> dict[s
         "unlabelled/drawn": int(draw.added.numel()),
         "unlabelled/class_hist": torch.bincount(added_classes, minlength=NUM_CLASSES).tolist(),
         "unlabelled/mean_conf": mean_conf,
+        "unlabelled/thresholds": taus.tolist(),
         "labelled/reset": int(rw.reset.sum()),
         "labelled/kept": int(rw.kept.sum()),
         "labelled/removed": int(draw.removed.numel()),

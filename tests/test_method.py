@@ -6,9 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fer_dist.config import MethodConfig
 from fer_dist.method import (
     RoundDraw,
     alpha_target,
+    class_thresholds,
     compose_round,
     confident_unlabelled,
     moving_average,
@@ -389,3 +391,62 @@ def test_should_stop_default_window_is_five() -> None:
     history = [0.9, 0.5, 0.5, 0.5, 0.5, 0.6]
     assert should_stop(history) is True
     assert should_stop(history, window=1) is False
+
+
+# ---------------------------------------------------------------- beyond the paper: class-adaptive tau
+
+
+def _adaptive_case() -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary fractions, so every mean is exact: class 0's correct rows 0.875, 0.625; class 1's 0.75."""
+    probs = torch.tensor([
+        [0.875, 0.0625, 0.0625],   # y 0, right
+        [0.625, 0.25, 0.125],      # y 0, right
+        [0.5, 0.25, 0.25],         # y 1, wrong (predicted 0): left out of both means
+        [0.125, 0.75, 0.125],      # y 1, right
+        [0.0625, 0.0625, 0.875],   # unlabelled: never in a mean
+        [0.8125, 0.125, 0.0625],   # unlabelled, predicted 0, above 0.75
+        [0.75, 0.125, 0.125],      # unlabelled, predicted 0, equal to 0.75: not confident (strict)
+        [0.125, 0.75, 0.125],      # unlabelled, predicted 1, equal to 0.75: not confident
+        [0.25, 0.125, 0.625],      # unlabelled, predicted 2: no right labelled row, tau 0.5 applies
+    ])
+    return probs, torch.tensor([0, 0, 1, 1, -1, -1, -1, -1, -1])
+
+
+def test_class_thresholds_known_answer_and_fallback_to_tau() -> None:
+    probs, labels = _adaptive_case()
+    assert class_thresholds(probs, labels, tau=0.5, mode="class_adaptive").tolist() == [0.75, 0.75, 0.5]
+    assert class_thresholds(probs, labels, tau=0.5).tolist() == [0.5, 0.5, 0.5]  # fixed, the default
+
+
+def test_class_adaptive_selection_and_rewrite() -> None:
+    probs, labels = _adaptive_case()
+    taus = class_thresholds(probs, labels, tau=0.5, mode="class_adaptive")
+    assert confident_unlabelled(probs, labels, taus).nonzero().flatten().tolist() == [4, 5, 8]
+    assert confident_unlabelled(probs, labels, 0.5).nonzero().flatten().tolist() == [4, 5, 6, 7, 8]
+    rw = rewrite_targets(probs, labels, torch.zeros_like(probs), tau=taus, alpha=None)
+    assert torch.equal(rw.targets[[4, 5, 8]], probs[[4, 5, 8]]) and not rw.targets[[6, 7]].any()
+
+
+def test_class_thresholds_with_nothing_right_is_tau_everywhere() -> None:
+    probs = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    got = class_thresholds(probs, torch.tensor([1, 0]), tau=0.7, mode="class_adaptive")
+    assert torch.equal(got, torch.full((2,), 0.7))
+    assert class_thresholds(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), tau=0.6,
+                            mode="class_adaptive").tolist() == pytest.approx([0.6, 0.6])
+
+
+def test_class_thresholds_and_selection_reject_bad_input() -> None:
+    probs, labels = _adaptive_case()
+    with pytest.raises(ValueError, match="mode"):
+        class_thresholds(probs, labels, tau=0.5, mode="adaptive")
+    with pytest.raises(ValueError, match=r"per-class tau must be \[3\]"):
+        select_confident(probs, torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="labels must lie"):
+        class_thresholds(probs, torch.full((9,), 3), tau=0.5, mode="class_adaptive")
+
+
+def test_method_config_threshold_default_and_choices() -> None:
+    assert MethodConfig().threshold == "fixed"
+    assert MethodConfig(threshold="class_adaptive").threshold == "class_adaptive"
+    with pytest.raises(ValueError, match="threshold"):
+        MethodConfig(threshold="adaptive")
