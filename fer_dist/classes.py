@@ -9,6 +9,7 @@ from fer_dist.errors import FerDistError
 
 CLASSES: tuple[str, ...] = ("anger", "disgust", "fear", "happy", "neutral", "sadness", "surprise")
 NUM_CLASSES = len(CLASSES)
+NEUTRAL = CLASSES.index("neutral")  # first frames of CK+-style sequences
 UNLABELLED = -1
 UNLABELLED_NAME = "unlabelled"
 

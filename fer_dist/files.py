@@ -1,8 +1,12 @@
-"""Writing small files so that a reader never sees half of one: temp sibling, fsync, rename."""
+"""Writing files and folders so that a reader never sees half of one: temp sibling, fsync, rename."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"  # temporary siblings start with it; checkpoint listing and clean-up skip such names
@@ -27,3 +31,30 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` at `out`, replacing an earlier one: readers see the old or the new."""
+    tmp, out = Path(tmp), Path(out)
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f"{tmp.name}-old")
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """A temp sibling of `out` to fill; put in place of `out` when the block ends without an error."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; results are meant to be shared
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

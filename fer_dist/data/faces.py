@@ -51,8 +51,26 @@ def align_face(image: np.ndarray, size: int, method: str) -> AlignedFace:
         raise FerDistError(f"--size: must be at least 1, got {size}")
     if method == "none":
         return AlignedFace(centre_crop(image, size), None)
-    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    found = find_face(grey)
+    return align_found(image, find_face(to_grey(image)), size)
+
+
+def to_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """A grey (HxW) or RGB (HxWx3) image with `channels` channels, converted only where needed."""
+    if channels == 1 and image.ndim == 3:
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    if channels == 3 and image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    return image
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """The grey image detection works on (the image itself when it is grey)."""
+    return image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+
+
+def align_found(image: np.ndarray, found: tuple[Box, tuple[Point, Point] | None] | None,
+                size: int) -> AlignedFace:
+    """`align_face`'s crop from `find_face`'s result: eye-levelled, box-framed or, with no face, centred."""
     if found is None:
         return AlignedFace(centre_crop(image, size), False)
     box, eyes = found

@@ -28,7 +28,7 @@ import numpy as np
 
 from fer_dist import __version__
 from fer_dist.classes import CLASSES
-from fer_dist.data.faces import METHODS, align_face
+from fer_dist.data.faces import METHODS, align_face, to_channels
 from fer_dist.data.manifest import MANIFEST, ImageSpec, Manifest, SplitInfo, write_manifest
 from fer_dist.data.shards import SplitWriter, dump_json
 from fer_dist.data.sources import (
@@ -110,11 +110,7 @@ def _process_image(load: Callable[[], np.ndarray], data: bytes | ImageReadError 
             image = decode_image(data, load.path)  # type: ignore[attr-defined]
     except ImageReadError as exc:
         return None, None, exc.reason, file_size
-    if params.channels == 1 and image.ndim == 3:
-        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    elif params.channels == 3 and image.ndim == 2:
-        image = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    face = align_face(image, params.size, params.align)
+    face = align_face(to_channels(image, params.channels), params.size, params.align)
     pixels = face.image
     if pixels.ndim == 3:
         pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR: the PNG then holds true RGB

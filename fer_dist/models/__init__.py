@@ -7,7 +7,7 @@
 """
 
 from fer_dist.models.backbones import BACKBONES
-from fer_dist.models.export import export_model, load_exported, read_export_meta
+from fer_dist.models.export import export_model, load_exported, preprocessing_of, read_export_meta
 from fer_dist.models.net import FerNet, apply_trainable, build_model, count_parameters
 from fer_dist.models.spec import ModelSpec, parse_trainable
 
@@ -21,5 +21,6 @@ __all__ = [
     "export_model",
     "load_exported",
     "parse_trainable",
+    "preprocessing_of",
     "read_export_meta",
 ]

@@ -5,9 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +12,9 @@ from typing import Any
 import safetensors.torch
 
 from fer_dist import __version__
+from fer_dist.data.manifest import Manifest
 from fer_dist.errors import FerDistError
+from fer_dist.files import staged_dir
 from fer_dist.models.net import FerNet, apply_trainable, assemble_model
 from fer_dist.models.spec import ModelSpec
 from fer_dist.models.weights import load_checked, read_state_file
@@ -25,10 +24,13 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 
 
-def export_model(model: FerNet, out_dir: str | Path, classes: Sequence[str] | None = None) -> Path:
+def export_model(model: FerNet, out_dir: str | Path, classes: Sequence[str] | None = None,
+                 preprocessing: dict[str, Any] | None = None) -> Path:
     """Write `out_dir`/model.safetensors and model.json atomically (a temp dir renamed into place).
 
-    `classes` defaults to the model's own class names. An existing export at `out_dir` is replaced.
+    `classes` defaults to the model's own class names. `preprocessing` records how the training faces were
+    made (`shard`'s alignment, side and channels: `preprocessing_of`), so `fer-dist predict` can make new
+    faces the same way. An existing export at `out_dir` is replaced.
     """
     if not isinstance(model, FerNet):
         raise TypeError(f"export_model needs a FerNet (unwrap DDP/compile first), got {type(model).__name__}")
@@ -39,9 +41,9 @@ def export_model(model: FerNet, out_dir: str | Path, classes: Sequence[str] | No
                            "names (pass classes=...)")
     # safetensors refuses views of shared or non-contiguous storage; an export owns plain CPU copies.
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / META_FILE).is_file()):
+        raise FerDistError(f"{out}: exists and is not a fer-dist model export; not overwriting it")
+    with staged_dir(out) as tmp:
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         meta = {
             "format": FORMAT,
@@ -50,27 +52,17 @@ def export_model(model: FerNet, out_dir: str | Path, classes: Sequence[str] | No
             "trainable": model.trainable,
             "input_spec": dataclasses.asdict(model.input_spec),
             "classes": names,
+            "preprocessing": preprocessing,
             "weights": {"file": WEIGHTS_FILE, "sha256": _sha256(tmp / WEIGHTS_FILE)},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; an export is meant to be shared
-        _swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file()):
-        raise FerDistError(f"{out}: exists and is not a fer-dist model export; not overwriting it")
-    old = out.with_name(f"{tmp.name}-old")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+def preprocessing_of(manifest: Manifest) -> dict[str, Any]:
+    """How a shard folder's faces were made: what `predict` must repeat on a new image."""
+    return {"dataset": manifest.dataset, "align": manifest.params.get("align", "none"),
+            "size": manifest.image.size, "channels": manifest.image.channels}
 
 
 def _sha256(path: Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fer_dist.classes import CKPLUS_IDS, CLASSES, FOLDER_ALIASES
+from fer_dist.classes import CKPLUS_IDS, FOLDER_ALIASES, NEUTRAL
 from fer_dist.data.sources.base import (
     Listing,
     Record,
@@ -22,7 +22,6 @@ from fer_dist.errors import FerDistError
 DEFAULT_ALIGN = "haar"
 IMAGES_DIR = "cohn-kanade-images"
 EMOTION_DIR = "Emotion"
-NEUTRAL = CLASSES.index("neutral")
 SUBJECT_DIR = re.compile(r"^S\d+$")
 TRAILING_NUMBER = re.compile(r"(\d+)\D*$")
 

@@ -21,11 +21,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from fer_dist.classes import CLASSES
+from fer_dist.classes import CLASSES, NEUTRAL
 from fer_dist.data.sources.base import Listing, Record, SourceOptions, finish
 from fer_dist.errors import FerDistError
 
-NEUTRAL = CLASSES.index("neutral")
 EXPRESSIONS: tuple[int, ...] = tuple(k for k in range(len(CLASSES)) if k != NEUTRAL)
 
 AUS = ("au1", "au2", "au4", "au5", "au6", "au7", "au9", "au10", "au12", "au15", "au20", "au23", "au25",
