@@ -94,7 +94,8 @@ class RunConfig(_Section):
     keep_last: int = Field(3, ge=1, description="checkpoints kept besides the best")
     mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
         None, description="through Accelerate; None: the launcher's setting")
-    num_processes: int | None = Field(None, ge=1, description="expected world size, checked at start")
+    num_processes: int | None = Field(
+        None, ge=1, description="expected world size, checked at start; None: the launcher's")
     debug: bool = Field(False, description="check the target table across processes after every rewrite")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs the tensorboard extra)")
     log_every: int = Field(10, ge=1, description="log the step loss every N steps")
@@ -109,6 +110,9 @@ class TrainConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
+    progress_every_s: float = Field(30.0, gt=0.0, description="a plain progress line every N s where the "
+                                    "output is not a terminal (a SLURM log)")
+    max_requeues: int = Field(20, ge=0, description="SLURM: most requeues on the time-limit signal (SIGUSR1)")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
@@ -242,3 +246,29 @@ def load_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:
 def dump_config(cfg: TrainConfig, path: Path) -> None:
     """Write the resolved config as YAML (atomically)."""
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(dotted key, default, one-line doc) of every config leaf, in declaration order: the --help listing."""
+    rows = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel) and ann is not ShardsRef:
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = "[]" if field.default_factory is list else "required" if field.is_required() else (
+                yaml.safe_dump(field.default, default_flow_style=True).strip().removesuffix("\n..."))
+            rows.append((prefix + name, default, field.description or ""))
+
+    walk(TrainConfig, "")
+    return rows
+
+
+def keys_help() -> str:
+    """Every config key with its default and doc: the --help of `fer-dist train` and `-m fer_dist.train`."""
+    rows = describe_keys()
+    width = max(len(key) + len(default) for key, default, _ in rows) + 3
+    lines = [f"  {f'{key} = {default}':<{width}} {doc}" for key, default, doc in rows]
+    return "config keys (key = default, one-line doc):\n" + "\n".join(lines)

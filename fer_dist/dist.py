@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from types import FrameType
@@ -22,6 +23,8 @@ from fer_dist.errors import FerDistError
 
 PAD_ID = -1
 _MIXED_PRECISION = ("no", "bf16", "fp16")
+PROCESS_COUNT_HINT = ("; launch that many (fer-dist train --processes N) or leave run.num_processes unset "
+                      "to take the launcher's")
 
 
 def _launched_world_size() -> int | None:
@@ -55,7 +58,7 @@ def make_accelerator(
     if launched is not None and expected_processes is not None and launched != expected_processes:
         # Refused before the process group forms: no rendezvous, nothing to tear down.
         raise FerDistError(f"process count: expected {expected_processes} processes (config) but the "
-                           f"launcher started WORLD_SIZE={launched}")
+                           f"launcher started WORLD_SIZE={launched}{PROCESS_COUNT_HINT}")
     if on_cpu:
         # Without cpu=True, a multi-process launch on a machine without CUDA gives each process a
         # non-distributed Accelerator: N independent trainings that never exchange anything.
@@ -67,7 +70,7 @@ def make_accelerator(
                    f"{accelerator.num_processes} ({accelerator.distributed_type})")
     elif expected_processes is not None and expected_processes != accelerator.num_processes:
         problem = (f"expected {expected_processes} processes (config) but the launch has "
-                   f"{accelerator.num_processes}")
+                   f"{accelerator.num_processes}{PROCESS_COUNT_HINT}")
     if problem is not None:
         # Every rank reaches the same verdict from the same numbers without a collective: all exit alike.
         shutdown()
@@ -250,32 +253,42 @@ def broadcast_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None
 
 
 class StopRequest:
-    """Sets `requested` on SIGTERM or SIGUSR1 (a scheduler's warning) so the trainer stops at a step boundary.
+    """Sets `requested` on SIGTERM, SIGUSR1 or a first SIGINT, so the trainer stops at a step boundary.
 
+    A second SIGINT exits at once (code 130): the user pressed Ctrl-C twice and wants no checkpoint.
+    `launcher_gone` also counts as a request: a launcher killed outright (torch's has no SIGUSR1 handler)
+    leaves its ranks orphaned, and they should save and end rather than train on unsupervised.
     Handlers are installed on creation (main thread only) and the previous ones restored by close().
     The previous handlers are not chained: a default SIGTERM would kill the process the graceful stop
     is meant to save. The trainer agrees on the flag across processes with any_process.
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
         self._requested: str | None = None
         self._previous: dict[signal.Signals, Any] = {}
+        self._parent = os.getppid()
+        self._launched = "LOCAL_RANK" in os.environ  # started by torchrun / accelerate launch
         for name in signals:
             sig = getattr(signal, name, None)
             if sig is not None:  # SIGUSR1 does not exist on Windows
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self._requested == "SIGINT":
+            print("interrupted again: exiting without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(130)
         self._requested = signal.Signals(signum).name
 
     @property
     def requested(self) -> bool:
-        """Whether a stop signal arrived since creation."""
+        """Whether a stop signal arrived since creation, or the launcher that started this rank is gone."""
+        if self._requested is None and self._launched and os.getppid() != self._parent:
+            self._requested = "launcher gone"
         return self._requested is not None
 
     @property
     def signal_name(self) -> str | None:
-        """The name of the signal that asked to stop (the last one), or None."""
+        """The name of the signal that asked to stop (the last one), "launcher gone", or None."""
         return self._requested
 
     def close(self) -> None:

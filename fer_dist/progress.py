@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,18 +27,54 @@ class Bar:
             self._progress.update(self._task, advance=n, extra=extra)
 
 
-class Progress:
-    """Progress bars on stderr for the main process; a no-op elsewhere."""
+class PlainBar(Bar):
+    """Where stderr is not a terminal (a SLURM log): one plain line every `every_s` seconds, so a long
+    epoch is seen to move; rich's bar would print nothing there."""
 
-    def __init__(self, *, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, name: str, total: int | None, completed: int, every_s: float):
+        super().__init__(None, None)
+        self.name, self.total, self.done, self.every_s = name, total, completed, every_s
+        self._start_done, self._start = completed, time.monotonic()
+        self._last = self._start
+
+    def advance(self, n: int = 1, loss: float | None = None, images_per_s: float | None = None) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        parts = [f"[progress] {self.name}", f"step {self.done}" + (f"/{self.total}" if self.total else "")]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        if images_per_s:
+            parts.append(f"{images_per_s:.0f} img/s")
+        per_step = (now - self._start) / max(1, self.done - self._start_done)
+        if self.total:
+            parts.append(f"left {_clock(per_step * max(0, self.total - self.done))}")
+        print("  ".join(parts), file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class Progress:
+    """Progress bars on stderr for the main process (plain lines where it is not a terminal); a no-op
+    elsewhere."""
+
+    def __init__(self, *, enabled: bool, every_s: float = 30.0):
+        self.enabled, self.every_s = enabled, every_s
         self.console = Console(stderr=True)
 
     @contextmanager
     def task(self, name: str, *, total: int | None, completed: int = 0) -> Iterator[Bar]:
         """A bar for one epoch or pass; removed when the pass ends (the log keeps the record)."""
-        if not self.enabled or not self.console.is_terminal:
+        if not self.enabled:
             yield Bar(None, None)
+            return
+        if not self.console.is_terminal:
+            yield PlainBar(name, total, completed, self.every_s)
             return
         columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn(), TextColumn("{task.fields[extra]}")]

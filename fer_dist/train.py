@@ -23,12 +23,13 @@ import torch
 
 from fer_dist import checkpoint, dist, method
 from fer_dist.classes import NUM_CLASSES
-from fer_dist.config import TrainConfig, dump_config, load_config
+from fer_dist.config import TrainConfig, dump_config, keys_help, load_config
 from fer_dist.data.augment import eval_transform, train_transform
 from fer_dist.data.plan import derive_seed
 from fer_dist.data.stream import close_loader_workers, exhaustive_loader, start_worker_server, train_loader
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_text_atomic
+from fer_dist.launch import report_error, stopped
 from fer_dist.metrics import MetricsLog
 from fer_dist.models import ModelSpec, build_model, export_model, load_exported
 from fer_dist.progress import Progress
@@ -92,7 +93,7 @@ class Run:
 # building and resuming
 
 
-def build_run(cfg: TrainConfig, acc) -> Run:
+def build_run(cfg: TrainConfig, acc, stop: dist.StopRequest | None = None) -> Run:
     """Data, model, optimiser, state; then the latest checkpoint if `run.resume` asks for it."""
     run_dir = Path(cfg.run.dir) / cfg.run.name
     if acc.device.type == "cpu":
@@ -122,7 +123,8 @@ def build_run(cfg: TrainConfig, acc) -> Run:
     targets[data.labelled] = method.smooth_labels(data.labels[data.labelled], NUM_CLASSES, eps)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process, tensorboard=cfg.run.tensorboard)
     run = Run(cfg, acc, run_dir, data, model, optimizer, scheduler, State(targets=targets), log,
-              dist.StopRequest(), Progress(enabled=acc.is_main_process and cfg.run.progress))
+              stop or dist.StopRequest(),
+              Progress(enabled=acc.is_main_process and cfg.run.progress, every_s=cfg.run.progress_every_s))
     if not resume_from(run) and acc.is_main_process and (run_dir / "best").exists():
         shutil.rmtree(run_dir / "best")  # an earlier run's model must never be tested as this one's
     if acc.is_main_process:
@@ -229,7 +231,7 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
                 save(run, f"step-{st.step:08d}")
             if dist.any_process(acc, run.stop.requested):
                 save(run, f"step-{st.step:08d}")
-                raise StopRun(f"stopped on request at step {st.step}")
+                raise StopRun(f"stopped on request ({run.stop.signal_name}) at step {st.step}")
     mean = dist.all_sum(acc, torch.tensor(st.epoch_loss)) / max(1, st.step_in_epoch * acc.num_processes)
     st.step_in_epoch, st.epoch_loss = 0, 0.0
     st.epochs_started += 1
@@ -445,8 +447,9 @@ def fit(run: Run) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> tuple[Path | None, list[str]]:
-    """`--config PATH` and `key=value` overrides."""
-    p = argparse.ArgumentParser(prog="fer_dist.train", description=__doc__.split("\n")[0])
+    """`--config PATH` and `key=value` overrides; --help lists every config key."""
+    p = argparse.ArgumentParser(prog="fer_dist.train", description=__doc__.split("\n")[0],
+                                epilog=keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=None,
                    help="training config YAML (default: the synthetic quick start)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.tau=0.8 or tau=0.8")
@@ -456,6 +459,7 @@ def parse_args(argv: list[str] | None) -> tuple[Path | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, build, fit, clean up; expected errors become one line and exit code 2."""
+    stop = dist.StopRequest()  # first: a stop asked for during the set-up is honoured at the first step
     run = None
     try:
         config_path, overrides = parse_args(argv)
@@ -464,20 +468,18 @@ def main(argv: list[str] | None = None) -> int:
             ensure_synthetic_shards(Path(cfg.data.labelled[0].dir))
         acc = dist.make_accelerator(mixed_precision=cfg.run.mixed_precision,
                                     expected_processes=cfg.run.num_processes)
-        run = build_run(cfg, acc)
+        run = build_run(cfg, acc, stop)
         fit(run)
         return 0
     except FerDistError as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(" ".join(str(e).split()))
         return 2
     except StopRun as e:
-        if run is not None:
-            run.log.say(f"{e}; continue with resume=auto (the default)")
-        return 0
+        return stopped(run, str(e)) if run is not None else 0
     finally:
         close_loader_workers()
+        stop.close()
         if run is not None:
-            run.stop.close()
             run.log.close()
         dist.shutdown()
 

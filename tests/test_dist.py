@@ -106,7 +106,7 @@ def test_expected_processes_mismatch_is_one_line_on_every_rank(
     assert codes == [1], "torchrun reports a failed worker with exit code 1"
     for report in reports:
         assert report["error"] == ("FerDistError: process count: expected 3 processes (config) but the "
-                                   "launcher started WORLD_SIZE=2")
+                                   "launcher started WORLD_SIZE=2" + dist.PROCESS_COUNT_HINT)
 
 
 # ---------------------------------------------------------------- single process

@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 from fer_dist.errors import FerDistError
 
 # Each module has `register(app)`; a new command group adds its module here.
-COMMAND_MODULES: tuple[str, ...] = ("fer_dist.cli.shard",)
+COMMAND_MODULES: tuple[str, ...] = ("fer_dist.cli.shard", "fer_dist.cli.train", "fer_dist.cli.slurm")
 
 
 class _RootGroup(TyperGroup):

@@ -273,7 +273,7 @@ def unpack_batch(batch: Packed) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8).view(shape)
 
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}  # SIGINT: Ctrl-C reaches the whole group
 _RUNPY_ALREADY_IMPORTED = "ignore::RuntimeWarning:runpy"
 
 
@@ -332,6 +332,7 @@ def _worker_start(owner: int, worker_id: int) -> None:
     # blocked (the fork server's mask), so none got through before this point.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     # The worker inherits its fork server's heap (torch, OpenCV, the main module); full collections walking
     # it (and copying its pages) would cost every epoch. The worker's own objects are still collected.

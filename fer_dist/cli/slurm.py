@@ -1,0 +1,59 @@
+"""`fer-dist slurm submit`: a `tools/slurm/` batch script rendered with a job's values, shown, submitted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fer_dist import launch, slurm
+
+Config = Annotated[Path | None, typer.Option(
+    show_default=False, help="Training config YAML; default: the synthetic quick start.")]
+Nodes = Annotated[int, typer.Option(help="Nodes; one task each (2+: multi_node.sbatch, c10d rendezvous).")]
+GpusPerNode = Annotated[int, typer.Option(help="GPUs per node, one rank each (--cpu: CPU ranks per node).")]
+Partition = Annotated[str | None, typer.Option(show_default=False, help="Partition; default: the cluster's.")]
+TimeLimit = Annotated[str | None, typer.Option(
+    "--time", show_default=False, help="Time limit (e.g. 12:00:00); default: the script's 24:00:00.")]
+CpusPerTask = Annotated[int | None, typer.Option(show_default=False, help="Cores per node's task.")]
+JobName = Annotated[str, typer.Option(help="The job's name (its log: <name>-<job id>.out).")]
+Cpu = Annotated[bool, typer.Option("--cpu", help="CPU-only ranks (gloo): no GPU request.")]
+ScriptDir = Annotated[Path, typer.Option(help="Where the rendered script is written before sbatch reads it.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the rendered script only; submit nothing.")]
+Overrides = Annotated[list[str] | None, typer.Argument(
+    show_default=False, help="key=value config overrides, e.g. method.tau=0.8.")]
+
+slurm_app = typer.Typer(no_args_is_help=True, help="Run the training on a SLURM cluster.")
+
+
+@slurm_app.command()
+def submit(
+    config: Config = None,
+    nodes: Nodes = 1,
+    gpus_per_node: GpusPerNode = 1,
+    partition: Partition = None,
+    time_limit: TimeLimit = None,
+    cpus_per_task: CpusPerTask = None,
+    job_name: JobName = "fer-dist",
+    cpu: Cpu = False,
+    script_dir: ScriptDir = Path("runs/slurm"),
+    dry_run: DryRun = False,
+    overrides: Overrides = None,
+) -> None:
+    """Check the config and data here, render the batch script, show it and submit it with sbatch."""
+    overrides = overrides or []
+    launch.check_training(config, overrides)
+    train_args = (["--config", str(config)] if config is not None else []) + overrides
+    spec = slurm.JobSpec(nodes=nodes, gpus_per_node=gpus_per_node, train_args=train_args, partition=partition,
+                         time_limit=time_limit, job_name=job_name, cpus_per_task=cpus_per_task, cpu=cpu)
+    script = slurm.render(spec)
+    typer.echo(script, nl=False)
+    if dry_run:
+        return
+    job = slurm.submit(script, script_dir)
+    typer.echo(f"submitted job {job}: watch it with `squeue -j {job}` and `tail -f {job_name}-{job}.out`")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(slurm_app, name="slurm")

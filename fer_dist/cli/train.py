@@ -1,0 +1,48 @@
+"""`fer-dist train`: check the config, the overrides and the data in one process, then launch the training."""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fer_dist import launch
+from fer_dist.config import keys_help
+
+Config = Annotated[Path | None, typer.Option(
+    show_default=False, help="Training config YAML; default: the synthetic quick start.")]
+Processes = Annotated[int | None, typer.Option(
+    show_default=False,
+    help="Processes on this machine; default: run.num_processes, else one per GPU, else 1.")]
+AccelerateConfig = Annotated[Path | None, typer.Option(
+    show_default=False, help="An Accelerate launch config (launch_configs/accelerate/*.yaml) instead.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Check, then print the launch command only.")]
+Overrides = Annotated[list[str] | None, typer.Argument(
+    show_default=False, help="key=value config overrides, e.g. method.tau=0.8 (`tau=0.8` where unique).")]
+
+
+def train(
+    config: Config = None,
+    processes: Processes = None,
+    accelerate_config: AccelerateConfig = None,
+    dry_run: DryRun = False,
+    overrides: Overrides = None,
+) -> None:
+    """Train: check everything here (one line and exit code 2 on bad input, nothing written), then run
+    `accelerate launch -m fer_dist.train` with the same arguments (through `python -m fer_dist.launch`:
+    stop signals checkpoint the run, errors are one line)."""
+    overrides = overrides or []
+    cfg = launch.check_training(config, overrides)
+    train_args = (["--config", str(config)] if config is not None else []) + overrides
+    command = launch.train_command(launch.launcher_args(cfg, processes, accelerate_config), train_args)
+    if dry_run:
+        typer.echo(shlex.join(command))
+        return
+    os.execv(command[0], command)  # the launcher takes this process's place: signals reach it directly
+
+
+def register(app: typer.Typer) -> None:
+    app.command(epilog=keys_help(), rich_help_panel=None)(train)

@@ -1,0 +1,266 @@
+"""`python -m fer_dist.launch [accelerate launch options] -m fer_dist.train ...`: Accelerate's launcher with
+clean stops and one-line errors.
+
+It is `accelerate launch` itself (Accelerate's own `launch_command`, in this process), with three changes:
+- Stop signals (SIGTERM, SIGUSR1, SIGINT) are forwarded to the ranks as stop requests, and the launcher
+  is not torn down by them: torch's elastic agent would turn SIGTERM or SIGINT into a `SignalException`
+  traceback and exit 1, and it has no handler at all for SIGUSR1 (the default kills it). The agent is told to
+  handle only SIGHUP and SIGQUIT (torchrun's `PET_SIGNALS_TO_HANDLE`), so these stay ours.
+- A second SIGINT kills the ranks at once.
+- A failed launch prints one line: the error a rank reported through the status directory
+  (`FER_DIST_STATUS_DIR`, one JSON file per rank), or which rank failed with which code; never torch's
+  `ChildFailedError` traceback. The exit code is the rank's (2 for a config or data error).
+
+Exit codes: 0 when the ranks finished or stopped with a checkpoint after SIGTERM/SIGUSR1; 130 after SIGINT
+(checkpointed once, at once the second time); a failing rank's code otherwise. `fer-dist train` checks the
+config first and then runs this module; the SLURM scripts run it on every node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fer_dist.config import TrainConfig, read_yaml
+from fer_dist.errors import FerDistError
+
+STATUS_ENV = "FER_DIST_STATUS_DIR"
+# The launcher's agent keeps these (their default kills the ranks, which is what a hang-up should do).
+AGENT_SIGNALS = "SIGHUP,SIGQUIT"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (0 without a launcher)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def report_error(message: str, code: int = 2) -> None:
+    """A rank's one-line error: to the launcher's status directory under this module, else printed by rank 0.
+
+    Every rank reaches a config or data error alike; printed by each, a 2-process launch shows it twice.
+    """
+    status = os.environ.get(STATUS_ENV)
+    if status and Path(status).is_dir():
+        path = Path(status) / f"rank-{launch_rank()}.json"
+        path.write_text(json.dumps({"outcome": "error", "code": code, "message": message}))
+    elif launch_rank() == 0:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def stopped(run: Any, message: str) -> int:
+    """A rank's end after a stop request (its checkpoint is written): say so, requeue a SLURM job that got
+    its time-limit warning (the main process), and return the exit code.
+
+    Under a launcher a stopped rank exits 0 (anything else would make the launcher's agent call it a
+    failure); the launcher returns 130 for a Ctrl-C. Standalone, a Ctrl-C'd run returns 130 itself.
+    """
+    from fer_dist import slurm
+
+    run.log.say(f"{message}; the same command resumes from its checkpoint (run.resume=auto)")
+    signal_name = run.stop.signal_name
+    if signal_name == "SIGUSR1" and slurm.job_id() is not None and run.acc.is_main_process:
+        run.log.say(slurm.requeue(run.dir, step=run.state.step, limit=run.cfg.run.max_requeues))
+    return 130 if signal_name == "SIGINT" and "LOCAL_RANK" not in os.environ else 0
+
+
+class _Interrupted(Exception):
+    """Raised by the second SIGINT: leave the launch at once."""
+
+
+class _Forwarder:
+    """The launcher's stop-signal handlers: each signal goes on to the ranks (this process's children)."""
+
+    def __init__(self) -> None:
+        self.first: signal.Signals | None = None
+        self.interrupts = 0
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        sig = signal.Signals(signum)
+        self.first = self.first or sig
+        if sig == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                self._send(signal.SIGKILL)
+                raise _Interrupted()
+            # A rank in this process group got the terminal's SIGINT already; SIGUSR1 is the same request
+            # and never counts as a second Ctrl-C there.
+            sig = signal.SIGUSR1
+        print(f"fer-dist launch: {signal.Signals(signum).name}: asking the ranks to checkpoint and stop",
+              file=sys.stderr, flush=True)
+        self._send(sig)
+
+    @staticmethod
+    def _send(sig: signal.Signals) -> None:
+        import psutil  # an Accelerate dependency
+
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(sig)
+
+    def close(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+    def exit_code(self, ranks_code: int) -> int:
+        """130 after a Ctrl-C, else the ranks' code."""
+        return 130 if self.first == signal.SIGINT else ranks_code
+
+
+def _reported(status: Path) -> tuple[int, str] | None:
+    """The lowest rank's reported error (code, message), or None."""
+    found = []
+    for path in status.glob("rank-*.json"):
+        try:
+            rank = int(path.stem.removeprefix("rank-"))
+            record = json.loads(path.read_text())
+        except (ValueError, OSError):
+            continue
+        found.append((rank, int(record["code"]), str(record["message"])))
+    if not found:
+        return None
+    rank, code, message = min(found)
+    return code, message
+
+
+def _failure_code(exc: BaseException, status: Path) -> int:
+    """One line for a failed launch; the exit code to return."""
+    reported = _reported(status)
+    if reported is not None:
+        code, message = reported
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return code
+    rank, code = _first_failure(exc)
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    print(f"error: rank {rank} {how} (its own output is above)", file=sys.stderr, flush=True)
+    return 128 - code if code < 0 else code or 1
+
+
+def _first_failure(exc: BaseException) -> tuple[int, int]:
+    """(rank, exit code; negative: killed by that signal) of the first failed rank."""
+    if isinstance(exc, subprocess.CalledProcessError):
+        return 0, exc.returncode
+    failure = exc.get_first_failure()[1]  # ChildFailedError: (global rank, ProcessFailure)
+    return failure.rank, failure.exitcode
+
+
+def run(argv: list[str]) -> int:
+    """Run Accelerate's launcher with `argv` (the arguments of `accelerate launch`); returns the exit code."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(argv)
+    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", AGENT_SIGNALS)
+    status = Path(tempfile.mkdtemp(prefix="fer-dist-status-"))
+    os.environ[STATUS_ENV] = str(status)
+    forwarder = _Forwarder()
+    try:
+        launch_command(args)
+        return forwarder.exit_code(0)
+    except _Interrupted:
+        print("fer-dist launch: interrupted again: ranks killed, no new checkpoint", file=sys.stderr)
+        return 130
+    except (ChildFailedError, subprocess.CalledProcessError) as exc:
+        if forwarder.first and _reported(status) is None and _all_stopped(exc):
+            return forwarder.exit_code(0)
+        return _failure_code(exc, status)
+    finally:
+        forwarder.close()
+        shutil.rmtree(status, ignore_errors=True)
+
+
+def _all_stopped(exc: BaseException) -> bool:
+    """Whether a stop request explains every failed rank: a standalone rank returns 130 after a Ctrl-C, and a
+    rank still importing its modules has no handler yet, so the forwarded signal ends it (nothing trained)."""
+    codes = [exc.returncode] if isinstance(exc, subprocess.CalledProcessError) else [
+        f.exitcode for f in exc.failures.values()]
+    stop_codes = {130, *(-int(sig) for sig in STOP_SIGNALS)}
+    if all(code in stop_codes for code in codes):
+        if any(code != 130 for code in codes):
+            print("fer-dist launch: ranks stopped while starting (no step trained since the last checkpoint)",
+                  file=sys.stderr, flush=True)
+        return True
+    return False
+
+
+def check_training(config: Path | None, overrides: list[str]) -> TrainConfig:
+    """Everything a launch would refuse, found in this one process: the config, the overrides, every shard
+    folder (manifests and labels), a resume path, a weights file. Raises FerDistError; writes nothing but
+    the quick start's synthetic shards where they are missing (as the trainer would)."""
+    from fer_dist.config import load_config
+    from fer_dist.run_data import load_run_data
+    from fer_dist.train import QUICKSTART, ensure_synthetic_shards
+
+    cfg = load_config(config or QUICKSTART, overrides)
+    if config is None:
+        ensure_synthetic_shards(Path(cfg.data.labelled[0].dir))
+    for key, value in (("model.weights", cfg.model.weights),
+                       ("run.resume", None if cfg.run.resume in ("auto", "never") else cfg.run.resume)):
+        if value is not None and not Path(value).exists():
+            raise FerDistError(f"{key}: {value} does not exist")
+    load_run_data(cfg.data)
+    return cfg
+
+
+def launcher_args(cfg: TrainConfig, processes: int | None, accelerate_config: Path | None) -> list[str]:
+    """The `accelerate launch` options for this run, checked against `run.num_processes`."""
+    if processes is not None and accelerate_config is not None:
+        raise FerDistError("--processes and --accelerate-config: give one of them")
+    if accelerate_config is not None:
+        launch = read_yaml(accelerate_config)
+        count = int(launch.get("num_processes", 1))
+        args = ["--config_file", str(accelerate_config)]
+        if int(launch.get("num_machines", 1)) == 1 and "main_process_port" not in launch:
+            args += ["--main_process_port", str(free_port())]
+    else:
+        count = processes or cfg.run.num_processes or _gpu_count() or 1
+        if count < 1:
+            raise FerDistError(f"--processes: expected at least 1, got {count}")
+        # the values Accelerate would otherwise warn about taking defaults for
+        args = ["--num_processes", str(count), "--num_machines", "1", "--dynamo_backend", "no",
+                "--mixed_precision", cfg.run.mixed_precision or "no"]
+        # the multi-GPU launcher also starts N CPU ranks where there is no GPU (the trainer makes them gloo)
+        args += ["--multi_gpu", "--main_process_port", str(free_port())] if count > 1 else []
+    wanted = cfg.run.num_processes
+    if wanted is not None and wanted != count:
+        raise FerDistError(f"run.num_processes: the config asks for {wanted} processes but the launch would "
+                           f"start {count}; launch {wanted} or leave run.num_processes unset")
+    return args
+
+
+def train_command(launch_args: list[str], train_args: list[str]) -> list[str]:
+    """The command `fer-dist train` runs: this module's launcher with the trainer's arguments."""
+    return [sys.executable, "-m", "fer_dist.launch", *launch_args, "-m", "fer_dist.train", *train_args]
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a one-machine launch's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def main() -> None:
+    """Entry point of `python -m fer_dist.launch`."""
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

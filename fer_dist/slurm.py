@@ -1,0 +1,126 @@
+"""SLURM: requeueing a run on its time-limit warning, with a count kept in the run directory, and the batch
+scripts of `tools/slurm/` rendered with a job's values (`fer-dist slurm submit`).
+
+A requeue is refused (and the reason written) once `run.max_requeues` is reached, or when the run has not
+trained a step since its last requeue: a run that cannot make progress within its time limit, or fails the
+same way each time, must not cycle through the queue forever.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fer_dist.errors import FerDistError
+from fer_dist.files import write_text_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "tools" / "slurm"
+REQUEUES = "requeues.json"
+
+
+def job_id() -> str | None:
+    """The SLURM job this process runs in, or None."""
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def read_requeues(run_dir: Path) -> dict[str, Any]:
+    """The run's requeue record: {"requeues": [...], "refused": null | {...}} (empty where there is none)."""
+    path = Path(run_dir) / REQUEUES
+    if not path.exists():
+        return {"requeues": [], "refused": None}
+    return json.loads(path.read_text())
+
+
+def requeue(run_dir: Path, *, step: int, limit: int) -> str:
+    """Requeue this job (`scontrol requeue`) unless the limit or a lack of progress forbids it; the record
+    is written first, so a requeued job finds its count. Returns a line for the log."""
+    record = read_requeues(run_dir)
+    done = record["requeues"]
+    entry = {"job_id": job_id(), "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "step": step}
+    reason = None
+    if len(done) >= limit:
+        reason = f"run.max_requeues ({limit}) reached"
+    elif done and done[-1]["step"] == step:
+        reason = f"no training step since the last requeue (step {step}): the time limit is too short"
+    if reason is None:
+        done.append(entry)
+        record["refused"] = None
+    else:
+        record["refused"] = {**entry, "reason": reason}
+    write_text_atomic(Path(run_dir) / REQUEUES, json.dumps(record, indent=2) + "\n")
+    if reason is not None:
+        return f"not requeued: {reason} ({run_dir / REQUEUES})"
+    result = subprocess.run(["scontrol", "requeue", str(entry["job_id"])], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"scontrol requeue {entry['job_id']} failed: {result.stderr.strip() or result.returncode}"
+    return f"requeued job {entry['job_id']} ({len(done)} of at most {limit}); it resumes from this checkpoint"
+
+
+@dataclass
+class JobSpec:
+    """What `fer-dist slurm submit` fills into a batch script."""
+
+    nodes: int
+    gpus_per_node: int
+    train_args: list[str]
+    partition: str | None = None
+    time_limit: str | None = None
+    job_name: str = "fer-dist"
+    cpus_per_task: int | None = None
+    cpu: bool = False  # CPU ranks (gloo): gpus_per_node is then the processes per node
+
+
+def script_for(spec: JobSpec) -> Path:
+    """The script a job of this size uses."""
+    return SCRIPTS / ("single_node.sbatch" if spec.nodes == 1 else "multi_node.sbatch")
+
+
+def render(spec: JobSpec) -> str:
+    """The batch script with the job's #SBATCH values and its training arguments filled in."""
+    if spec.nodes < 1 or spec.gpus_per_node < 1:
+        raise FerDistError("--nodes and --gpus-per-node must be at least 1")
+    values = {"--job-name": spec.job_name, "--nodes": str(spec.nodes), "--partition": spec.partition,
+              "--time": spec.time_limit, "--cpus-per-task": spec.cpus_per_task and str(spec.cpus_per_task),
+              "--gpus-per-node": None if spec.cpu else str(spec.gpus_per_node)}
+    out = []
+    for line in script_for(spec).read_text().splitlines():
+        key = line.removeprefix("#SBATCH ").split("=", 1)[0] if line.startswith("#SBATCH --") else None
+        if key in values:
+            if key == "--gpus-per-node" and spec.cpu:
+                continue  # no GPU request for a CPU job
+            if values[key] is not None:
+                line = f"#SBATCH {key}={values[key]}"
+            values.pop(key)
+        name, sep, _ = line.partition("PROCS_PER_NODE=${PROCS_PER_NODE:-")
+        if sep and name in ("", "export ") and spec.cpu:
+            line = f"{name}PROCS_PER_NODE=${{PROCS_PER_NODE:-{spec.gpus_per_node}}}"
+        if line.strip() == "# fer-dist: training arguments":
+            line = f"[ $# -gt 0 ] || set -- {shlex.join(spec.train_args)}"
+        out.append(line)
+    extra = [f"#SBATCH {k}={v}" for k, v in values.items() if v is not None]
+    if extra:  # options the template does not carry go right after its last #SBATCH line
+        last = max(i for i, line in enumerate(out) if line.startswith("#SBATCH"))
+        out[last + 1:last + 1] = extra
+    return "\n".join(out) + "\n"
+
+
+def submit(script: str, directory: Path) -> str:
+    """Write the rendered script into `directory` and submit it with sbatch; returns the job id."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"fer-dist-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    write_text_atomic(path, script)
+    try:
+        result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+    except FileNotFoundError:
+        raise FerDistError("sbatch: not found (run this on a SLURM login node)") from None
+    if result.returncode != 0:
+        raise FerDistError(f"sbatch {path}: {result.stderr.strip() or f'exit code {result.returncode}'}")
+    return result.stdout.strip().split(";")[0]
