@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -59,19 +60,29 @@ def report_error(message: str, code: int = 2) -> None:
 
 
 def stopped(run: Any, message: str) -> int:
-    """A rank's end after a stop request (its checkpoint is written): say so, requeue a SLURM job that got
-    its time-limit warning (the main process), and return the exit code.
+    """A rank's end after a stop request (its checkpoint is written): say so; returns the exit code.
 
     Under a launcher a stopped rank exits 0 (anything else would make the launcher's agent call it a
     failure); the launcher returns 130 for a Ctrl-C. Standalone, a Ctrl-C'd run returns 130 itself.
     """
+    run.log.say(f"{message}; the same command resumes from its checkpoint (run.resume=auto)")
+    return 130 if run.stop.signal_name == "SIGINT" and "LOCAL_RANK" not in os.environ else 0
+
+
+def requeue_due(run: Any) -> bool:
+    """Whether this process should requeue its SLURM job: the main process, stopped by the time-limit
+    warning (SIGUSR1) inside a job. Done last (`requeue`): the requeue ends every process of the job."""
     from fer_dist import slurm
 
-    run.log.say(f"{message}; the same command resumes from its checkpoint (run.resume=auto)")
-    signal_name = run.stop.signal_name
-    if signal_name == "SIGUSR1" and slurm.job_id() is not None and run.acc.is_main_process:
-        run.log.say(slurm.requeue(run.dir, step=run.state.step, limit=run.cfg.run.max_requeues))
-    return 130 if signal_name == "SIGINT" and "LOCAL_RANK" not in os.environ else 0
+    return run.stop.signal_name == "SIGUSR1" and slurm.job_id() is not None and run.acc.is_main_process
+
+
+def requeue(run: Any) -> None:
+    """Requeue the job (counted and limited in the run directory) and say what happened."""
+    from fer_dist import slurm
+
+    line = slurm.requeue(run.dir, step=run.state.step, limit=run.cfg.run.max_requeues)
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
 class _Interrupted(Exception):
@@ -188,8 +199,8 @@ def _all_stopped(exc: BaseException) -> bool:
     stop_codes = {130, *(-int(sig) for sig in STOP_SIGNALS)}
     if all(code in stop_codes for code in codes):
         if any(code != 130 for code in codes):
-            print("fer-dist launch: ranks stopped while starting (no step trained since the last checkpoint)",
-                  file=sys.stderr, flush=True)
+            print("fer-dist launch: a rank was ended by the stop signal itself, while starting or after its "
+                  "checkpoint: no trained step is lost", file=sys.stderr, flush=True)
         return True
     return False
 

@@ -76,6 +76,7 @@ class JobSpec:
     job_name: str = "fer-dist"
     cpus_per_task: int | None = None
     cpu: bool = False  # CPU ranks (gloo): gpus_per_node is then the processes per node
+    output: str | None = None  # the job's log; None: the script's %x-%j.out in the submit directory
 
 
 def script_for(spec: JobSpec) -> Path:
@@ -89,7 +90,7 @@ def render(spec: JobSpec) -> str:
         raise FerDistError("--nodes and --gpus-per-node must be at least 1")
     values = {"--job-name": spec.job_name, "--nodes": str(spec.nodes), "--partition": spec.partition,
               "--time": spec.time_limit, "--cpus-per-task": spec.cpus_per_task and str(spec.cpus_per_task),
-              "--gpus-per-node": None if spec.cpu else str(spec.gpus_per_node)}
+              "--gpus-per-node": None if spec.cpu else str(spec.gpus_per_node), "--output": spec.output}
     out = []
     for line in script_for(spec).read_text().splitlines():
         key = line.removeprefix("#SBATCH ").split("=", 1)[0] if line.startswith("#SBATCH --") else None

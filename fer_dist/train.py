@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from fer_dist import checkpoint, dist, method
+from fer_dist import checkpoint, dist, launch, method
 from fer_dist.classes import NUM_CLASSES
 from fer_dist.config import TrainConfig, dump_config, keys_help, load_config
 from fer_dist.data.augment import eval_transform, train_transform
@@ -29,7 +29,6 @@ from fer_dist.data.plan import derive_seed
 from fer_dist.data.stream import close_loader_workers, exhaustive_loader, start_worker_server, train_loader
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_text_atomic
-from fer_dist.launch import report_error, stopped
 from fer_dist.metrics import MetricsLog
 from fer_dist.models import ModelSpec, build_model, export_model, load_exported
 from fer_dist.progress import Progress
@@ -460,7 +459,7 @@ def parse_args(argv: list[str] | None) -> tuple[Path | None, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Parse, build, fit, clean up; expected errors become one line and exit code 2."""
     stop = dist.StopRequest()  # first: a stop asked for during the set-up is honoured at the first step
-    run = None
+    run, requeue = None, False
     try:
         config_path, overrides = parse_args(argv)
         cfg = load_config(config_path or QUICKSTART, overrides)
@@ -472,16 +471,19 @@ def main(argv: list[str] | None = None) -> int:
         fit(run)
         return 0
     except FerDistError as e:
-        report_error(" ".join(str(e).split()))
+        launch.report_error(" ".join(str(e).split()))
         return 2
     except StopRun as e:
-        return stopped(run, str(e)) if run is not None else 0
+        requeue = run is not None and launch.requeue_due(run)
+        return launch.stopped(run, str(e)) if run is not None else 0
     finally:
         close_loader_workers()
-        stop.close()
         if run is not None:
             run.log.close()
         dist.shutdown()
+        stop.close()
+        if requeue:
+            launch.requeue(run)  # last: it ends every process of the job
 
 
 def ensure_synthetic_shards(out: Path) -> None:

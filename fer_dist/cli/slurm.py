@@ -19,6 +19,8 @@ TimeLimit = Annotated[str | None, typer.Option(
 CpusPerTask = Annotated[int | None, typer.Option(show_default=False, help="Cores per node's task.")]
 JobName = Annotated[str, typer.Option(help="The job's name (its log: <name>-<job id>.out).")]
 Cpu = Annotated[bool, typer.Option("--cpu", help="CPU-only ranks (gloo): no GPU request.")]
+Output = Annotated[str | None, typer.Option(
+    show_default=False, help="The job's log (sbatch --output, e.g. logs/%x-%j.out); default: %x-%j.out.")]
 ScriptDir = Annotated[Path, typer.Option(help="Where the rendered script is written before sbatch reads it.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the rendered script only; submit nothing.")]
 Overrides = Annotated[list[str] | None, typer.Argument(
@@ -37,6 +39,7 @@ def submit(
     cpus_per_task: CpusPerTask = None,
     job_name: JobName = "fer-dist",
     cpu: Cpu = False,
+    output: Output = None,
     script_dir: ScriptDir = Path("runs/slurm"),
     dry_run: DryRun = False,
     overrides: Overrides = None,
@@ -46,13 +49,15 @@ def submit(
     launch.check_training(config, overrides)
     train_args = (["--config", str(config)] if config is not None else []) + overrides
     spec = slurm.JobSpec(nodes=nodes, gpus_per_node=gpus_per_node, train_args=train_args, partition=partition,
-                         time_limit=time_limit, job_name=job_name, cpus_per_task=cpus_per_task, cpu=cpu)
+                         time_limit=time_limit, job_name=job_name, cpus_per_task=cpus_per_task, cpu=cpu,
+                         output=output)
     script = slurm.render(spec)
     typer.echo(script, nl=False)
     if dry_run:
         return
     job = slurm.submit(script, script_dir)
-    typer.echo(f"submitted job {job}: watch it with `squeue -j {job}` and `tail -f {job_name}-{job}.out`")
+    log = (output or "%x-%j.out").replace("%x", job_name).replace("%j", job)
+    typer.echo(f"submitted job {job}: watch it with `squeue -j {job}` and `tail -f {log}`")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,264 @@
+"""Starting and stopping: `fer-dist train`'s checks and command, `python -m fer_dist.launch` with 2 real gloo
+ranks under each stop signal, bare `accelerate launch` as the README describes it, the plain progress line,
+and the requeue bookkeeping that needs no cluster (tests/test_slurm.py runs a real one)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fer_dist import slurm
+from fer_dist.checkpoint import latest_checkpoint, load_checkpoint
+from fer_dist.cli import app
+from fer_dist.config import describe_keys
+from fer_dist.data.pack import pack
+from fer_dist.data.sources.base import SourceOptions
+from fer_dist.launch import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny synthetic shards and a config over them (as tests/test_train.py), without run.num_processes."""
+    root = tmp_path_factory.mktemp("launch")
+    pack("synthetic", [], root / "shards", options=SourceOptions(subjects=12, frames=5), workers=1,
+         progress=False)
+    ref = lambda split: [{"dir": str(root / "shards"), "splits": [split]}]  # noqa: E731
+    config = {
+        "data": {"labelled": ref("train"), "unlabelled": ref("train"), "val": ref("val"), "test": ref("test"),
+                 "num_workers": 1},
+        "model": {"backbone": "small_cnn", "pretrained": False, "trainable": "all"},
+        "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 3, "tau": 0.3},
+        "optim": {"lr": 0.002, "batch_size": 16},
+        "run": {"dir": str(root / "runs"), "keep_last": 20, "progress": False},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+# ---------------------------------------------------------------- fer-dist train: checks, help, command
+
+
+def test_help_lists_every_config_key_with_default_and_doc() -> None:
+    cli = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
+    module = subprocess.run([sys.executable, "-m", "fer_dist.train", "--help"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
+    assert cli.exit_code == 0 and module.returncode == 0, module.stderr
+    for key, default, doc in describe_keys():
+        for text in (cli.output, module.stdout):
+            line = next((ln for ln in text.splitlines() if f"{key} = {default}" in ln), None)
+            assert line is not None and doc[:30] in line, (key, text[-500:])
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("method.tau=3", "method.tau: Input should be less than 1 (got 3)"),
+    ("no_such_key=1", "config: unknown key 'no_such_key'"),
+    ("run.num_processes=3", "run.num_processes: the config asks for 3 processes but the launch would "
+                            "start 2"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(workdir: Path, override: str, message: str) -> None:
+    result = CliRunner().invoke(app, ["train", "--config", str(workdir / "config.yaml"), "--processes", "2",
+                                      "run.name=bad", override])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.output
+    assert not (workdir / "runs" / "bad").exists()
+
+
+def test_every_shard_folder_is_checked_first(workdir: Path, tmp_path: Path) -> None:
+    tree = yaml.safe_load((workdir / "config.yaml").read_text())
+    tree["data"]["test"] = [{"dir": str(tmp_path / "missing"), "splits": ["test"]}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(app, ["train", "--config", str(tmp_path / "c.yaml"), "--processes", "2"])
+    assert result.exit_code == 2 and str(tmp_path / "missing") in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_dry_run_prints_the_launch_with_the_same_arguments(workdir: Path) -> None:
+    config = str(workdir / "config.yaml")
+    result = CliRunner().invoke(app, ["train", "--config", config, "--processes", "2", "--dry-run",
+                                      "tau=0.4"])
+    assert result.exit_code == 0, result.output
+    words = result.output.split()
+    assert words[:3] == [sys.executable, "-m", "fer_dist.launch"]
+    assert words[words.index("--num_processes") + 1] == "2" and "--multi_gpu" in words
+    assert words[words.index("fer_dist.train") - 1:] == ["-m", "fer_dist.train", "--config", config,
+                                                         "tau=0.4"]
+    via_file = CliRunner().invoke(app, ["train", "--config", config, "--dry-run", "--accelerate-config",
+                                        str(REPO / "launch_configs/accelerate/cpu_2proc.yaml")])
+    assert "--config_file" in via_file.output.split(), via_file.output
+    both = CliRunner().invoke(app, ["train", "--config", config, "--dry-run", "--processes", "2",
+                                    "--accelerate-config", "x.yaml"])
+    assert both.exit_code == 2 and "give one of them" in both.output
+
+
+# ---------------------------------------------------------------- real launches
+
+
+def launch_cmd(workdir: Path, name: str, *overrides: str, bare: bool = False) -> list[str]:
+    args = ["-m", "fer_dist.train", "--config", str(workdir / "config.yaml"), f"run.name={name}", *overrides]
+    launcher = [str(VENV_BIN / "accelerate"), "launch"] if bare else [sys.executable, "-m", "fer_dist.launch"]
+    return [*launcher, "--config_file", str(REPO / "launch_configs/accelerate/cpu_2proc.yaml"),
+            "--main_process_port", str(free_port()), *args]
+
+
+def run_to_checkpoint(workdir: Path, cmd: list[str], name: str) -> subprocess.Popen:
+    """Start a launch in a session of its own; return once its first warm-up checkpoint exists."""
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    marker = workdir / "runs" / name / "checkpoints" / "warmup-0001" / "meta.json"
+    deadline = time.monotonic() + TIMEOUT
+    while not marker.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {marker}: {proc.stdout.read()[-3000:]}")
+        assert time.monotonic() < deadline, f"{marker} did not appear"
+        time.sleep(0.05)
+    return proc
+
+
+def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children()
+
+
+def send(proc: subprocess.Popen, target: str, sig: int) -> None:
+    if target == "launcher":
+        os.kill(proc.pid, sig)
+    elif target == "group":  # the launcher's process group, as `kill -TERM -PGID` or a terminal's Ctrl-C
+        os.killpg(proc.pid, sig)
+    else:  # the launcher and every rank, as SLURM signals a job step
+        for p in [psutil.Process(proc.pid), *ranks_of(proc)]:
+            p.send_signal(sig)
+
+
+def assert_stopped_at_a_step(run_dir: Path) -> None:
+    """The latest checkpoint was written by the stop: mid-epoch, complete, one RNG file per rank."""
+    latest = latest_checkpoint(run_dir)
+    assert latest.name.startswith("step-"), latest
+    state, _ = load_checkpoint(latest, 1)
+    assert state["world_size"] == 2 and state["state"]["step_in_epoch"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("target", "signame", "code"), [
+    ("launcher", "SIGTERM", 0), ("group", "SIGUSR1", 0), ("step", "SIGTERM", 0), ("group", "SIGINT", 130),
+])
+def test_stop_signal_checkpoints_and_exits_with_its_code(workdir: Path, target: str, signame: str,
+                                                         code: int) -> None:
+    name = f"stop-{target}-{signame}"
+    extra = ("run.progress=true", "run.progress_every_s=0.2") if target == "launcher" else ()
+    proc = run_to_checkpoint(workdir, launch_cmd(workdir, name, *extra), name)
+    send(proc, target, getattr(signal, signame))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, output[-3000:]
+    assert "stopped on request" in output and "Traceback" not in output, output[-3000:]
+    assert_stopped_at_a_step(workdir / "runs" / name)
+    if extra:  # stderr is a pipe here, as in a SLURM log: the plain progress line
+        line = next(ln for ln in output.splitlines() if ln.startswith("[progress] warm-up"))
+        assert " step " in line and "/" in line and "loss " in line and "img/s" in line and "left " in line
+
+
+@pytest.mark.slow
+def test_second_sigint_exits_at_once(workdir: Path) -> None:
+    proc = run_to_checkpoint(workdir, launch_cmd(workdir, "twice"), "twice")
+    os.killpg(proc.pid, signal.SIGINT)
+    seen = []
+    while not seen or "asking the ranks" not in seen[-1]:  # the first one is being handled: press again
+        seen.append(proc.stdout.readline())
+        assert seen[-1], "".join(seen)
+    os.killpg(proc.pid, signal.SIGINT)
+    tick = time.monotonic()
+    output, _ = proc.communicate(timeout=60)
+    output = "".join(seen) + output
+    assert proc.returncode == 130 and "interrupted again" in output, output[-3000:]
+    assert time.monotonic() - tick < 15 and "Traceback" not in output
+    time.sleep(1)
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "run.name=twice" in (p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow
+def test_a_config_error_is_one_line_under_the_launcher(workdir: Path) -> None:
+    result = subprocess.run(launch_cmd(workdir, "err", "method.tau=3"), cwd=workdir, capture_output=True,
+                            text=True, timeout=TIMEOUT)
+    assert result.returncode == 2
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: " + f"{workdir / 'config.yaml'} + overrides: method.tau: Input should be less "
+                      "than 1 (got 3)"], result.stderr
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
+
+
+@pytest.mark.slow
+def test_bare_accelerate_launch_prints_the_error_once_and_returns_1(workdir: Path) -> None:
+    """What the README says the launcher itself does: rank 0 alone prints the line, torch adds its report."""
+    result = subprocess.run(launch_cmd(workdir, "bare-err", "method.tau=3", bare=True), cwd=workdir,
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert len([ln for ln in result.stderr.splitlines() if ln.startswith("error:")]) == 1, result.stderr
+    assert "ChildFailedError" in result.stderr
+
+
+@pytest.mark.slow
+def test_ranks_of_a_bare_launcher_killed_by_sigusr1_checkpoint_and_end(workdir: Path) -> None:
+    """torch's launcher has no SIGUSR1 handler and dies of it; its ranks see it gone and stop cleanly."""
+    proc = run_to_checkpoint(workdir, launch_cmd(workdir, "orphans", bare=True), "orphans")
+    ranks = ranks_of(proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGUSR1
+    _, alive = psutil.wait_procs(ranks, timeout=120)
+    assert not alive
+    assert_stopped_at_a_step(workdir / "runs" / "orphans")
+
+
+@pytest.mark.slow
+def test_one_process_sigint_checkpoints_and_returns_130(workdir: Path) -> None:
+    cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(workdir / "config.yaml"), "run.name=one"]
+    proc = run_to_checkpoint(workdir, cmd, "one")
+    os.killpg(proc.pid, signal.SIGINT)  # the whole group, loader workers included, as a terminal does
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in output, output[-3000:]
+    assert latest_checkpoint(workdir / "runs" / "one").name.startswith("step-")
+
+
+# ---------------------------------------------------------------- requeue bookkeeping (no cluster needed)
+
+
+def test_requeue_refused_at_the_limit_and_without_progress(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    (tmp_path / slurm.REQUEUES).write_text(json.dumps(
+        {"requeues": [{"job_id": "7", "restart_count": 0, "time": "t", "step": 40}], "refused": None}))
+    line = slurm.requeue(tmp_path, step=40, limit=5)
+    assert line.startswith("not requeued: no training step since the last requeue (step 40)")
+    assert slurm.read_requeues(tmp_path)["refused"]["reason"].startswith("no training step")
+    line = slurm.requeue(tmp_path, step=90, limit=1)
+    assert line.startswith("not requeued: run.max_requeues (1) reached")
+    record = slurm.read_requeues(tmp_path)
+    assert len(record["requeues"]) == 1 and record["refused"]["step"] == 90
+
+
+@pytest.mark.parametrize("nodes", [1, 3])
+def test_rendered_scripts_carry_the_values_and_parse(tmp_path: Path, nodes: int) -> None:
+    spec = slurm.JobSpec(nodes=nodes, gpus_per_node=4, train_args=["--config", "a b.yaml", "tau=0.8"],
+                         partition="gpu", time_limit="1:00:00")
+    script = slurm.render(spec)
+    for line in (f"#SBATCH --nodes={nodes}", "#SBATCH --gpus-per-node=4", "#SBATCH --partition=gpu",
+                 "#SBATCH --time=1:00:00", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@90",
+                 "[ $# -gt 0 ] || set -- --config 'a b.yaml' tau=0.8"):
+        assert line in script.splitlines(), line
+    assert ("--rdzv_backend c10d" in script) == (nodes > 1)
+    (tmp_path / "job.sbatch").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+    cpu = slurm.render(slurm.JobSpec(nodes=nodes, gpus_per_node=2, train_args=[], cpu=True))
+    assert "#SBATCH --gpus-per-node" not in cpu and "PROCS_PER_NODE=${PROCS_PER_NODE:-2}" in cpu
