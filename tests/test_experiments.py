@@ -1,0 +1,210 @@
+"""The experiment runner (tools/experiments/): definitions, records, RESULTS.md, and a tiny run end to end.
+
+The end-to-end test runs two arms on a tiny synthetic set (small CNN, 2 warm-up epochs, 1 round), then the
+same command again (everything recorded: nothing trains), then a third arm and seed killed mid-warm-up with
+the runner, and the same command once more: the training resumes from its checkpoint and is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools" / "experiments"
+sys.path.insert(0, str(TOOLS))
+from measure import spearman  # noqa: E402
+from records import REQUIRED, add_record, read_records, recorded  # noqa: E402
+from report import mean_sd, render, verdict  # noqa: E402
+from run import main as run_main  # noqa: E402
+from spec import read_experiment  # noqa: E402
+
+from fer_dist.errors import FerDistError  # noqa: E402
+
+REPO = TOOLS.parents[1]
+
+
+def _base(tmp: Path) -> Path:
+    base = tmp / "base.yaml"
+    ref = lambda split: [{"dir": "shards/syn", "splits": [split]}]  # noqa: E731
+    base.write_text(yaml.safe_dump({
+        "data": {"labelled": ref("train"), "unlabelled": ref("train"), "val": ref("val"), "test": ref("test"),
+                 "num_workers": 0},
+        "model": {"backbone": "small_cnn", "pretrained": False, "trainable": "all"},
+        "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 1, "tau": 0.3},
+        "optim": {"lr": 0.002, "batch_size": 16},
+    }))
+    return base
+
+
+def _experiment(tmp: Path, file: str = "tiny.yaml", **changes) -> Path:
+    tree = {
+        "name": "tiny", "description": "a tiny synthetic run", "base": str(_base(tmp)),
+        "seeds": [0], "shards": [{"dataset": "synthetic", "out": "shards/syn",
+                                  "args": ["--subjects", 12, "--frames", 5, "--workers", 1]}],
+        "test": [{"dir": "shards/syn", "splits": ["test"]}],
+        "intensity": {"dir": "shards/syn", "splits": ["test"]},
+        "arms": {"smoothing": {"method.self_training": False},
+                 "both_adaptive": {"method.threshold": "class_adaptive"}},
+    }
+    tree.update(changes)
+    path = tmp / file
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def _record(arm: str, seed: int, acc: float) -> dict:
+    return {"arm": arm, "seed": seed, "test_accuracy": acc, "macro_f1": acc - 0.1, "val_accuracy": acc,
+            "rounds": 2, "confident_per_round": [10, 5], "drawn_per_round": [4, 3], "wall_s": 60.0,
+            "commit": "abc", "machine": "test", "date": "2026-12-01 00:00 UTC", "test_set": "syn:test"}
+
+
+# ------------------------------------------------------------------------------------------------ definitions
+
+
+def test_the_shipped_definitions_are_valid_and_name_the_papers_arms(monkeypatch):
+    monkeypatch.chdir(REPO)
+    for path in sorted((REPO / "launch_configs" / "experiments").glob("*.yaml")):
+        exp = read_experiment(path.relative_to(REPO))
+        assert len(exp.seeds) >= 3 and exp.arms, path
+        if exp.kind == "ablation":
+            assert list(exp.arms) == ["baseline", "smoothing", "unlabelled", "both", "both_adaptive"], path
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"colour": 1}, "colour: unknown key"), ({"seeds": [0, 0]}, "seeds"), ({"arms": {}}, "arms"),
+    ({"arms": {"a": {"method.tau": 7}}}, "arms.a"), ({"arms": {"a": {"method.nope": 1}}}, "arms.a"),
+    ({"test": [{"dir": "x"}]}, "test[0]"), ({"kind": "other"}, "kind"), ({"base": "missing.yaml"}, "base"),
+])
+def test_a_bad_definition_is_one_line_naming_the_field(tmp_path, change, field):
+    path = _experiment(tmp_path, **change)
+    with pytest.raises(FerDistError, match=f"{path}: {field}".replace("[", r"\[")):
+        read_experiment(path)
+
+
+def test_the_runner_refuses_bad_input_in_one_line_before_doing_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for args in ([str(_experiment(tmp_path, "bad.yaml", seeds=[0, 0]))],
+                 [str(_experiment(tmp_path)), "--arms", "nope"],
+                 [str(_experiment(tmp_path)), "--set", "method.tau=3"], [str(tmp_path / "missing.yaml")]):
+        assert run_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "docs").exists()  # nothing half-done
+
+
+# ---------------------------------------------------------------------------------------------------- records
+
+
+def test_records_append_atomically_and_refuse_a_second_of_the_same_arm_and_seed(tmp_path):
+    path = tmp_path / "r" / "x.json"
+    assert read_records(path) == []
+    add_record(path, _record("both", 0, 0.5))
+    add_record(path, _record("both", 1, 0.6))
+    assert recorded(read_records(path)) == {("both", 0), ("both", 1)}
+    with pytest.raises(FerDistError, match="already recorded"):
+        add_record(path, _record("both", 1, 0.7))
+    assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+    path.write_text(json.dumps([{"arm": "a"}]))
+    with pytest.raises(FerDistError, match=f"{path}: record 0: missing 'seed'"):
+        read_records(path)
+
+
+# ------------------------------------------------------------------------------------------------- RESULTS.md
+
+
+def test_results_without_records_say_so_and_hold_no_figure(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = render([read_experiment(_experiment(tmp_path), check_configs=False)], tmp_path / "results")
+    assert "No runs are recorded yet" in text and "No runs of this experiment are recorded yet" in text
+    assert "tools/experiments/run.py" in text and "± " not in text
+
+
+def test_results_give_mean_spread_and_paired_gains(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp = _experiment(tmp_path, arms={"baseline": {}, "smoothing": {}}, seeds=[0, 1, 2])
+    for seed, (b, s) in enumerate([(0.50, 0.53), (0.52, 0.54), (0.54, 0.58)]):
+        add_record(tmp_path / "results" / "tiny.json", _record("baseline", seed, b))
+        add_record(tmp_path / "results" / "tiny.json", _record("smoothing", seed, s))
+    text = render([read_experiment(exp, check_configs=False)], tmp_path / "results")
+    assert "| baseline | 0, 1, 2 | 52.00 ± 2.00 |" in text
+    assert "| smoothing | 0, 1, 2 | 55.00 ± 2.65 |" in text
+    # gains 3, 2, 4 points: mean 3, sd 1, standard error 0.577
+    assert ("smoothing vs baseline, label smoothing alone: +3.00 ± 1.00 points over 3 paired seeds (a gain"
+            in text)
+    assert "the paper reports +2.0 points, ours has the same sign as it" in text
+    assert "No runs are recorded yet" not in text
+
+
+def test_verdict_and_mean_sd_known_answers():
+    assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert "not distinguishable from seed noise" in verdict([1.0, -1.0, 0.5])
+    assert "a loss" in verdict([-3.0, -3.5, -2.5])
+    assert "one seed" in verdict([2.0])
+
+
+def test_spearman_known_answers():
+    assert spearman(np.array([0, 1, 2, 3]), np.array([0.1, 0.2, 0.3, 0.9])) == pytest.approx(1.0)
+    assert spearman(np.array([0, 1, 2, 3]), np.array([0.9, 0.5, 0.3, 0.1])) == pytest.approx(-1.0)
+    assert np.isnan(spearman(np.array([0, 1, 2]), np.array([0.5, 0.5, 0.5])))
+    assert spearman(np.array([1, 2, 3, 4]), np.array([1, 1, 2, 2])) == pytest.approx(0.894427, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+
+
+def _runner(tmp: Path, path: Path, *args: str) -> list[str]:
+    return [sys.executable, str(TOOLS / "run.py"), str(path), "--runs-dir", "runs", "--results-dir",
+            "results", *args]
+
+
+@pytest.mark.slow
+def test_runner_end_to_end_skips_recorded_and_resumes_an_interrupted_arm(tmp_path):
+    path = _experiment(tmp_path)
+    done = subprocess.run(_runner(tmp_path, path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_records(tmp_path / "results" / "tiny.json")
+    assert [(r["arm"], r["seed"]) for r in records] == [("smoothing", 0), ("both_adaptive", 0)]
+    for r in records:
+        assert set(REQUIRED) <= set(r) and 0.0 <= r["test_accuracy"] <= 1.0 and r["test_set"] == "syn:test"
+        assert -1.0 <= r["intensity"]["spearman_mean"] <= 1.0 and r["intensity"]["sequences"] > 0
+        assert r["wall_s"] > 0 and r["machine"]
+    smoothing, adaptive = records
+    assert smoothing["rounds"] == 0 and smoothing["confident_per_round"] == []
+    assert adaptive["rounds"] == 1 and len(adaptive["confident_per_round"]) == 1
+    assert len(adaptive["thresholds_per_round"][0]) == 7
+    # the run's own test accuracy (the trainer's finish) and the runner's agree
+    summary = json.loads((tmp_path / "runs" / "tiny" / "both_adaptive-s0" / "summary.json").read_text())
+    assert summary["test_acc_of_best"] == pytest.approx(adaptive["test_accuracy"], abs=1e-6)
+
+    again = subprocess.run(_runner(tmp_path, path), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("recorded, skipped") == 2
+    assert "fer_dist.train" not in again.stdout  # nothing trained
+    assert read_records(tmp_path / "results" / "tiny.json") == records
+
+    cmd = _runner(tmp_path, path, "--seeds", "1", "--arms", "both_adaptive")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    first = tmp_path / "runs" / "tiny" / "both_adaptive-s1" / "checkpoints" / "warmup-0001" / "meta.json"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no warm-up checkpoint appeared"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and its training, at once
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert ("both_adaptive", 1) not in recorded(read_records(tmp_path / "results" / "tiny.json"))
+    resumed = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    records = read_records(tmp_path / "results" / "tiny.json")
+    assert [(r["arm"], r["seed"]) for r in records][-1] == ("both_adaptive", 1)
+    assert records[-1]["rounds"] == 1

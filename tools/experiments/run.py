@@ -1,0 +1,195 @@
+"""Run an experiment's arms and seeds, recording each one as it finishes; rerun to continue.
+
+    .venv/bin/python tools/experiments/run.py launch_configs/experiments/fer2013_ablation.yaml \
+        [--seeds 0 1] [--arms baseline both] [--runs-dir runs/experiments] [--results-dir docs/results] \
+        [--dry-run] [--set key=value ...]
+    .venv/bin/python tools/experiments/report.py          # docs/RESULTS.md from docs/results/*.json
+
+For each seed, then each arm (so that an interrupted experiment has every arm of the first seeds):
+skip it where docs/results/<experiment>.json already records (arm, seed); else shard what the experiment
+needs (once), train (`python -m fer_dist.train`, or `accelerate launch` with the experiment's accelerate
+config) in runs/experiments/<experiment>/<arm>-s<seed> with run.resume=auto, so a run killed mid-arm
+continues from its last checkpoint; then test its best model and append the record (atomically). A
+SIGTERM or SIGINT to the runner is passed to the training, which checkpoints and stops; the runner then
+exits 3 without a record. Exit codes: 0 done, 2 bad input (one line naming the file and field), 1 a
+training that failed, 3 stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from measure import intensity_metric, load_best, run_record, score_set  # noqa: E402
+from records import add_record, commit, machine, read_records, recorded  # noqa: E402
+from spec import Experiment, read_experiment  # noqa: E402
+
+from fer_dist.config import load_config  # noqa: E402
+from fer_dist.errors import FerDistError  # noqa: E402
+from fer_dist.files import write_text_atomic  # noqa: E402
+
+WALL_FILE = "experiment_wall.json"  # beside the run: training seconds summed over the runner's attempts
+
+
+class Stopped(Exception):
+    """The runner was asked to stop; the training checkpointed."""
+
+
+def shard_commands(exp: Experiment) -> list[list[str]]:
+    """`fer-dist shard` for each shard folder the experiment names that does not exist yet."""
+    out = []
+    for spec in exp.shards:
+        if (Path(spec["out"]) / "manifest.json").exists():
+            continue
+        cmd = [sys.executable, "-m", "fer_dist.cli", "shard", "--dataset", spec["dataset"],
+               "--out", spec["out"]]
+        if spec.get("src"):
+            cmd += ["--src", str(spec["src"])]
+        out.append(cmd + [str(a) for a in spec.get("args", [])])
+    return out
+
+
+def train_command(exp: Experiment, arm: str, seed: int, run_dir: Path, extra: list[str]) -> list[str]:
+    """The training command of one arm and seed."""
+    args = ["-m", "fer_dist.train", "--config", str(exp.base), *exp.overrides(arm, seed, run_dir, extra)]
+    if exp.accelerate_config is None:
+        return [sys.executable, *args]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    return [str(accelerate), "launch", "--config_file", exp.accelerate_config, *args]
+
+
+def environment(exp: Experiment) -> dict[str, str]:
+    """The training's environment: ours plus the experiment's (relative paths made absolute)."""
+    env = dict(os.environ)
+    for key, value in exp.env.items():
+        env[key] = str(Path(value).resolve()) if ("/" in value or value.startswith(".")) else value
+    return env
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> int:
+    """Run a child to its end; SIGTERM / SIGINT to the runner are passed on and end the runner after it."""
+    proc = subprocess.Popen(cmd, env=env)
+    asked: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        asked.append(signum)
+        proc.send_signal(signal.SIGTERM)  # the trainer's stop request: checkpoint at a step and exit 0
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    if asked:
+        raise Stopped(f"stopped by signal {asked[0]}; rerun the same command to continue")
+    return code
+
+
+def add_wall(run_dir: Path, seconds: float) -> float:
+    """Add one attempt's seconds to the run's total and return the total."""
+    path = run_dir / WALL_FILE
+    total = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
+    total += seconds
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps({"seconds": total}) + "\n")
+    return total
+
+
+def make_record(exp: Experiment, arm: str, seed: int, run_dir: Path, wall: float) -> dict[str, Any]:
+    """The record of a finished run: its log, and its best model tested on the experiment's sets."""
+    logged = run_record(run_dir)
+    net = load_best(run_dir)
+    tests = [dict(score_set(net, t.dir, t.splits), test_set=t.name) for t in exp.test]
+    record = {
+        "arm": arm, "seed": seed, "test_set": tests[0]["test_set"],
+        "test_accuracy": tests[0]["accuracy"], "macro_f1": tests[0]["macro_f1"], "uar": tests[0]["uar"],
+        "n_test": tests[0]["n"], **logged, "wall_s": round(wall, 1), "commit": commit(), "machine": machine(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "run_dir": str(run_dir),
+    }
+    if len(tests) > 1:
+        record["other_tests"] = tests[1:]
+    if exp.intensity is not None:
+        record["intensity"] = intensity_metric(net, exp.intensity.dir, exp.intensity.splits)
+    return record
+
+
+def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_dir: Path, results: Path,
+                   extra: list[str], dry_run: bool = False) -> int:
+    """Every (seed, arm) not yet recorded: train, test, record. Returns the exit code."""
+    env = environment(exp)
+    for cmd in shard_commands(exp):
+        print("$ " + shlex.join(cmd), flush=True)
+        if not dry_run and run_child(cmd, env):
+            raise FerDistError(f"{exp.path}: shards: `{' '.join(cmd)}` failed")
+    for seed in seeds:
+        for arm in arms:
+            if (arm, seed) in recorded(read_records(results)):
+                print(f"{exp.name}: {arm} seed {seed}: recorded, skipped", flush=True)
+                continue
+            run_dir = runs_dir / exp.name / f"{arm}-s{seed}"
+            cmd = train_command(exp, arm, seed, run_dir, extra)
+            print(f"{exp.name}: {arm} seed {seed}\n$ " + shlex.join(cmd), flush=True)
+            if dry_run:
+                continue
+            tick = time.monotonic()
+            try:
+                code = run_child(cmd, env)
+            finally:
+                wall = add_wall(run_dir, time.monotonic() - tick)
+            if code:
+                print(f"error: {exp.name}: {arm} seed {seed}: training exited {code}", file=sys.stderr)
+                return 1
+            if not (run_dir / "summary.json").exists():  # the trainer stopped on a request of its own
+                raise Stopped(f"{run_dir}: the training stopped before its end; rerun to continue")
+            record = make_record(exp, arm, seed, run_dir, wall)
+            add_record(results, record)
+            print(f"{exp.name}: {arm} seed {seed}: test accuracy {record['test_accuracy']:.4f} "
+                  f"({record['test_set']}), macro-F1 {record['macro_f1']:.4f}, {wall:.0f} s -> {results}",
+                  flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("experiment", type=Path, help="launch_configs/experiments/<name>.yaml")
+    p.add_argument("--seeds", type=int, nargs="+", help="a subset or other seeds (default: the file's)")
+    p.add_argument("--arms", nargs="+", help="a subset of the arms (default: all, in the file's order)")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs/experiments"))
+    p.add_argument("--results-dir", type=Path, default=Path("docs/results"))
+    p.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training override for every arm (after the experiment's own)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = p.parse_args(argv)
+    try:
+        exp = read_experiment(args.experiment)
+        unknown = [a for a in args.arms or [] if a not in exp.arms]
+        if unknown:
+            raise FerDistError(f"--arms: {unknown[0]!r} is not an arm of {args.experiment} "
+                               f"({', '.join(exp.arms)})")
+        if args.extra:  # checked before the first arm runs, as the file's own overrides are
+            load_config(exp.base, exp.overrides(next(iter(exp.arms)), 0, Path("runs/check"), args.extra))
+        return run_experiment(exp, seeds=args.seeds or list(exp.seeds), arms=args.arms or list(exp.arms),
+                              runs_dir=args.runs_dir, results=args.results_dir / f"{exp.name}.json",
+                              extra=args.extra, dry_run=args.dry_run)
+    except FerDistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

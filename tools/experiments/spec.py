@@ -1,0 +1,166 @@
+"""An experiment definition (launch_configs/experiments/*.yaml), read and checked before anything runs.
+
+    name: fer2013_ablation              # records go to docs/results/<name>.json
+    kind: ablation                      # or crossdb: which of the paper's comparisons RESULTS.md reads
+    description: one line for RESULTS.md
+    base: launch_configs/train/fer2013_mobilenet_cpu.yaml   # the training config every arm starts from
+    schedule: {method.warmup_epochs: 3}  # overrides every arm gets (the schedule, the machine's settings)
+    env: {TORCH_HOME: ../shared/torch_home}
+    launch: {}                          # one process; or {accelerate_config: launch_configs/accelerate/...}
+    seeds: [0, 1, 2]
+    shards:                             # what `fer-dist shard` makes first where the folder is missing
+      - {dataset: fer2013, src: ../shared/data/fer2013, out: shards/fer2013}
+    test: [{dir: shards/fer2013, splits: [test]}]    # the first is the record's test set; more are extra
+    intensity: {dir: shards/synthetic, splits: [test]}   # optional: the synthetic set's true intensity
+    arms:                               # arm -> the overrides that make it
+      baseline: {method.label_smoothing: false, method.self_training: false}
+
+Relative paths are relative to the working directory (the repository root, as for the trainer). Every
+error names the file and the field, on one line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fer_dist.config import load_config
+from fer_dist.errors import FerDistError
+
+KEYS = {"name", "kind", "description", "base", "schedule", "env", "launch", "seeds", "shards", "test",
+        "intensity", "arms"}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class SetRef:
+    """Some splits of one shard folder: a test set, or the intensity set."""
+
+    dir: str
+    splits: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"{Path(self.dir).name}:{','.join(self.splits)}"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A checked experiment definition."""
+
+    path: Path
+    name: str
+    kind: str
+    description: str
+    base: Path
+    schedule: dict[str, Any]
+    env: dict[str, str]
+    accelerate_config: str | None
+    seeds: tuple[int, ...]
+    shards: tuple[dict[str, Any], ...]
+    test: tuple[SetRef, ...]
+    intensity: SetRef | None
+    arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def overrides(self, arm: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
+        """key=value overrides of one arm and seed: schedule < arm < the runner's run.* < extra."""
+        tree = {**self.schedule, **self.arms[arm]}
+        out = [f"{k}={json.dumps(v)}" for k, v in tree.items()]  # JSON values are YAML values
+        out += [f"run.name={run_dir.name}", f"run.dir={run_dir.parent}", f"run.seed={seed}",
+                "run.resume=auto", "run.progress=false"]
+        return out + list(extra)
+
+
+def _fail(path: Path, where: str, msg: str) -> FerDistError:
+    return FerDistError(f"{path}: {where}: {msg}")
+
+
+def _set_ref(path: Path, where: str, value: Any) -> SetRef:
+    if not (isinstance(value, dict) and set(value) == {"dir", "splits"} and isinstance(value["dir"], str)
+            and isinstance(value["splits"], list) and value["splits"]
+            and all(isinstance(s, str) for s in value["splits"])):
+        raise _fail(path, where, "expected {dir: FOLDER, splits: [NAME, ...]}")
+    return SetRef(value["dir"], tuple(value["splits"]))
+
+
+def _mapping(path: Path, tree: dict, key: str) -> dict:
+    value = tree.get(key) or {}
+    if not isinstance(value, dict):
+        raise _fail(path, key, "expected a mapping")
+    return value
+
+
+def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
+    """Read and check `path`; with check_configs, every arm's training config is validated too."""
+    if not path.is_file():
+        raise FerDistError(f"{path}: experiment file not found")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise FerDistError(f"{path}: not valid YAML") from None
+    if not isinstance(tree, dict):
+        raise FerDistError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(tree) - KEYS)
+    if unknown:
+        raise _fail(path, unknown[0], "unknown key")
+    for key in ("name", "base", "arms", "test"):
+        if key not in tree:
+            raise _fail(path, key, "required")
+    name = tree["name"]
+    if not isinstance(name, str) or not NAME.match(name):
+        raise _fail(path, "name", "a plain name (letters, digits, _ . -)")
+    arms = _mapping(path, tree, "arms")
+    if not arms:
+        raise _fail(path, "arms", "name at least one arm")
+    for arm, value in arms.items():
+        if not isinstance(arm, str) or not NAME.match(arm):
+            raise _fail(path, f"arms.{arm}", "a plain name")
+        if not isinstance(value, dict):
+            raise _fail(path, f"arms.{arm}", "expected a mapping of config keys to values")
+    seeds = tree.get("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) and not isinstance(s, bool)
+                                                       for s in seeds)) or len(set(seeds)) != len(seeds):
+        raise _fail(path, "seeds", "a list of distinct integers")
+    launch = _mapping(path, tree, "launch")
+    if set(launch) - {"accelerate_config"}:
+        raise _fail(path, "launch", "the one key is accelerate_config (none: one process, python -m)")
+    accel = launch.get("accelerate_config")
+    if accel is not None and not Path(accel).is_file():
+        raise _fail(path, "launch.accelerate_config", f"{accel} not found")
+    shards = tree.get("shards") or []
+    if not isinstance(shards, list):
+        raise _fail(path, "shards", "expected a list")
+    for i, spec in enumerate(shards):
+        if not (isinstance(spec, dict) and {"dataset", "out"} <= set(spec)
+                and set(spec) <= {"dataset", "src", "out", "args"}):
+            raise _fail(path, f"shards[{i}]", "expected {dataset, out[, src][, args: [...]]}")
+    tests = tree["test"]
+    if not isinstance(tests, list) or not tests:
+        raise _fail(path, "test", "a list of {dir, splits}, at least one")
+    kind = tree.get("kind", "ablation")
+    if kind not in ("ablation", "crossdb"):
+        raise _fail(path, "kind", f"ablation or crossdb (got {kind!r})")
+    exp = Experiment(
+        path=path, name=name, kind=kind, description=str(tree.get("description", "")),
+        base=Path(tree["base"]), schedule=_mapping(path, tree, "schedule"),
+        env={str(k): str(v) for k, v in _mapping(path, tree, "env").items()}, accelerate_config=accel,
+        seeds=tuple(seeds), shards=tuple(shards),
+        test=tuple(_set_ref(path, f"test[{i}]", t) for i, t in enumerate(tests)),
+        intensity=_set_ref(path, "intensity", tree["intensity"]) if tree.get("intensity") else None,
+        arms=arms,
+    )
+    if not exp.base.is_file():
+        raise _fail(path, "base", f"{exp.base} not found")
+    if check_configs:
+        for arm in arms:
+            try:
+                # the same overrides the runner passes: a bad key fails here, before any arm has run
+                load_config(exp.base, exp.overrides(arm, exp.seeds[0], Path("runs") / "check"))
+            except FerDistError as e:
+                raise _fail(path, f"arms.{arm}", str(e)) from None
+    return exp
