@@ -25,6 +25,15 @@ class ShardsRef(_Section):
 
     dir: str = Field(description="shard directory, relative to the working directory or absolute")
     splits: list[str] = Field(min_length=1, description="split names inside it, e.g. [train]")
+    folds: list[int] | None = Field(None, min_length=1, description="keep only these fold ids (shards made "
+                                    "with --folds K; `fer-dist cv` sets them); None: every sample")
+
+    @field_validator("folds")
+    @classmethod
+    def _folds_are_ids(cls, folds: list[int] | None) -> list[int] | None:
+        if folds is not None and min(folds) < 0:
+            raise ValueError("fold ids are 0..K-1")
+        return folds
 
 
 class DataConfig(_Section):
@@ -101,6 +110,9 @@ class RunConfig(_Section):
     log_every: int = Field(10, ge=1, description="log the step loss every N steps")
     eval_batch_size: int = Field(256, ge=1, description="per-process batch of prediction and evaluation")
     progress: bool = Field(True, description="rich progress bars on the main process")
+    progress_every_s: float = Field(30.0, gt=0.0, description="a plain progress line every N s where the "
+                                    "output is not a terminal (a SLURM log)")
+    max_requeues: int = Field(20, ge=0, description="SLURM: most requeues on the time-limit signal (SIGUSR1)")
     stop_after_rounds: int | None = Field(None, ge=0, description="exit, checkpointed, after N rounds")
 
 
@@ -110,9 +122,6 @@ class TrainConfig(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
-    progress_every_s: float = Field(30.0, gt=0.0, description="a plain progress line every N s where the "
-                                    "output is not a terminal (a SLURM log)")
-    max_requeues: int = Field(20, ge=0, description="SLURM: most requeues on the time-limit signal (SIGUSR1)")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 

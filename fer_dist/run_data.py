@@ -6,11 +6,14 @@ directory an id offset; the offsets are saved in checkpoints and checked on resu
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fer_dist.config import DataConfig, ShardsRef
+from fer_dist.data.shardread import read_samples
 from fer_dist.data.stream import RunShard, ShardSet, read_labels
 from fer_dist.errors import FerDistError
 
@@ -51,6 +54,23 @@ def _mask(num_ids: int, shards: list[RunShard]) -> torch.Tensor:
     return mask
 
 
+def fold_mask(num_ids: int, shards: list[RunShard], ref: ShardsRef) -> torch.Tensor:
+    """The ids of `shards` whose fold (their `.json` metadata, from `shard --folds K`) is in `ref.folds`."""
+    keep, wanted = torch.zeros(num_ids, dtype=torch.bool), set(ref.folds or ())
+    for shard in shards:
+        keys = np.arange(shard.count, dtype=np.int64) + (shard.first_run_id - shard.offset)
+        for sid, members in read_samples(shard.index(), keys, ("json",)):
+            try:
+                fold = json.loads(members.get("json", b"{}")).get("fold")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                raise FerDistError(f"{shard.path}: sample {sid:08d} has no valid .json member") from None
+            if not isinstance(fold, int):
+                raise FerDistError(f"{ref.dir}: data folds {ref.folds}: its samples carry no fold id "
+                                   "(shard it with --folds K)")
+            keep[shard.offset + sid] = fold in wanted
+    return keep
+
+
 def _unique(shards: list[RunShard]) -> list[RunShard]:
     seen, out = set(), []
     for s in shards:
@@ -70,10 +90,14 @@ def load_run_data(cfg: DataConfig) -> RunData:
     labels = read_labels(shardset)
     n = shardset.num_ids
     has_label = labels >= 0
-    labelled = _mask(n, parts["labelled"]) & has_label
-    unlabelled = _mask(n, parts["unlabelled"]) & ~labelled
-    val = _mask(n, parts["val"]) & has_label
-    test = _mask(n, parts["test"]) & has_label
+    named = {part: torch.zeros(n, dtype=torch.bool) for part in parts}
+    for i, (part, ref) in enumerate(entries):
+        mask = _mask(n, shardset.shards(i))
+        named[part] |= mask if ref.folds is None else mask & fold_mask(n, shardset.shards(i), ref)
+    labelled = named["labelled"] & has_label
+    unlabelled = named["unlabelled"] & ~labelled
+    val = named["val"] & has_label
+    test = named["test"] & has_label
     if not labelled.any():
         raise FerDistError("data.labelled: the splits named hold no labelled sample")
     if not val.any():

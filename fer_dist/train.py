@@ -30,7 +30,7 @@ from fer_dist.data.stream import close_loader_workers, exhaustive_loader, start_
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_text_atomic
 from fer_dist.metrics import MetricsLog
-from fer_dist.models import ModelSpec, build_model, export_model, load_exported
+from fer_dist.models import ModelSpec, build_model, export_model, load_exported, preprocessing_of
 from fer_dist.progress import Progress
 from fer_dist.run_data import RunData, load_run_data
 
@@ -291,7 +291,9 @@ def validate(run: Run, kind: str, index: int, values: dict[str, Any]) -> bool:
     if improved:
         st.best_acc = acc_val
         if run.acc.is_main_process:
-            export_model(run.net, run.dir / "best")
+            # the labelled shards' alignment, side and channels: `fer-dist predict` makes faces the same way
+            labelled = run.data.shardset.manifests[run.data.shardset.entries[0][0]]
+            export_model(run.net, run.dir / "best", preprocessing=preprocessing_of(labelled))
         run.acc.wait_for_everyone()
     record = {"val/acc": acc_val, "val/best": st.best_acc, **values}
     st.history.append({"kind": kind, "index": index, **record})
@@ -299,8 +301,13 @@ def validate(run: Run, kind: str, index: int, values: dict[str, Any]) -> bool:
     shown = {"train/loss": "loss", "unlabelled/confident": "confident", "unlabelled/drawn": "drawn",
              "labelled/reset": "alpha-reset"}
     run.log.say(f"{kind} {index}: val acc {acc_val:.4f} (best {st.best_acc:.4f})"
-                + "".join(f", {name} {values[k]:.4g}" for k, name in shown.items() if k in values))
+                + "".join(f", {name} {_number(values[k])}" for k, name in shown.items() if k in values))
     return improved
+
+
+def _number(value: Any) -> str:
+    """Counts as integers, other figures to four significant digits (log lines and the summary)."""
+    return str(value) if isinstance(value, int) else f"{value:.4g}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -414,26 +421,56 @@ def self_train(run: Run) -> None:
     st.phase = "done"
 
 
+def best_entry(history: list[dict[str, Any]], best_acc: float) -> dict[str, Any] | None:
+    """The warm-up epoch or round whose model is `best/`: the first to reach the best accuracy."""
+    return next((h for h in history if h["val/acc"] == best_acc), None)
+
+
 def finish(run: Run) -> dict[str, Any]:
-    """Test the best model; write summary.json; returns the summary."""
-    if run.state.best_acc >= 0:
+    """Test the best model; log the test record, write summary.json; returns the summary."""
+    st = run.state
+    if st.best_acc >= 0:
         load_best(run)
     test_acc = accuracy(run, run.data.test_shards, run.data.test, "test") if run.data.test.any() else None
-    warm = [h["val/acc"] for h in run.state.history if h["kind"] == "warmup"]
+    warm = [h["val/acc"] for h in st.history if h["kind"] == "warmup"]
+    best = best_entry(st.history, st.best_acc)
     summary = {
         "run": str(run.dir), "processes": run.acc.num_processes,
-        "warmup_epochs": run.state.epoch, "warmup_best_val": max(warm) if warm else None,
-        "rounds": run.state.round, "stop_reason": run.state.stop_reason or "warm-up only",
-        "best_val": run.state.best_acc, "test_acc_of_best": test_acc, "steps": run.state.step,
+        "warmup_epochs": st.epoch, "warmup_best_val": round(max(warm), 4) if warm else None,
+        "rounds": st.round, "stop_reason": st.stop_reason or "warm-up only",
+        "best": f"{best['kind']} {best['index']}" if best else None,
+        "best_val": round(st.best_acc, 4), "best_model": str(run.dir / "best") if best else None,
+        "test_acc_of_best": round(test_acc, 4) if test_acc is not None else None,
+        "test_samples": int(run.data.test.sum()), "steps": st.step,
     }
+    run.log.write("test", st.step, {"test/acc": test_acc, "test/samples": summary["test_samples"],
+                                    "best": summary["best"]})
     if run.acc.is_main_process:
         write_text_atomic(run.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         run.progress.summary(summary)
     return summary
 
 
+def already_finished(run: Run) -> dict[str, Any]:
+    """A finished run asked to run again: say so and how to start afresh, rather than test it again."""
+    summary = json.loads((run.dir / "summary.json").read_text())
+    # resuming cut metrics.jsonl back to the last checkpoint, which precedes the test: log it again
+    run.log.write("test", run.state.step, {"test/acc": summary.get("test_acc_of_best"),
+                                           "test/samples": summary.get("test_samples"),
+                                           "best": summary.get("best")})
+    run.log.say(f"{run.dir} has already finished ({summary.get('stop_reason')}): best {summary.get('best')}, "
+                f"val {summary.get('best_val')}, test {summary.get('test_acc_of_best')}, model "
+                f"{summary.get('best_model')}. To train it again from scratch: run.resume=never (replaces "
+                "it), or another run.name=...")
+    if run.acc.is_main_process:
+        run.progress.summary(summary)
+    return summary
+
+
 def fit(run: Run) -> dict[str, Any]:
     """The whole run from wherever its state stands."""
+    if run.state.phase == "done" and (run.dir / "summary.json").is_file():
+        return already_finished(run)
     if run.state.phase == "warmup":
         warmup(run)
     if run.state.phase == "rounds":

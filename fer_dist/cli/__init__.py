@@ -16,7 +16,8 @@ from typer.core import TyperGroup
 from fer_dist.errors import FerDistError
 
 # Each module has `register(app)`; a new command group adds its module here.
-COMMAND_MODULES: tuple[str, ...] = ("fer_dist.cli.shard", "fer_dist.cli.train", "fer_dist.cli.slurm")
+COMMAND_MODULES: tuple[str, ...] = ("fer_dist.cli.shard", "fer_dist.cli.train", "fer_dist.cli.slurm",
+                                    "fer_dist.cli.evaluate", "fer_dist.cli.cv")
 
 
 class _RootGroup(TyperGroup):

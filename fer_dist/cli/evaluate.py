@@ -69,7 +69,7 @@ def evaluate(model: Model, shards: ShardsOpt, out: Out = None, tta: Tta = "none"
         results = evaluate(loaded, targets, acc, tta=tta, batch_size=batch_size, num_workers=workers)
         if acc.is_main_process:
             path = write_report(results, out or loaded.default_out("eval"))
-            console = Console(highlight=False)
+            console = Console(highlight=False, soft_wrap=True)
             for record in results["sets"]:
                 console.print(f"{record['name']}: {record['input']}")
             console.print(_table(f"{loaded.name} ({results['tta_words']})", TABLE_COLUMNS,
@@ -109,7 +109,7 @@ def intensity(model: Model, shards: Annotated[str, typer.Option(
             o = report["overall"]
             rows.append(["all", str(report["sequences"]), f"{o['spearman_position']['mean']:.3f}",
                          f"{o['spearman_intensity']['mean']:.3f}", f"{o['mean_abs_jump']['mean']:.3f}"])
-            console = Console(highlight=False)
+            console = Console(highlight=False, soft_wrap=True)
             console.print(_table(f"{loaded.name}: intensity grading on {target.name}",
                                  ["class", "sequences", "Spearman (position)", "Spearman (intensity)",
                                   "mean |jump|"], rows))
@@ -122,16 +122,16 @@ def compare(runs: Annotated[list[Path], typer.Argument(show_default=False, help=
             out: Annotated[Path, typer.Option(help="Output folder.")] = Path("compare")) -> None:
     """A table of runs: the config values that differ, rounds, validation and test accuracy, intensity."""
     from fer_dist.evaluate import plots
-    from fer_dist.evaluate.compare import compare_runs, table
+    from fer_dist.evaluate.compare import compare_runs, tables
     from fer_dist.files import staged_dir
 
     comparison = compare_runs(runs)
     with staged_dir(out) as tmp:
         plots.rounds(comparison["runs"], tmp / "compare.png")
         (tmp / "compare.json").write_text(json.dumps(comparison, indent=2) + "\n")
-    columns, rows = table(comparison)
-    console = Console(highlight=False)
-    console.print(_table(f"{len(runs)} runs", columns, rows))
+    console = Console(highlight=False, soft_wrap=True)
+    for title, columns, rows in tables(comparison):
+        console.print(_table(f"{len(runs)} runs: {title}", columns, rows))
     console.print(f"wrote {out / 'compare.json'} and {out / 'compare.png'}")
 
 
@@ -160,16 +160,16 @@ def predict(model: Model, images: Annotated[list[Path], typer.Argument(
         rows = predict_images(loaded, files, acc, prep, tta)
         if acc.is_main_process:
             names = list(loaded.net.classes or ())
-            console = Console(highlight=False)
+            console = Console(highlight=False, soft_wrap=True)
             console.print(f"faces: align {prep['align']}, {prep['size']} px, {prep['channels']} channel(s) "
                           f"({prep['source']}); {len(files)} images")
             if out is not None:
                 write_text_atomic(out, format_rows(rows, names, kind))
             else:
                 table_rows = [[r["path"], r["status"], r.get("predicted", "-"),
-                               *[f"{r[f'p_{c}']:.3f}" if f"p_{c}" in r else "-" for c in names]]
-                              for r in rows]
-                console.print(_table(loaded.name, ["image", "status", "class", *names], table_rows))
+                               f"{r['confidence']:.3f}" if "confidence" in r else "-"] for r in rows]
+                console.print(_table(f"{loaded.name} (every class's probability: --out x.csv or x.json)",
+                                     ["image", "status", "class", "probability"], table_rows))
             missed = sum(1 for r in rows if "predicted" not in r)
             console.print(f"{len(rows) - missed} faces classified, {missed} without a face"
                           + (f"; wrote {out}" if out else ""))
@@ -196,7 +196,7 @@ def export(model: Model, onnx: Annotated[Path, typer.Option(show_default=False, 
                                "name real faces with --shards DIR[:split]")
     faces = real_faces(loaded.net, target)
     info = export_onnx(loaded, onnx, faces)
-    Console(highlight=False).print(
+    Console(highlight=False, soft_wrap=True).print(
         f"wrote {info['onnx']} (opset {info['opset']}, input uint8 {info['input']['shape']}); checked on "
         f"{info['faces_checked']} faces of {target.name} with ONNX Runtime: max |logit difference| "
         f"{info['max_abs_diff']:.2e} (tolerance {info['tolerance']:g})")

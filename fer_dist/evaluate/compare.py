@@ -94,15 +94,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def table(comparison: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of the results table (differing config values first)."""
+def tables(comparison: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, columns, rows) of the two tables: the config values that differ, and what each run reached."""
     keys = [k for k in comparison["differing_keys"] if k not in ("run.name",)]
-    columns = ["run", *keys, "warm-up", "rounds", "best val", "test (train's)",
+    runs = comparison["runs"]
+    differs = ("config values that differ", ["run", *keys],
+               [[r["name"], *[_fmt(r["differs"][k]) for k in keys]] for r in runs])
+    columns = ["run", "warm-up", "rounds", "best val", "test (training)",
                *[f"eval {s}" for s in comparison["test_sets"]], "intensity"]
-    rows = []
-    for run in comparison["runs"]:
-        rows.append([run["name"], *[_fmt(run["differs"][k]) for k in keys], str(run["warmup_epochs"]),
-                     str(run["rounds"]) + ("" if run["finished"] else " (running)"), _fmt(run["best_val"]),
-                     _fmt(run["test_acc"]), *[_fmt(run["eval"].get(s)) for s in comparison["test_sets"]],
-                     _fmt(run["intensity"])])
-    return columns, rows
+    rows = [[r["name"], str(r["warmup_epochs"]), str(r["rounds"]) + ("" if r["finished"] else " (running)"),
+             _fmt(r["best_val"]), _fmt(r["test_acc"]),
+             *[_fmt(r["eval"].get(s)) for s in comparison["test_sets"]], _fmt(r["intensity"])] for r in runs]
+    return [differs, ("results", columns, rows)]

@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from fer_dist import dist
+from fer_dist.config import ShardsRef
 from fer_dist.data.augment import eval_transform, normalise
 from fer_dist.data.manifest import Manifest
 from fer_dist.data.shardread import read_samples
 from fer_dist.data.stream import ShardSet, exhaustive_loader, read_labels
 from fer_dist.errors import FerDistError
 from fer_dist.models import FerNet
+from fer_dist.run_data import fold_mask
 
 TTA_MODES = ("none", "flip", "tencrop")
 TENCROP_SHARE = 0.875  # crop side as a share of the face: 42 of 48 px, the usual FER ten-crop margin
@@ -30,24 +32,37 @@ TENCROP_SHARE = 0.875  # crop side as a share of the face: 42 of 48 px, the usua
 
 @dataclass(frozen=True)
 class ShardSplits:
-    """`DIR[:split[,split...]]` of the command line: some splits of one shard directory."""
+    """`DIR[:split[,split...]][@fold[,fold...]]` of the command line: some splits (and folds) of one shard
+    directory."""
 
     dir: Path
     splits: tuple[str, ...]
+    folds: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
-        """A row label: the folder's name and its splits (`ckplus48:test`)."""
-        return f"{self.dir.name}:{'+'.join(self.splits)}"
+        """A row label: the folder's name, its splits and folds (`ckplus48:test`, `ck:train@3`)."""
+        folds = f"@{','.join(map(str, self.folds))}" if self.folds is not None else ""
+        return f"{self.dir.name}:{'+'.join(self.splits)}{folds}"
+
+    def ref(self) -> ShardsRef:
+        """The same selection as a config entry."""
+        return ShardsRef(dir=str(self.dir), splits=list(self.splits),
+                         folds=list(self.folds) if self.folds is not None else None)
 
 
 def parse_shards(text: str, default_split: str = "test") -> ShardSplits:
-    """`DIR` (its `default_split`) or `DIR:split,split`."""
+    """`DIR` (its `default_split`), `DIR:split,split`, either with `@fold,fold` after it."""
+    text, at, folds_text = text.partition("@")
+    try:
+        folds = tuple(int(f) for f in folds_text.split(",")) if at else None
+    except ValueError:
+        raise FerDistError(f"--shards ...@{folds_text}: fold ids are whole numbers (DIR:split@0,1)") from None
     directory, sep, splits = text.rpartition(":") if ":" in text else (text, "", "")
     if sep and not splits:
         raise FerDistError(f"--shards {text!r}: no split after ':' (DIR or DIR:split[,split])")
     names = tuple(s for s in splits.split(",") if s) if sep else (default_split,)
-    return ShardSplits(Path(directory), names)
+    return ShardSplits(Path(directory), names, folds)
 
 
 @dataclass
@@ -108,8 +123,10 @@ def predict_shards(net: FerNet, acc, target: ShardSplits, *, tta: str = "none", 
     manifest = shardset.manifests[shardset.entries[0][0]]
     labels = read_labels(shardset)
     net = net.to(acc.device).eval()
-    stream = exhaustive_loader(shards, None, transform=eval_transform(net.input_spec), batch_size=batch_size,
-                               rank=acc.process_index, world=acc.num_processes, num_workers=num_workers)
+    include = None if target.folds is None else fold_mask(shardset.num_ids, shards, target.ref())
+    stream = exhaustive_loader(shards, include, transform=eval_transform(net.input_spec),
+                               batch_size=batch_size, rank=acc.process_index, world=acc.num_processes,
+                               num_workers=num_workers)
     ids_parts = [torch.zeros(0, dtype=torch.long)]
     prob_parts = [torch.zeros(0, net.spec.num_classes)]
     autocast = acc.autocast() if acc.device.type != "cpu" else nullcontext()
@@ -118,7 +135,7 @@ def predict_shards(net: FerNet, acc, target: ShardSplits, *, tta: str = "none", 
             prob_parts.append(batch_probs(net, images.to(acc.device), tta).cpu())
             ids_parts.append(ids)
     ids, probs = dist.gather_predictions(acc, torch.cat(ids_parts), torch.cat(prob_parts))
-    expected = sum(s.count for s in shards)
+    expected = sum(s.count for s in shards) if include is None else int(include.sum())
     if ids.numel() != expected:
         raise RuntimeError(f"{target.name}: gathered {ids.numel()} predictions for {expected} samples")
     return Predictions(ids.numpy(), labels[ids].numpy(), probs.double().numpy(), manifest,

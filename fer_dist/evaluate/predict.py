@@ -70,7 +70,7 @@ def make_face(path: Path, prep: dict[str, Any]) -> tuple[np.ndarray | None, str]
     if found is None:
         return None, "no face found"
     face = align_found(image, found, prep["size"])
-    return face.image, "ok" if face.detected else "ok (face found, eyes not: framed by the face box)"
+    return face.image, "ok" if face.detected else "ok (face box; eyes not found)"
 
 
 def _face_tensor(face: np.ndarray) -> torch.Tensor:

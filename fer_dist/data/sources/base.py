@@ -227,7 +227,10 @@ def _read_with_pil(data: bytes, path: str) -> np.ndarray:
             elif im.mode == "1":
                 im = im.convert("L")
             return np.asarray(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:
+        # PIL's own message names the BytesIO it was given, not the file
+        raise ImageReadError(path, "not a readable image (unknown or damaged format)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(path, f"not a readable image ({exc})") from None
 
 
