@@ -77,10 +77,15 @@ class JobSpec:
     cpus_per_task: int | None = None
     cpu: bool = False  # CPU ranks (gloo): gpus_per_node is then the processes per node
     output: str | None = None  # the job's log; None: the script's %x-%j.out in the submit directory
+    script: Path | None = None  # the template; None: single_node.sbatch for one node, else multi_node.sbatch
 
 
 def script_for(spec: JobSpec) -> Path:
     """The script a job of this size uses."""
+    if spec.script is not None:
+        if not spec.script.is_file():
+            raise FerDistError(f"--script: {spec.script} is not a file")
+        return spec.script
     return SCRIPTS / ("single_node.sbatch" if spec.nodes == 1 else "multi_node.sbatch")
 
 

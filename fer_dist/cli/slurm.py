@@ -21,6 +21,8 @@ JobName = Annotated[str, typer.Option(help="The job's name (its log: <name>-<job
 Cpu = Annotated[bool, typer.Option("--cpu", help="CPU-only ranks (gloo): no GPU request.")]
 Output = Annotated[str | None, typer.Option(
     show_default=False, help="The job's log (sbatch --output, e.g. logs/%x-%j.out); default: %x-%j.out.")]
+Script = Annotated[Path | None, typer.Option(
+    show_default=False, help="Batch script template; default: tools/slurm/single_node or multi_node.sbatch.")]
 ScriptDir = Annotated[Path, typer.Option(help="Where the rendered script is written before sbatch reads it.")]
 DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the rendered script only; submit nothing.")]
 Overrides = Annotated[list[str] | None, typer.Argument(
@@ -40,6 +42,7 @@ def submit(
     job_name: JobName = "fer-dist",
     cpu: Cpu = False,
     output: Output = None,
+    script: Script = None,
     script_dir: ScriptDir = Path("runs/slurm"),
     dry_run: DryRun = False,
     overrides: Overrides = None,
@@ -50,7 +53,7 @@ def submit(
     train_args = (["--config", str(config)] if config is not None else []) + overrides
     spec = slurm.JobSpec(nodes=nodes, gpus_per_node=gpus_per_node, train_args=train_args, partition=partition,
                          time_limit=time_limit, job_name=job_name, cpus_per_task=cpus_per_task, cpu=cpu,
-                         output=output)
+                         output=output, script=script)
     script = slurm.render(spec)
     typer.echo(script, nl=False)
     if dry_run:

@@ -1,0 +1,293 @@
+"""Against a real Slurm on this machine: munge, slurmctld and slurmd started here (one node, CPUs only), jobs
+submitted with `fer-dist slurm submit` through the project's own scripts, 2 gloo ranks each.
+
+A time-limit warning (SIGUSR1 to the batch shell, as `--signal=B:USR1@90` sends it) in the middle of a round
+must requeue the job and the requeued job resume and end as an uninterrupted run; `scancel` must leave a
+complete checkpoint that a plain `fer-dist train` resumes to the same end. The daemons are stopped at the
+end by the process ids started here. Skipped, with the reason, where Slurm is not installed (`.ci/run`
+installs Debian's slurm-wlm and munge) or this user cannot run slurmd (it needs root).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from fer_dist import slurm
+from fer_dist.checkpoint import latest_checkpoint, load_checkpoint
+from fer_dist.data.pack import pack
+from fer_dist.data.sources.base import SourceOptions
+from fer_dist.launch import free_port
+from fer_dist.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+FER_DIST = Path(sys.executable).parent / "fer-dist"
+DAEMONS = ("munged", "slurmctld", "slurmd")
+CLIENTS = ("sbatch", "scontrol", "scancel", "sinfo")
+TIMEOUT = 300
+
+SLURM_CONF = """\
+ClusterName=ferdisttest
+SlurmctldHost={host}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={dir}/munge.sock
+SlurmctldPort={ctld_port}
+SlurmdPort={d_port}
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+MpiDefault=none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+JobRequeue=1
+KillWait=30
+MinJobAge=600
+NodeName={host} CPUs={cpus} RealMemory={memory} State=UNKNOWN
+PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _missing() -> str | None:
+    absent = [name for name in DAEMONS + CLIENTS if shutil.which(name) is None]
+    if absent:
+        return (f"Slurm is not installed ({', '.join(absent)} missing): .ci/run installs Debian's slurm-wlm "
+                "and munge with apt-get")
+    if os.geteuid() != 0:
+        return "slurmd needs root to start job steps; this user is not root"
+    return None
+
+
+class Cluster:
+    """The running daemons and the environment their clients need."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        host = socket.gethostname().split(".")[0]
+        for sub in ("state", "spool"):
+            (self.root / sub).mkdir()
+        key = self.root / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        memory = psutil.virtual_memory().total // 2**20 // 2
+        (self.root / "slurm.conf").write_text(SLURM_CONF.format(
+            host=host, dir=self.root, ctld_port=free_port(), d_port=free_port(), cpus=os.cpu_count() or 1,
+            memory=memory))
+        self._daemon(["munged", "-F", "-f", "-S", str(self.root / "munge.sock"), f"--key-file={key}",
+                      f"--log-file={self.root / 'munged.log'}", f"--pid-file={self.root / 'munged.pid'}",
+                      f"--seed-file={self.root / 'munged.seed'}"])
+        self._wait(lambda: (self.root / "munge.sock").exists(), "munged's socket")
+        self._daemon(["slurmctld", "-D", "-f", str(self.root / "slurm.conf")])
+        self._daemon(["slurmd", "-D", "-f", str(self.root / "slurm.conf")])
+        self._wait(lambda: self.run("sinfo", "-h", "-o", "%t").stdout.strip() == "idle", "an idle node")
+
+    def _daemon(self, cmd: list[str]) -> None:
+        log = open(self.root / f"{cmd[0]}.out", "w")  # noqa: SIM115 (kept open for the daemon's life)
+        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+
+    def _wait(self, ready, what: str, seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
+        while not ready():
+            for p in self.procs:
+                if p.poll() is not None:
+                    out = (self.root / f"{p.args[0]}.out").read_text()[-2000:]
+                    pytest.fail(f"{p.args[0]} exited with {p.returncode} before {what}: {out}")
+            assert time.monotonic() < deadline, f"no {what} after {seconds} s"
+            time.sleep(0.2)
+
+    def run(self, *cmd: str) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60)
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, ...)."""
+        out = self.run("scontrol", "show", "job", "-o", job_id).stdout
+        return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+    def wait_state(self, job_id: str, states: set[str], seconds: float = TIMEOUT) -> dict[str, str]:
+        deadline = time.monotonic() + seconds
+        while (info := self.job(job_id)).get("JobState") not in states:
+            assert time.monotonic() < deadline, f"job {job_id} is {info.get('JobState')}, not in {states}"
+            time.sleep(0.5)
+        return info
+
+    def stop(self) -> None:
+        self.run("scancel", "--user", "root")
+        for p in reversed(self.procs):  # slurmd, slurmctld, then munged: by the pids started here
+            p.terminate()
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny synthetic shards, a config over them, and an uninterrupted 2-process run as the reference."""
+    root = tmp_path_factory.mktemp("slurmrun")
+    pack("synthetic", [], root / "shards", options=SourceOptions(subjects=12, frames=5), workers=1,
+         progress=False)
+    ref = lambda split: [{"dir": str(root / "shards"), "splits": [split]}]  # noqa: E731
+    config = {
+        "data": {"labelled": ref("train"), "unlabelled": ref("train"), "val": ref("val"), "test": ref("test"),
+                 "num_workers": 1},
+        "model": {"backbone": "small_cnn", "pretrained": False, "trainable": "all"},
+        "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 3, "tau": 0.3},
+        "optim": {"lr": 0.002, "batch_size": 16},
+        "run": {"dir": str(root / "runs"), "keep_last": 20, "progress": True, "progress_every_s": 1.0},
+    }
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(workdir: Path) -> Path:
+    train(workdir, "reference")
+    return workdir / "runs" / "reference"
+
+
+def train(workdir: Path, name: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(FER_DIST), "train", "--config", str(workdir / "config.yaml"), "--processes",
+                             "2", f"run.name={name}"], cwd=workdir, capture_output=True, text=True,
+                            timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def submit(cluster: Cluster, workdir: Path, name: str, script: str) -> tuple[str, Path]:
+    """Submit a 2-rank CPU job through `fer-dist slurm submit`; returns (job id, its log)."""
+    result = subprocess.run(
+        [str(FER_DIST), "slurm", "submit", "--config", str(workdir / "config.yaml"), "--nodes", "1",
+         "--gpus-per-node", "2", "--cpu", "--cpus-per-task", str(os.cpu_count() or 1), "--job-name", name,
+         "--script", str(REPO / "tools" / "slurm" / script), "--output", str(workdir / "%x-%j.out"),
+         "--script-dir", str(workdir / "scripts"), f"run.name={name}"],
+        cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().splitlines()[-1].split()[2].rstrip(":")
+    return job, workdir / f"{name}-{job}.out"
+
+
+def wait_for(path: Path, cluster: Cluster, job: str, seconds: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        state = cluster.job(job).get("JobState")
+        assert state in ("PENDING", "RUNNING"), f"job {job} is {state} before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.1)
+
+
+def ranks_gone(name: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    def running() -> bool:
+        return any(f"run.name={name}" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+
+    while running():
+        assert time.monotonic() < deadline, f"the ranks of {name} are still running"
+        time.sleep(0.2)
+
+
+def final_state(run_dir: Path) -> dict:
+    state, _ = load_checkpoint(latest_checkpoint(run_dir), 0)
+    return state
+
+
+def assert_same_end(run_dir: Path, reference: Path) -> None:
+    """Same rounds, target table, selections and weights as the uninterrupted run; same records."""
+    from test_train import assert_same_run, comparable
+
+    assert_same_run(final_state(run_dir), final_state(reference))
+    ref = [r for r in read_metrics(reference / "metrics.jsonl") if r["kind"] != "step"]
+    got = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["kind"] != "step"]
+    assert comparable(got) == comparable(ref)
+
+
+def test_time_limit_warning_mid_round_requeues_and_resumes_to_the_same_end(
+    cluster: Cluster, workdir: Path, reference: Path
+) -> None:
+    job, log = submit(cluster, workdir, "preempted", "multi_node.sbatch")
+    run_dir = workdir / "runs" / "preempted"
+    wait_for(run_dir / "checkpoints" / "round-0001" / "meta.json", cluster, job)
+    # what --signal=B:USR1@90 delivers ahead of the time limit: SIGUSR1 to the batch shell only
+    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    wait_for(run_dir / slurm.REQUEUES, cluster, job)
+    # Slurm holds a requeued batch job ~2 min before it may start again; the test does not wait for that
+    deadline = time.monotonic() + 120
+    while cluster.job(job).get("Restarts") != "1" or cluster.job(job).get("JobState") != "PENDING":
+        assert time.monotonic() < deadline, cluster.job(job)
+        time.sleep(0.2)
+    ranks_gone("preempted")
+    assert cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now").returncode == 0
+    info = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"})
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    record = slurm.read_requeues(run_dir)
+    assert len(record["requeues"]) == 1 and record["refused"] is None
+    stopped_at = record["requeues"][0]["step"]
+    stop_ckpt = run_dir / "checkpoints" / f"step-{stopped_at:08d}"
+    saved, _ = load_checkpoint(stop_ckpt, 1)
+    assert saved["state"]["phase"] == "rounds" and saved["state"]["round"] >= 1, "not stopped in a round"
+    assert saved["state"]["step_in_epoch"] > 0, "not stopped in the middle of the round's epoch"
+    assert "stopped on request (SIGUSR1)" in text and f"resumed from {stop_ckpt}" in text, text[-3000:]
+    assert "restart 1" in text and "[progress] " in text and "Traceback" not in text
+    assert_same_end(run_dir, reference)
+
+
+def test_scancelled_job_leaves_a_complete_usable_checkpoint(
+    cluster: Cluster, workdir: Path, reference: Path
+) -> None:
+    job, log = submit(cluster, workdir, "cancelled", "single_node.sbatch")
+    run_dir = workdir / "runs" / "cancelled"
+    wait_for(run_dir / "checkpoints" / "warmup-0001" / "meta.json", cluster, job)
+    assert cluster.run("scancel", job).returncode == 0
+    ranks_gone("cancelled")
+    info = cluster.wait_state(job, {"CANCELLED"}, seconds=60)
+    assert info["Restarts"] == "0" and not (run_dir / slurm.REQUEUES).exists()
+    text = log.read_text()
+    assert "stopped on request (SIGTERM)" in text and "Traceback" not in text, text[-3000:]
+    latest = latest_checkpoint(run_dir)
+    assert latest.name.startswith("step-"), latest
+    for rank in (0, 1):  # every process's RNG state is in it, and it loads with weights_only=True
+        state, rng = load_checkpoint(latest, rank)
+        assert rng is not None and state["world_size"] == 2
+    assert (latest / "meta.json").is_file() and not list((run_dir / "checkpoints").glob(".tmp-*"))
+    result = train(workdir, "cancelled")
+    assert f"resumed from {latest}" in result.stderr
+    assert_same_end(run_dir, reference)
