@@ -216,8 +216,10 @@ def wait_for(path: Path, cluster: Cluster, job: str, seconds: float = TIMEOUT) -
 
 def ranks_gone(name: str, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
+
     def running() -> bool:
-        return any(f"run.name={name}" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))
+        procs = psutil.process_iter(["cmdline"])
+        return any(f"run.name={name}" in " ".join(p.info["cmdline"] or []) for p in procs)
 
     while running():
         assert time.monotonic() < deadline, f"the ranks of {name} are still running"
