@@ -138,6 +138,9 @@ def send(proc: subprocess.Popen, target: str, sig: int) -> None:
         os.kill(proc.pid, sig)
     elif target == "group":  # the launcher's process group, as `kill -TERM -PGID` or a terminal's Ctrl-C
         os.killpg(proc.pid, sig)
+    elif target == "bare-ranks":
+        for p in ranks_of(proc):
+            p.send_signal(sig)
     else:  # the launcher and every rank, as SLURM signals a job step
         for p in [psutil.Process(proc.pid), *ranks_of(proc)]:
             p.send_signal(sig)
@@ -154,12 +157,16 @@ def assert_stopped_at_a_step(run_dir: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(("target", "signame", "code"), [
     ("launcher", "SIGTERM", 0), ("group", "SIGUSR1", 0), ("step", "SIGTERM", 0), ("group", "SIGINT", 130),
+    ("bare-ranks", "SIGTERM", 0),
 ])
 def test_stop_signal_checkpoints_and_exits_with_its_code(workdir: Path, target: str, signame: str,
                                                          code: int) -> None:
+    """`python -m fer_dist.launch` (what `fer-dist train` runs); bare-ranks: plain `accelerate launch`, the
+    signal sent to its ranks only."""
     name = f"stop-{target}-{signame}"
     extra = ("run.progress=true", "run.progress_every_s=0.2") if target == "launcher" else ()
-    proc = run_to_checkpoint(workdir, launch_cmd(workdir, name, *extra), name)
+    cmd = launch_cmd(workdir, name, *extra, bare=target.startswith("bare"))
+    proc = run_to_checkpoint(workdir, cmd, name)
     send(proc, target, getattr(signal, signame))
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == code, output[-3000:]
