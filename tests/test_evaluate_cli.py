@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -145,15 +146,22 @@ def test_a_constant_model_scores_what_its_class_share_gives(work: Path) -> None:
     assert scored["calibration"]["ece"] == pytest.approx(abs(share - conf), abs=1e-6)
 
 
-def test_eval_on_two_gloo_processes_counts_each_sample_once(work: Path) -> None:
-    ok(cli("eval", work / "runs/a", "--shards", work / "shards:test,val", "--out", work / "one"))
-    port = str(20000 + os.getpid() % 20000)
+def on_two_processes(work: Path, *args: str | Path) -> None:
+    """`accelerate launch` (2 gloo processes) `-m fer_dist.cli ARGS`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     command = [str(VENV_BIN / "accelerate"), "launch", "--config_file",
                str(REPO / "launch_configs/accelerate/cpu_2proc.yaml"), "--main_process_port", port, "-m",
-               "fer_dist.cli", "eval", str(work / "runs/a"), "--shards", str(work / "shards:test,val"),
-               "--out", str(work / "two"), "--batch-size", "7"]
+               "fer_dist.cli", *map(str, args)]
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_eval_on_two_gloo_processes_counts_each_sample_once(work: Path) -> None:
+    ok(cli("eval", work / "runs/a", "--shards", work / "shards:test,val", "--out", work / "one"))
+    on_two_processes(work, "eval", work / "runs/a", "--shards", work / "shards:test,val", "--out",
+                     work / "two", "--batch-size", "7")
     one = json.loads((work / "one/eval.json").read_text())["sets"][0]["all_classes"]
     two = json.loads((work / "two/eval.json").read_text())["sets"][0]["all_classes"]
     m = read_manifest(work / "shards")
@@ -171,6 +179,28 @@ def test_intensity_draws_the_grid_and_scores_each_sequence(work: Path) -> None:
     assert curve["position"] == [0, 0.25, 0.5, 0.75, 1.0] and curve["intensity"] == curve["position"]
     image = cv2.imread(str(work / "runs/a/intensity/intensity.png"))
     assert image is not None and image.shape[0] > 300 and image.shape[1] > 600
+
+
+def test_intensity_and_predict_on_two_gloo_processes_match_one(work: Path) -> None:
+    target = f"{work / 'shards'}:val,test"
+    ok(cli("intensity", work / "runs/a", "--shards", target, "--out", work / "i1"))
+    on_two_processes(work, "intensity", work / "runs/a", "--shards", target, "--out", work / "i2",
+                     "--batch-size", "5")
+    one, two = (json.loads((work / d / "intensity.json").read_text()) for d in ("i1", "i2"))
+    assert two["sequences"] == one["sequences"] > 0
+    assert [c["frames"] for c in two["curves"]] == [c["frames"] for c in one["curves"]]
+    assert two["score"] == pytest.approx(one["score"], abs=1e-6)
+    faces = work / "faces2"
+    faces.mkdir()
+    first = read_manifest(work / "shards").splits["test"].shards[0].first_id
+    for i in range(5):
+        cv2.imwrite(str(faces / f"f{i}.png"), shard_face(work / "shards", first + i)[0].numpy())
+    ok(cli("predict", work / "runs/a", faces, "--out", work / "p1.json"))
+    on_two_processes(work, "predict", work / "runs/a", faces, "--out", work / "p2.json")
+    rows1, rows2 = (json.loads((work / f).read_text()) for f in ("p1.json", "p2.json"))
+    assert [r["path"] for r in rows2] == [r["path"] for r in rows1] and len(rows2) == 5
+    for a, b in zip(rows1, rows2, strict=True):
+        assert b["p_happy"] == pytest.approx(a["p_happy"], abs=1e-6)
 
 
 def shard_face(shards: Path, sid: int) -> torch.Tensor:

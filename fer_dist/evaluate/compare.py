@@ -19,6 +19,10 @@ from fer_dist.metrics import read_metrics
 FORMAT = "fer-dist-compare/1"
 EVAL_FILE = Path("eval") / "eval.json"
 INTENSITY_FILE = Path("intensity") / "intensity.json"
+# keys that change how a run is shown or kept, not what it learns: left out of the table (kept in the JSON)
+PRESENTATION = {"run.name", "run.dir", "run.progress", "run.progress_every_s", "run.log_every",
+                "run.tensorboard", "run.keep_last", "run.resume", "run.debug", "run.eval_batch_size",
+                "run.checkpoint_every_steps", "run.max_requeues"}
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -96,7 +100,7 @@ def _fmt(value: Any) -> str:
 
 def tables(comparison: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, columns, rows) of the two tables: the config values that differ, and what each run reached."""
-    keys = [k for k in comparison["differing_keys"] if k not in ("run.name",)]
+    keys = [k for k in comparison["differing_keys"] if k not in PRESENTATION]
     runs = comparison["runs"]
     differs = ("config values that differ", ["run", *keys],
                [[r["name"], *[_fmt(r["differs"][k]) for k in keys]] for r in runs])
