@@ -234,6 +234,8 @@ def test_export_onnx_from_the_best_model_and_from_a_checkpoint(work: Path) -> No
 
     out = ok(cli("export", work / "runs/a", "--onnx", work / "a.onnx"))
     assert "max |logit difference|" in out
+    on_two_processes(work, "export", work / "runs/a", "--onnx", work / "a2.onnx")  # written once, not raced
+    assert (work / "a2.onnx").read_bytes() == (work / "a.onnx").read_bytes()
     checkpoint = latest_checkpoint(work / "runs/a")
     ok(cli("export", checkpoint, "--onnx", work / "ckpt.onnx", "--shards", f"{work / 'shards'}:test"))
     first = read_manifest(work / "shards").splits["test"].shards[0].first_id
@@ -270,7 +272,7 @@ def test_cv_trains_every_fold_and_continues_where_it_stopped(work: Path) -> None
     base["method"].update(self_training=False, warmup_epochs=1)
     base["run"]["name"] = "cvrun"
     (work / "cv.yaml").write_text(yaml.safe_dump(base))
-    out = ok(cli("cv", "--config", work / "cv.yaml", "--folds", "3", "--processes", "1", cwd=work))
+    out = ok(cli("cv", "--config", work / "cv.yaml", "--folds", "3", "--processes", "2", cwd=work))
     summary = json.loads((work / "runs/cvrun-cv/cv.json").read_text())
     assert [r["fold"] for r in summary["records"]] == [0, 1, 2] and "mean ± sd" in out
     assert sum(r["n"] for r in summary["records"]) == read_manifest(work / "folds").splits["train"].labelled
@@ -284,7 +286,7 @@ def test_cv_trains_every_fold_and_continues_where_it_stopped(work: Path) -> None
     # an interrupted cross-validation: fold 1 lost its end; the same command trains only fold 1 again
     stamps = {k: (work / f"runs/cvrun-fold{k}/summary.json").stat().st_mtime_ns for k in (0, 2)}
     (work / "runs/cvrun-fold1/summary.json").unlink()
-    ok(cli("cv", "--config", work / "cv.yaml", "--folds", "3", "--processes", "1", cwd=work))
+    ok(cli("cv", "--config", work / "cv.yaml", "--folds", "3", "--processes", "2", cwd=work))
     assert {k: (work / f"runs/cvrun-fold{k}/summary.json").stat().st_mtime_ns for k in (0, 2)} == stamps
     assert (work / "runs/cvrun-fold1/summary.json").is_file()
     assert json.loads((work / "runs/cvrun-cv/cv.json").read_text())["records"] == summary["records"]

@@ -47,6 +47,13 @@ def accelerator() -> Iterator[Any]:
         dist.shutdown()
 
 
+def _main_launch_process() -> bool:
+    """Commands with nothing to share out (compare, export) run once, on a launch's main process."""
+    from fer_dist import dist
+
+    return dist.is_main_launch_process()
+
+
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
     table = Table(title=title)
     for i, c in enumerate(columns):
@@ -121,6 +128,8 @@ def intensity(model: Model, shards: Annotated[str, typer.Option(
 def compare(runs: Annotated[list[Path], typer.Argument(show_default=False, help="Run directories.")],
             out: Annotated[Path, typer.Option(help="Output folder.")] = Path("compare")) -> None:
     """A table of runs: the config values that differ, rounds, validation and test accuracy, intensity."""
+    if not _main_launch_process():
+        return
     from fer_dist.evaluate import plots
     from fer_dist.evaluate.compare import compare_runs, tables
     from fer_dist.files import staged_dir
@@ -182,6 +191,8 @@ def export(model: Model, onnx: Annotated[Path, typer.Option(show_default=False, 
                help="Real faces to check the file with: DIR[:split]; default: the run's validation data.")]
            = None) -> None:
     """ONNX export (dynamic batch, uint8 faces in, logits out), checked against PyTorch on real faces."""
+    if not _main_launch_process():
+        return
     from fer_dist.evaluate.infer import parse_shards
     from fer_dist.evaluate.load import load_model
     from fer_dist.evaluate.onnx import export_onnx, real_faces
