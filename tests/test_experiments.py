@@ -158,6 +158,23 @@ def test_spearman_known_answers():
     assert spearman(np.array([1, 2, 3, 4]), np.array([1, 1, 2, 2])) == pytest.approx(0.894427, abs=1e-6)
 
 
+def test_a_stop_signal_to_the_runner_reaches_the_training_and_stops_the_runner(tmp_path):
+    marker = tmp_path / "child-got-sigterm"
+    child = ("import signal, sys, time, pathlib\n"
+             f"mark = pathlib.Path({str(marker)!r})\n"
+             "signal.signal(signal.SIGTERM, lambda *a: (mark.touch(), sys.exit(0)))\n"
+             "print('ready', flush=True)\ntime.sleep(60)\n")
+    script = (f"import sys; sys.path.insert(0, {str(TOOLS)!r})\n"
+              "from run import Stopped, run_child\n"
+              f"try:\n    run_child([sys.executable, '-c', {child!r}], dict(__import__('os').environ))\n"
+              "except Stopped:\n    sys.exit(3)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 3 and marker.exists()
+    proc.stdout.close()
+
+
 # ------------------------------------------------------------------------------------------------- end to end
 
 

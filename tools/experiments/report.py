@@ -12,6 +12,7 @@ intensity metric where recorded; the reading against the paper's figures. With n
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -99,11 +100,18 @@ def arm_table(groups: dict[str, list[dict[str, Any]]], crossdb: bool) -> list[st
     return lines
 
 
+def _overrides(tree: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in tree.items())
+
+
 def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: Path) -> list[str]:
     crossdb = exp.kind == "crossdb"
     lines = [f"## {exp.name}", "", exp.description.strip(), "",
-             f"Definition `{exp.path}`, records `{results}`. Run (skips what is recorded, resumes what was "
-             "interrupted):", "", f"    .venv/bin/python tools/experiments/run.py {exp.path}", ""]
+             f"Definition `{exp.path}` (base `{exp.base}`; seeds {', '.join(map(str, exp.seeds))}; "
+             f"every arm: {_overrides(exp.schedule) or 'the base as it is'}), records `{results}`. Arms: "
+             + "; ".join(f"**{arm}** {_overrides(o) or '(the base)'}" for arm, o in exp.arms.items()) + ".",
+             "", "Run (skips what is recorded, resumes what was interrupted):", "",
+             f"    .venv/bin/python tools/experiments/run.py {exp.path}", ""]
     if not records:
         return lines + ["No runs of this experiment are recorded yet.", ""]
     groups = by_arm(records, list(exp.arms))
