@@ -46,6 +46,9 @@ class DataConfig(_Section):
     test: list[ShardsRef] = Field(default_factory=list, description="test (labelled); may be empty")
     num_workers: int = Field(1, ge=0, description="DataLoader workers per process")
     augment: bool = Field(True, description="METHOD.md section 6 augmentation on training batches")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="a damaged sample (its manifest digest, its label): raise stops the run naming "
+        "it; skip leaves it out and counts it in the log")
 
 
 class ModelConfig(_Section):
@@ -240,6 +243,20 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise FerDistError(f"{path}: expected a mapping of config sections at the top level")
     return tree
+
+
+DATA_KEYS = ("data.labelled", "data.unlabelled", "data.val", "data.test")  # the keys that name shard folders
+
+
+def overrides_name_data(overrides: list[str]) -> bool:
+    """Whether any override names shard folders (data.labelled/unlabelled/val/test, or `data` whole).
+
+    The quick start may shard the synthetic set only where the user named no data at all: a mistyped
+    folder must be an error, never replaced by synthetic faces.
+    """
+    keys = parse_overrides(list(overrides))
+    return "data" in keys and (not isinstance(keys["data"], dict)
+                               or any(k.removeprefix("data.") in keys["data"] for k in DATA_KEYS))
 
 
 def load_config(path: Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -58,3 +58,23 @@ def staged_dir(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def first_missing(path: Path) -> Path | None:
+    """The topmost folder of `path` (itself or an ancestor) that does not exist yet, or None."""
+    path, missing = Path(path).absolute(), None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+@contextmanager
+def removed_on_error(created: Path | None) -> Iterator[None]:
+    """Remove `created` (a folder this process made, from first_missing) if the block raises: a run that
+    fails its set-up leaves nothing behind, not an empty runs/<name>/checkpoints/."""
+    try:
+        yield
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise

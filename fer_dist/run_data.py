@@ -7,14 +7,14 @@ directory an id offset; the offsets are saved in checkpoints and checked on resu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from fer_dist.config import DataConfig, ShardsRef
+from fer_dist.data.integrity import checked_labels
 from fer_dist.data.shardread import read_samples
-from fer_dist.data.stream import RunShard, ShardSet, read_labels
+from fer_dist.data.stream import RunShard, ShardSet
 from fer_dist.errors import FerDistError
 
 
@@ -31,6 +31,7 @@ class RunData:
     train_shards: list[RunShard]
     val_shards: list[RunShard]
     test_shards: list[RunShard]
+    skipped: list[str] = field(default_factory=list)  # damaged samples left out (data.on_error=skip)
 
     @property
     def num_ids(self) -> int:
@@ -54,11 +55,18 @@ def _mask(num_ids: int, shards: list[RunShard]) -> torch.Tensor:
     return mask
 
 
-def fold_mask(num_ids: int, shards: list[RunShard], ref: ShardsRef) -> torch.Tensor:
-    """The ids of `shards` whose fold (their `.json` metadata, from `shard --folds K`) is in `ref.folds`."""
+def fold_mask(num_ids: int, shards: list[RunShard], ref: ShardsRef,
+              damaged: torch.Tensor | None = None) -> torch.Tensor:
+    """The ids of `shards` whose fold (their `.json` metadata, from `shard --folds K`) is in `ref.folds`;
+    never a `damaged` id (left out under data.on_error=skip, its metadata not to be trusted)."""
     keep, wanted = torch.zeros(num_ids, dtype=torch.bool), set(ref.folds or ())
     for shard in shards:
-        keys = np.arange(shard.count, dtype=np.int64) + (shard.first_run_id - shard.offset)
+        ids = torch.arange(shard.first_run_id, shard.first_run_id + shard.count)
+        if damaged is not None:
+            ids = ids[~damaged[ids]]
+        if not ids.numel():
+            continue  # a shard that could not be indexed at all
+        keys = ids.numpy() - shard.offset
         for sid, members in read_samples(shard.index(), keys, ("json",)):
             try:
                 fold = json.loads(members.get("json", b"{}")).get("fold")
@@ -87,15 +95,18 @@ def load_run_data(cfg: DataConfig) -> RunData:
     parts: dict[str, list[RunShard]] = {"labelled": [], "unlabelled": [], "val": [], "test": []}
     for i, (part, _) in enumerate(entries):
         parts[part] += shardset.shards(i)
-    labels = read_labels(shardset)
+    checked = checked_labels(shardset, cfg.on_error)  # every sample's digest checked
+    labels = checked.labels
     n = shardset.num_ids
     has_label = labels >= 0
     named = {part: torch.zeros(n, dtype=torch.bool) for part in parts}
     for i, (part, ref) in enumerate(entries):
         mask = _mask(n, shardset.shards(i))
-        named[part] |= mask if ref.folds is None else mask & fold_mask(n, shardset.shards(i), ref)
+        if ref.folds is not None:
+            mask &= fold_mask(n, shardset.shards(i), ref, checked.damaged)
+        named[part] |= mask
     labelled = named["labelled"] & has_label
-    unlabelled = named["unlabelled"] & ~labelled
+    unlabelled = named["unlabelled"] & ~labelled & ~checked.damaged
     val = named["val"] & has_label
     test = named["test"] & has_label
     if not labelled.any():
@@ -110,5 +121,5 @@ def load_run_data(cfg: DataConfig) -> RunData:
     return RunData(
         shardset=shardset, labels=labels, labelled=labelled, unlabelled=unlabelled, val=val, test=test,
         train_shards=_unique(parts["labelled"] + parts["unlabelled"]),
-        val_shards=_unique(parts["val"]), test_shards=_unique(parts["test"]),
+        val_shards=_unique(parts["val"]), test_shards=_unique(parts["test"]), skipped=checked.problems,
     )

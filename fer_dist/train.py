@@ -23,12 +23,12 @@ import torch
 
 from fer_dist import checkpoint, dist, launch, method
 from fer_dist.classes import NUM_CLASSES
-from fer_dist.config import TrainConfig, dump_config, keys_help, load_config
+from fer_dist.config import TrainConfig, dump_config, keys_help, load_config, overrides_name_data
 from fer_dist.data.augment import eval_transform, train_transform
 from fer_dist.data.plan import derive_seed
 from fer_dist.data.stream import close_loader_workers, exhaustive_loader, start_worker_server, train_loader
 from fer_dist.errors import FerDistError
-from fer_dist.files import write_text_atomic
+from fer_dist.files import first_missing, removed_on_error, write_text_atomic
 from fer_dist.metrics import MetricsLog
 from fer_dist.models import ModelSpec, build_model, export_model, load_exported, preprocessing_of
 from fer_dist.progress import Progress
@@ -98,13 +98,20 @@ def build_run(cfg: TrainConfig, acc, stop: dist.StopRequest | None = None) -> Ru
     if acc.device.type == "cpu":
         # Each process gets its share of the cores: oversubscribed OpenMP threads made CPU steps ~15x slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
-    if acc.is_main_process:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
     torch.manual_seed(cfg.run.seed)  # same initial head on every process (DDP also broadcasts it)
     if cfg.data.num_workers:
         start_worker_server()  # its imports overlap the rest of the set-up
-    data = load_run_data(cfg.data)
+    data = load_run_data(cfg.data)  # before anything is written: bad data leaves no run folder behind
+    created = first_missing(run_dir) if acc.is_main_process else None
+    with removed_on_error(created):
+        return _build(cfg, acc, stop, run_dir, data)
+
+
+def _build(cfg: TrainConfig, acc, stop: dist.StopRequest | None, run_dir: Path, data: RunData) -> Run:
+    """build_run once the data is read: model, optimiser, state, then the resume."""
+    if acc.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
     spec = ModelSpec(num_classes=NUM_CLASSES, **cfg.model.model_dump())
     net = build_model(spec)
     params = [p for p in net.parameters() if p.requires_grad]
@@ -128,6 +135,10 @@ def build_run(cfg: TrainConfig, acc, stop: dist.StopRequest | None = None) -> Ru
         shutil.rmtree(run_dir / "best")  # an earlier run's model must never be tested as this one's
     if acc.is_main_process:
         dump_config(cfg, run_dir / "config.yaml")
+    if data.skipped:
+        run.log.say(f"data.on_error=skip: left out {len(data.skipped)} damaged sample(s) or shard(s), "
+                    f"the first: {data.skipped[0]}")
+        run.log.write("data", run.state.step, {"data/skipped": len(data.skipped)})
     acc.wait_for_everyone()
     return run
 
@@ -500,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides = parse_args(argv)
         cfg = load_config(config_path or QUICKSTART, overrides)
-        if config_path is None:
+        if config_path is None and not overrides_name_data(overrides):
             ensure_synthetic_shards(Path(cfg.data.labelled[0].dir))
         acc = dist.make_accelerator(mixed_precision=cfg.run.mixed_precision,
                                     expected_processes=cfg.run.num_processes)
@@ -524,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ensure_synthetic_shards(out: Path) -> None:
-    """The quick start shards the synthetic set first where its shard folder is missing."""
+    """The quick start (no --config, no data override) shards the synthetic set first where it is missing."""
     if (out / "manifest.json").exists():
         return
     if dist.is_main_launch_process():

@@ -12,6 +12,7 @@ import io
 import json
 import pickle
 import tarfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,25 +83,34 @@ def malicious_payload(marker: Path) -> bytes:
     return pickle.dumps(_Touch(marker))
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> int:
+    """Add a member; returns the CRC-32 of its tar bytes (header, data, padding)."""
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o444, 0, 0
+    start = tar.fileobj.tell()
     tar.addfile(info, io.BytesIO(data))
+    tar.fileobj.flush()
+    return start
 
 
-def _write_tar(path: Path, first_id: int, samples: list[Sample]) -> str:
+def _write_tar(path: Path, first_id: int, samples: list[Sample]) -> tuple[str, str]:
+    """The shard's sha256 and its samples' CRC-32 digests (over the .cls, .json, .png members' tar bytes)."""
     buf = io.BytesIO()
+    spans = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i, s in enumerate(samples):
             key = f"{first_id + i:08d}"
             meta = {"id": first_id + i, "label": s.label}
-            _add(tar, f"{key}.cls", str(s.label).encode())
+            start = _add(tar, f"{key}.cls", str(s.label).encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
             _add(tar, f"{key}.png", s.png)
+            spans.append((start, buf.tell()))
             for ext, data in s.extra.items():
                 _add(tar, f"{key}.{ext}", data)
-    path.write_bytes(buf.getvalue())
-    return hashlib.sha256(buf.getvalue()).hexdigest()
+    data = buf.getvalue()
+    digests = "".join(f"{zlib.crc32(data[a:b]):08x}" for a, b in spans)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest(), digests
 
 
 def write_dir(out: Path, splits: dict[str, list[list[Sample]]], *, size: int, channels: int) -> dict:
@@ -111,10 +121,10 @@ def write_dir(out: Path, splits: dict[str, list[list[Sample]]], *, size: int, ch
         entries, counts = [], dict.fromkeys([*CLASSES, "unlabelled"], 0)
         for index, samples in enumerate(shards):
             file = f"{split}-{index:06d}.tar"
-            digest = _write_tar(out / file, next_id, samples)
+            digest, sample_digests = _write_tar(out / file, next_id, samples)
             labelled = sum(s.label >= 0 for s in samples)
             entries.append({"file": file, "count": len(samples), "first_id": next_id, "labelled": labelled,
-                            "sha256": digest, "sample_digests": "0" * 8 * len(samples)})
+                            "sha256": digest, "sample_digests": sample_digests})
             for s in samples:
                 counts[CLASSES[s.label] if s.label >= 0 else "unlabelled"] += 1
             next_id += len(samples)

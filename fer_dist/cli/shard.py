@@ -16,6 +16,7 @@ from fer_dist.data.shards import verify_shards
 from fer_dist.errors import FerDistError
 
 SHOW_SKIPPED = 20  # skipped files listed by name; the manifest keeps them all
+SHOW_PROBLEMS = 20  # problems `inspect` lists without --problems
 
 Dataset = Annotated[str, typer.Option(
     "--dataset", "-d", show_default=False,
@@ -40,6 +41,8 @@ Sheet = Annotated[Path | None, typer.Option(
     show_default=False, help="Also write a contact sheet (.png or .jpg): random faces, a row per class.")]
 PerClass = Annotated[int, typer.Option(help="Faces per row of the contact sheet.")]
 Verify = Annotated[bool, typer.Option(help="Check every shard against the manifest.")]
+ListProblems = Annotated[bool, typer.Option(
+    "--problems", help=f"List every problem verification finds (default: the first {SHOW_PROBLEMS}).")]
 
 
 def shard(
@@ -87,6 +90,7 @@ def inspect(
     per_class: PerClass = 8,
     seed: Seed = 0,
     verify: Verify = True,
+    problems: ListProblems = False,
 ) -> None:
     """Show a shard folder's manifest, check every shard's checksum and samples, and draw a contact sheet."""
     console = Console(highlight=False)
@@ -95,7 +99,12 @@ def inspect(
     if verify:
         report = verify_shards(directory)
         if not report.ok:
-            more = f" (and {len(report.problems) - 1} more problems)" if len(report.problems) > 1 else ""
+            shown = report.problems if problems else report.problems[:SHOW_PROBLEMS]
+            for line in shown:
+                console.print(f"problem: {line}", soft_wrap=True, markup=False)
+            n = len(report.problems)
+            rest = f", {n - len(shown)} not shown: --problems lists them all" if n > len(shown) else ""
+            more = f" (and {n - 1} more problem(s) listed above{rest})" if n > 1 else ""
             raise FerDistError(f"{report.problems[0]}{more}")
         console.print(f"verified {report.shards} shards, {report.samples} samples: all match the manifest")
     if sheet is not None:

@@ -146,6 +146,8 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 def read_manifest(directory: Path) -> Manifest:
     """Read and check `<directory>/manifest.json`; a bad file raises a one-line FerDistError naming it."""
     path = Path(directory) / MANIFEST
+    if not Path(directory).is_dir():
+        raise FerDistError(f"{directory}: no such shard folder (made by `fer-dist shard --out {directory}`)")
     if not path.is_file():
         raise FerDistError(f"{path}: no manifest (not a shard directory made by `fer-dist shard`?)")
     try:

@@ -294,9 +294,23 @@ def pack(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    warnings = [f"split {name!r} has {len(s.shards)} shard(s), fewer than {MIN_SHARDS}: loader workers "
-                "will share shards" for name, s in manifest.splits.items() if len(s.shards) < MIN_SHARDS]
-    return PackSummary(out, manifest, warnings, time.perf_counter() - started)
+    return PackSummary(out, manifest, pack_warnings(manifest), time.perf_counter() - started)
+
+
+def pack_warnings(manifest: Manifest) -> list[str]:
+    """What a new shard folder lacks that a training run will want to know now, not at the first epoch."""
+    warnings = []
+    if "val" not in manifest.splits:
+        why = " (no PublicTest rows or files)" if manifest.dataset == "fer2013" else ""
+        warnings.append(f"no val split{why}, only {', '.join(manifest.splits)}: training needs data.val "
+                        "to name a split of this or another shard folder")
+    # Only a split large enough for MIN_SHARDS default-sized shards is worth the warning: a smaller one is
+    # read in milliseconds whoever shares it, and its few shards are the default's own choice.
+    warnings += [f"split {name!r} has {len(s.shards)} shard(s), fewer than {MIN_SHARDS}: loader workers "
+                 "will share shards (a smaller --samples-per-shard gives more)"
+                 for name, s in manifest.splits.items()
+                 if len(s.shards) < MIN_SHARDS and s.count >= MIN_SHARDS * MIN_AUTO_SHARD]
+    return warnings
 
 
 def write_order(records: Sequence[Record], splits: Sequence[str], seed: int) -> list[int]:

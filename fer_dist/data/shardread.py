@@ -113,10 +113,14 @@ def _walk(f, path: str) -> Iterator[tuple[bytes, int, int]]:
         if kind in _EXTENDED:  # pax / GNU long-name headers describe the next member
             f.seek(pos + _BLOCK)
             body = f.read(size)
-            if kind == _PAX:
-                override = _pax(body)
-            elif kind == _LONG_NAME:
-                override = {"path": body.split(b"\0", 1)[0].decode("utf-8")}
+            try:
+                if kind == _PAX:
+                    override = _pax(body)
+                    int(override.get("size", 0))
+                elif kind == _LONG_NAME:
+                    override = {"path": body.split(b"\0", 1)[0].decode("utf-8")}
+            except (ValueError, IndexError):  # UnicodeDecodeError is a ValueError
+                raise FerDistError(f"{path}: corrupt tar extended header at byte {pos}") from None
             pos += _BLOCK + ((size + _BLOCK - 1) & -_BLOCK)  # a global pax header ('g') changes nothing here
             continue
         name = header[:100].split(b"\0", 1)[0]
@@ -136,30 +140,47 @@ def _walk(f, path: str) -> Iterator[tuple[bytes, int, int]]:
 def _build_index(path: str, first_key: int, count: int) -> ShardIndex:
     at = {ext: np.full(count, -1, np.int64) for ext in ALLOWED}
     size = {ext: np.full(count, -1, np.int64) for ext in ALLOWED}
-    with open(path, "rb", buffering=0) as f:
-        stamp = _stamp(f)
-        expect, last = first_key, None  # the next key the manifest lists; the current sample's key
-        for name, data_at, length in _walk(f, path):
-            stem, _, ext = name.rpartition(b".")
-            if ext not in _ALLOWED or not stem.isdigit():
-                text = name.decode("utf-8", "replace")
-                raise FerDistError(f"{path}: sample {stem.decode('utf-8', 'replace') or text!r} has member "
-                                   f"{text!r}; only .cls, .json and .png are allowed, refusing the shard "
-                                   "without decoding it")
-            key = int(stem)
-            if key != last:  # a new sample: the manifest's next key, no other
-                if key != expect or key >= first_key + count:
-                    missing = f"sample {expect:08d} (listed by the manifest) is missing or out of order"
-                    raise FerDistError(f"{path}: {missing}" if expect < first_key + count else
-                                       f"{path}: sample {key:08d} is beyond the {count} the manifest lists")
-                last, expect = key, key + 1
-            i, field = key - first_key, ext.decode()
-            if at[field][i] >= 0:
-                raise FerDistError(f"{path}: sample {key:08d} has two {field!r} members")
-            at[field][i], size[field][i] = data_at, length
-    if expect != first_key + count:
-        raise FerDistError(f"{path}: sample {expect:08d} (listed by the manifest) is missing or out of order")
+    state = [first_key, None]  # the next key the manifest lists; the current sample's key
+    try:
+        with open(path, "rb", buffering=0) as f:
+            stamp = _stamp(f)
+            _index_members(_walk(f, path), path, first_key, count, at, size, state)
+    except FerDistError as err:
+        if " sample " in str(err):
+            raise
+        # name the sample the damage lies in: the current one until its last member is found, then the next
+        expect, last = state
+        broken = last if last is not None and size[ALLOWED[-1]][last - first_key] < 0 else expect
+        raise FerDistError(f"{err} (in sample {min(broken, first_key + count - 1):08d})") from None
+    if state[0] != first_key + count:
+        raise FerDistError(f"{path}: sample {state[0]:08d} (listed by the manifest) is missing or out of "
+                           "order")
     return ShardIndex(path, stamp, first_key, count, at, size)
+
+
+def _index_members(members: Iterator[tuple[bytes, int, int]], path: str, first_key: int, count: int,
+                   at: dict[str, np.ndarray], size: dict[str, np.ndarray], state: list) -> None:
+    """Record each member's offset and size; `state` ([next key the manifest lists, current sample's key])
+    is kept up to date so that a failure can name the sample it broke in."""
+    for name, data_at, length in members:
+        expect, last = state
+        stem, _, ext = name.rpartition(b".")
+        if ext not in _ALLOWED or not stem.isdigit():
+            text = name.decode("utf-8", "replace")
+            raise FerDistError(f"{path}: sample {stem.decode('utf-8', 'replace') or text!r} has member "
+                               f"{text!r}; only .cls, .json and .png are allowed, refusing the shard "
+                               "without decoding it")
+        key = int(stem)
+        if key != last:  # a new sample: the manifest's next key, no other
+            if key != expect or key >= first_key + count:
+                missing = f"sample {expect:08d} (listed by the manifest) is missing or out of order"
+                raise FerDistError(f"{path}: {missing}" if expect < first_key + count else
+                                   f"{path}: sample {key:08d} is beyond the {count} the manifest lists")
+            state[:] = [key + 1, key]
+        i, field = key - first_key, ext.decode()
+        if at[field][i] >= 0:
+            raise FerDistError(f"{path}: sample {key:08d} has two {field!r} members")
+        at[field][i], size[field][i] = data_at, length
 
 
 _INDEXES: dict[tuple[str, int, int, tuple[int, int]], ShardIndex] = {}

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fer_dist.data import plan as planning
 from fer_dist.data.augment import Transform
+from fer_dist.data.integrity import checked_labels
 from fer_dist.data.manifest import Manifest, read_manifest
 from fer_dist.data.shardread import (
     ShardIndex,
@@ -132,21 +133,11 @@ class ShardSet:
 
 
 def read_labels(shardset: ShardSet) -> torch.Tensor:
-    """[num_ids] long: each sample's class from its `.cls` member, -1 if unlabelled or in no split named."""
-    labels = torch.full((shardset.num_ids,), -1, dtype=torch.long)
-    seen: set[Path] = set()
-    for entry in range(len(shardset.entries)):
-        for shard in shardset.shards(entry):
-            if shard.path in seen:
-                continue
-            seen.add(shard.path)
-            keys = np.arange(shard.count, dtype=np.int64) + (shard.first_run_id - shard.offset)
-            for sid, members in read_samples(shard.index(), keys, ("cls",)):
-                labels[shard.offset + sid] = parse_cls(members.get("cls"), str(shard.path), sid)
-            got = int((labels[shard.first_run_id:shard.first_run_id + shard.count] >= 0).sum())
-            if got != shard.labelled:
-                raise FerDistError(f"{shard.path}: {got} labelled samples, manifest says {shard.labelled}")
-    return labels
+    """[num_ids] long: each sample's class from its `.cls` member, -1 if unlabelled or in no split named.
+
+    Every sample is checked against its manifest digest on the way (integrity.py): a damaged one raises.
+    """
+    return checked_labels(shardset).labels
 
 
 @dataclass(frozen=True)

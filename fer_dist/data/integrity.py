@@ -1,0 +1,111 @@
+"""Every sample a run uses checked once against its manifest digest, before the first step.
+
+The manifest keeps a CRC-32 per sample (over its tar bytes: names, sizes, contents; `shards.sample_digest`).
+The label pass that every run makes anyway (`read_labels`) reads all three members of each sample and checks
+that digest, so a flipped byte in a `.cls` member cannot become a silently wrong label, nor one in a `.json`
+member a wrong fold. The streams then read the same file version without checking again: `read_samples`
+refuses a shard whose size or mtime changed since it was indexed, so the hot read path pays nothing.
+
+`on_error` decides what a damaged sample does: `raise` (the default) stops with a FerDistError naming the
+shard and the sample; `skip` leaves the sample out of every part of the run (a shard that cannot even be
+indexed: all its samples) and reports each one, for the trainer to count in its log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+
+from fer_dist.data.manifest import DIGEST_CHARS, ShardInfo
+from fer_dist.data.shardread import ALLOWED, index_shard, parse_cls, read_samples
+from fer_dist.data.shards import sample_digest, sample_key
+from fer_dist.errors import FerDistError
+
+if TYPE_CHECKING:
+    from fer_dist.data.stream import ShardSet  # stream imports this module
+
+OnError = Literal["raise", "skip"]
+
+
+@dataclass
+class CheckedLabels:
+    """What the label pass found: every id's class (-1: unlabelled or damaged), the damaged ids, why."""
+
+    labels: torch.Tensor                           # [num_ids] long
+    damaged: torch.Tensor                          # [num_ids] bool: left out under on_error=skip
+    problems: list[str] = field(default_factory=list)  # one line per damaged sample or shard
+
+
+def _sample_problem(path: Path, key: int, members: dict[str, bytes], digest: str) -> str | None:
+    """Why one sample is damaged, or None: a member missing, or its bytes unlike the manifest's digest."""
+    lacking = [f".{ext}" for ext in ALLOWED if ext not in members]
+    if lacking:
+        return f"{path}: sample {key:08d} lacks its {', '.join(lacking)} member"
+    if sample_digest(sample_key(key), members) != digest:
+        return f"{path}: sample {key:08d} differs from the manifest's digest (damaged after sharding)"
+    return None
+
+
+def _check_shard(path: Path, info: ShardInfo, offset: int, out: CheckedLabels, on_error: OnError) -> None:
+    """One shard's samples into `out` (labels at run id = offset + key), every digest checked."""
+    def fail(message: str, ids: Iterable[int]) -> None:
+        if on_error == "raise":
+            raise FerDistError(message)
+        out.problems.append(message)
+        for sid in ids:
+            out.damaged[offset + sid] = True
+
+    try:
+        index = index_shard(str(path), info.first_id, info.count)
+    except FerDistError as err:
+        return fail(str(err), info.ids)
+    if len(info.sample_digests) != info.count * DIGEST_CHARS:
+        return fail(f"{path}: the manifest holds digests for another number of samples than {info.count}",
+                    info.ids)
+    keys = np.arange(info.first_id, info.first_id + info.count, dtype=np.int64)
+    labelled = 0
+    for n, (key, members) in enumerate(read_samples(index, keys, ALLOWED)):
+        digest = info.sample_digests[n * DIGEST_CHARS:(n + 1) * DIGEST_CHARS]
+        problem = _sample_problem(path, key, members, digest)
+        if problem is None:
+            try:
+                label = parse_cls(members["cls"], str(path), key)
+            except FerDistError as err:
+                problem = str(err)
+        if problem is not None:
+            fail(problem, [key])
+            continue
+        out.labels[offset + key] = label
+        labelled += label >= 0
+    if on_error == "raise" and labelled != info.labelled:
+        raise FerDistError(f"{path}: {labelled} labelled samples, manifest says {info.labelled}")
+
+
+def checked_labels(shardset: ShardSet, on_error: OnError = "raise") -> CheckedLabels:
+    """The label pass over every split the shard set names, each shard once, every digest checked."""
+    if on_error not in ("raise", "skip"):
+        raise FerDistError(f"data.on_error: expected raise or skip, got {on_error!r}")
+    n = shardset.num_ids
+    out = CheckedLabels(torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+    offsets = {d: o["offset"] for d, o in zip(shardset.manifests, shardset.offsets, strict=True)}
+    seen: set[Path] = set()
+    for directory, splits in shardset.entries:
+        manifest = shardset.manifests[directory]
+        for split in splits:
+            if split not in manifest.splits:
+                raise FerDistError(f"{directory}: no split {split!r} (it has {', '.join(manifest.splits)})")
+            for info in manifest.splits[split].shards:
+                path = directory / info.file
+                if path in seen:
+                    continue
+                seen.add(path)
+                if not path.is_file():
+                    raise FerDistError(f"{path}: shard listed in the manifest is missing")
+                _check_shard(path, info, offsets[directory], out, on_error)
+    out.labels[out.damaged] = -1
+    return out
