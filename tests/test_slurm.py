@@ -1,5 +1,6 @@
-"""Against a real Slurm on this machine: munge, slurmctld and slurmd started here (one node, CPUs only), jobs
-submitted with `fer-dist slurm submit` through the project's own scripts, 2 gloo ranks each.
+"""Against a real Slurm on this machine: munge, slurmctld and two slurmd started here (two nodes on this one
+host, CPUs only), jobs submitted with `fer-dist slurm submit` through the project's own scripts, 2 gloo
+ranks each: two tasks of one rank (multi_node.sbatch, c10d rendezvous), or one task of two ranks.
 
 A time-limit warning (SIGUSR1 to the batch shell, as `--signal=B:USR1@90` sends it) in the middle of a round
 must requeue the job and the requeued job resume and end as an uninterrupted run; `scancel` must leave a
@@ -46,13 +47,12 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={dir}/munge.sock
 SlurmctldPort={ctld_port}
-SlurmdPort={d_port}
 StateSaveLocation={dir}/state
-SlurmdSpoolDir={dir}/spool
+SlurmdSpoolDir={dir}/spool-%n
 SlurmctldPidFile={dir}/slurmctld.pid
-SlurmdPidFile={dir}/slurmd.pid
+SlurmdPidFile={dir}/slurmd-%n.pid
 SlurmctldLogFile={dir}/slurmctld.log
-SlurmdLogFile={dir}/slurmd.log
+SlurmdLogFile={dir}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -64,7 +64,8 @@ ReturnToService=2
 JobRequeue=1
 KillWait=30
 MinJobAge=600
-NodeName={host} CPUs={cpus} RealMemory={memory} State=UNKNOWN
+NodeName=node[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port={d_port}-{d_port_2} CPUs={cpus} \
+RealMemory={memory} State=UNKNOWN
 PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -86,6 +87,7 @@ class Cluster:
         self.root = root
         self.env = {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
         self.procs: list[subprocess.Popen] = []
+        self.names: list[str] = []
 
     def start(self) -> None:
         host = socket.gethostname().split(".")[0]
@@ -95,28 +97,31 @@ class Cluster:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
         memory = psutil.virtual_memory().total // 2**20 // 2
+        d_port = free_port()
         (self.root / "slurm.conf").write_text(SLURM_CONF.format(
-            host=host, dir=self.root, ctld_port=free_port(), d_port=free_port(), cpus=os.cpu_count() or 1,
-            memory=memory))
+            host=host, dir=self.root, ctld_port=free_port(), d_port=d_port, d_port_2=d_port + 1,
+            cpus=max(1, (os.cpu_count() or 1) // 2), memory=memory))
         self._daemon(["munged", "-F", "-f", "-S", str(self.root / "munge.sock"), f"--key-file={key}",
                       f"--log-file={self.root / 'munged.log'}", f"--pid-file={self.root / 'munged.pid'}",
                       f"--seed-file={self.root / 'munged.seed'}"])
         self._wait(lambda: (self.root / "munge.sock").exists(), "munged's socket")
         self._daemon(["slurmctld", "-D", "-f", str(self.root / "slurm.conf")])
-        self._daemon(["slurmd", "-D", "-f", str(self.root / "slurm.conf")])
-        self._wait(lambda: self.run("sinfo", "-h", "-o", "%t").stdout.strip() == "idle", "an idle node")
+        for node in ("node1", "node2"):  # Debian's slurmd runs several nodes on one host (-N)
+            self._daemon(["slurmd", "-D", "-N", node, "-f", str(self.root / "slurm.conf")], node)
+        self._wait(lambda: self.run("sinfo", "-h", "-o", "%t %D").stdout.strip() == "idle 2", "2 idle nodes")
 
-    def _daemon(self, cmd: list[str]) -> None:
-        log = open(self.root / f"{cmd[0]}.out", "w")  # noqa: SIM115 (kept open for the daemon's life)
+    def _daemon(self, cmd: list[str], name: str | None = None) -> None:
+        log = open(self.root / f"{name or cmd[0]}.out", "w")  # noqa: SIM115 (open for the daemon's life)
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+        self.names.append(name or cmd[0])
 
     def _wait(self, ready, what: str, seconds: float = 60) -> None:
         deadline = time.monotonic() + seconds
         while not ready():
-            for p in self.procs:
+            for p, name in zip(self.procs, self.names, strict=True):
                 if p.poll() is not None:
-                    out = (self.root / f"{p.args[0]}.out").read_text()[-2000:]
-                    pytest.fail(f"{p.args[0]} exited with {p.returncode} before {what}: {out}")
+                    out = (self.root / f"{name}.out").read_text()[-2000:]
+                    pytest.fail(f"{name} exited with {p.returncode} before {what}: {out}")
             assert time.monotonic() < deadline, f"no {what} after {seconds} s"
             time.sleep(0.2)
 
@@ -192,12 +197,12 @@ def train(workdir: Path, name: str) -> subprocess.CompletedProcess:
     return result
 
 
-def submit(cluster: Cluster, workdir: Path, name: str, script: str) -> tuple[str, Path]:
-    """Submit a 2-rank CPU job through `fer-dist slurm submit`; returns (job id, its log)."""
+def submit(cluster: Cluster, workdir: Path, name: str, nodes: int) -> tuple[str, Path]:
+    """A 2-rank CPU job (on 1 or 2 nodes) submitted by `fer-dist slurm submit`; returns (job id, its log)."""
     result = subprocess.run(
-        [str(FER_DIST), "slurm", "submit", "--config", str(workdir / "config.yaml"), "--nodes", "1",
-         "--gpus-per-node", "2", "--cpu", "--cpus-per-task", str(os.cpu_count() or 1), "--job-name", name,
-         "--script", str(REPO / "tools" / "slurm" / script), "--output", str(workdir / "%x-%j.out"),
+        [str(FER_DIST), "slurm", "submit", "--config", str(workdir / "config.yaml"), "--nodes", str(nodes),
+         "--gpus-per-node", str(2 // nodes), "--cpu", "--job-name", name,
+         "--output", str(workdir / "%x-%j.out"),
          "--script-dir", str(workdir / "scripts"), f"run.name={name}"],
         cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -244,7 +249,7 @@ def assert_same_end(run_dir: Path, reference: Path) -> None:
 def test_time_limit_warning_mid_round_requeues_and_resumes_to_the_same_end(
     cluster: Cluster, workdir: Path, reference: Path
 ) -> None:
-    job, log = submit(cluster, workdir, "preempted", "multi_node.sbatch")
+    job, log = submit(cluster, workdir, "preempted", nodes=2)  # multi_node.sbatch
     run_dir = workdir / "runs" / "preempted"
     wait_for(run_dir / "checkpoints" / "round-0001" / "meta.json", cluster, job)
     # what --signal=B:USR1@90 delivers ahead of the time limit: SIGUSR1 to the batch shell only
@@ -275,7 +280,7 @@ def test_time_limit_warning_mid_round_requeues_and_resumes_to_the_same_end(
 def test_scancelled_job_leaves_a_complete_usable_checkpoint(
     cluster: Cluster, workdir: Path, reference: Path
 ) -> None:
-    job, log = submit(cluster, workdir, "cancelled", "single_node.sbatch")
+    job, log = submit(cluster, workdir, "cancelled", nodes=1)  # single_node.sbatch
     run_dir = workdir / "runs" / "cancelled"
     wait_for(run_dir / "checkpoints" / "warmup-0001" / "meta.json", cluster, job)
     assert cluster.run("scancel", job).returncode == 0
