@@ -106,10 +106,12 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     if not summary_path.is_file():
         raise FerDistError(f"{run_dir}: no summary.json: the run has not finished")
     summary = json.loads(summary_path.read_text())
-    rounds = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "round"]
-    out = {
-        "val_accuracy": summary["best_val"], "rounds": summary["rounds"],
-        "warmup_epochs": summary["warmup_epochs"], "warmup_best_val": summary["warmup_best_val"],
+    records = read_metrics(run_dir / "metrics.jsonl")
+    rounds = [r for r in records if r.get("kind") == "round"]
+    warm = [r["val/acc"] for r in records if r.get("kind") == "warmup"]
+    out = {  # accuracies from the log, unrounded (summary.json rounds its figures for people)
+        "val_accuracy": max(warm + [r["val/acc"] for r in rounds]), "rounds": summary["rounds"],
+        "warmup_epochs": summary["warmup_epochs"], "warmup_best_val": max(warm) if warm else None,
         "stop_reason": summary["stop_reason"],
         "confident_per_round": [r["unlabelled/confident"] for r in rounds],
         "drawn_per_round": [r["unlabelled/drawn"] for r in rounds],
