@@ -205,17 +205,21 @@ def _all_stopped(exc: BaseException) -> bool:
     return False
 
 
-def check_training(config: Path | None, overrides: list[str]) -> TrainConfig:
+def check_training(config: Path | None, overrides: list[str], *, dry_run: bool = False) -> TrainConfig:
     """Everything a launch would refuse, found in this one process: the config, the overrides, every shard
     folder (manifests and labels), a resume path, a weights file. Raises FerDistError; writes nothing but
-    the quick start's synthetic shards where they are missing (as the trainer would)."""
+    the quick start's synthetic shards where they are missing (as the trainer would; a dry run leaves them
+    missing and unchecked)."""
     from fer_dist.config import load_config, overrides_name_data
     from fer_dist.run_data import load_run_data
     from fer_dist.train import QUICKSTART, ensure_synthetic_shards
 
     cfg = load_config(config or QUICKSTART, overrides)
     if config is None and not overrides_name_data(overrides):
-        ensure_synthetic_shards(Path(cfg.data.labelled[0].dir))
+        shards = Path(cfg.data.labelled[0].dir)
+        if dry_run and not (shards / "manifest.json").exists():
+            return cfg
+        ensure_synthetic_shards(shards)
     for key, value in (("model.weights", cfg.model.weights),
                        ("run.resume", None if cfg.run.resume in ("auto", "never") else cfg.run.resume)):
         if value is not None and not Path(value).exists():

@@ -49,7 +49,7 @@ def submit(
 ) -> None:
     """Check the config and data here, render the batch script, show it and submit it with sbatch."""
     overrides = overrides or []
-    launch.check_training(config, overrides)
+    launch.check_training(config, overrides, dry_run=dry_run)
     train_args = (["--config", str(config)] if config is not None else []) + overrides
     spec = slurm.JobSpec(nodes=nodes, gpus_per_node=gpus_per_node, train_args=train_args, partition=partition,
                          time_limit=time_limit, job_name=job_name, cpus_per_task=cpus_per_task, cpu=cpu,

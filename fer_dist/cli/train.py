@@ -35,7 +35,7 @@ def train(
     `accelerate launch -m fer_dist.train` with the same arguments (through `python -m fer_dist.launch`:
     stop signals checkpoint the run, errors are one line)."""
     overrides = overrides or []
-    cfg = launch.check_training(config, overrides)
+    cfg = launch.check_training(config, overrides, dry_run=dry_run)
     train_args = (["--config", str(config)] if config is not None else []) + overrides
     command = launch.train_command(launch.launcher_args(cfg, processes, accelerate_config), train_args)
     if dry_run:
