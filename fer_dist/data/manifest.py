@@ -160,7 +160,7 @@ def read_manifest(directory: Path) -> Manifest:
         raise FerDistError(f"{path}: format {fmt!r} is not {FORMAT!r} (made by another version of fer-dist?)")
     image = top.sub("image")
     splits = top.sub("splits")
-    return Manifest(
+    manifest = Manifest(
         dataset=top.get("dataset", str),
         classes=tuple(top.get("classes", list)),
         num_ids=top.get("num_ids", int),
@@ -174,6 +174,11 @@ def read_manifest(directory: Path) -> Manifest:
         skipped=top.get("skipped", list),
         created_by=top.get("created_by", str),
     )
+    held = sum(info.count for _, info in manifest.shards())
+    if manifest.num_ids != held:
+        # every reader sizes its tables by num_ids: a wrong one must stop here, not as a huge allocation
+        top.fail("num_ids", f"{manifest.num_ids}, but the shards hold {held} samples")
+    return manifest
 
 
 def _read_split(split: _Fields) -> SplitInfo:
@@ -185,6 +190,12 @@ def _read_split(split: _Fields) -> SplitInfo:
         if Path(shard.file).name != shard.file or not shard.file.endswith(".tar") or shard.file[0] == ".":
             # Readers open <folder>/<file>: a path here could point them anywhere.
             f.fail(f"{f.where}.file", f"{shard.file!r} is not a tar file name inside the shard folder")
+        if shard.count < 0 or shard.first_id < 0 or not 0 <= shard.labelled <= shard.count:
+            f.fail(f"{f.where}", f"count {shard.count}, first_id {shard.first_id}, labelled {shard.labelled} "
+                   "are not ids and counts")
+        if len(shard.sample_digests) != shard.count * DIGEST_CHARS:
+            f.fail(f"{f.where}.sample_digests", f"holds {len(shard.sample_digests)} hex digits, not "
+                   f"{DIGEST_CHARS} for each of its {shard.count} samples")
         shards.append(shard)
     counts = split.sub("class_counts")
     return SplitInfo(
