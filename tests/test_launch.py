@@ -239,6 +239,35 @@ def test_one_process_sigint_checkpoints_and_returns_130(workdir: Path) -> None:
     assert latest_checkpoint(workdir / "runs" / "one").name.startswith("step-")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("presses", "code"), [(0, 0), (2, 130)])
+def test_one_process_sigterm_and_a_double_sigint(workdir: Path, tmp_path: Path, presses: int,
+                                                 code: int) -> None:
+    """presses=0: SIGTERM. The log goes to a file: after os._exit the loader workers outlive the trainer
+    until its parent reaps it, and a parent reading a pipe to its end would wait for them."""
+    name = f"one-{presses}"
+    cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(workdir / "config.yaml"),
+           f"run.name={name}"]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        marker = workdir / "runs" / name / "checkpoints" / "warmup-0001" / "meta.json"
+        deadline = time.monotonic() + TIMEOUT
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.02)
+        if presses:
+            os.killpg(proc.pid, signal.SIGINT)
+            time.sleep(0.05)  # two signals at once are one to Python's handler
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    output = (tmp_path / "log").read_text()
+    assert proc.returncode == code and "Traceback" not in output, output[-3000:]
+    assert ("interrupted again" in output) == bool(presses)
+
+
 # ---------------------------------------------------------------- requeue bookkeeping (no cluster needed)
 
 
