@@ -93,6 +93,8 @@ class OptimConfig(_Section):
     batch_size: int = Field(32, ge=1, description="GLOBAL batch: each of W processes takes batch_size / W")
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient norm to this; None: off")
     lr_warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps; 0: constant")
+    max_nonfinite_steps: int = Field(10, ge=0, description="steps skipped for a NaN/inf loss or gradient "
+                                     "before the run stops (fp16: the GradScaler's own skips not counted)")
 
 
 class RunConfig(_Section):
@@ -108,6 +110,9 @@ class RunConfig(_Section):
         None, description="through Accelerate; None: the launcher's setting")
     num_processes: int | None = Field(
         None, ge=1, description="expected world size, checked at start; None: the launcher's")
+    collective_timeout_s: float = Field(
+        600.0, gt=0.0, description="the longest any process waits in a collective (a dead or hung peer): "
+        "then it fails, non-zero, instead of hanging; above the longest checkpoint or export write")
     debug: bool = Field(False, description="check the target table across processes after every rewrite")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs the tensorboard extra)")
     log_every: int = Field(10, ge=1, description="log the step loss every N steps")

@@ -12,12 +12,14 @@ import os
 import signal
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from fer_dist.errors import FerDistError
 
@@ -39,13 +41,20 @@ def _launched_world_size() -> int | None:
 
 
 def make_accelerator(
-    *, mixed_precision: str | None = "no", expected_processes: int | None = None, **kwargs: Any
+    *, mixed_precision: str | None = "no", expected_processes: int | None = None,
+    timeout_s: float | None = None, **kwargs: Any
 ) -> Accelerator:
     """An Accelerator that forms a real process group on CPU too, checked against the launch's size.
 
     `mixed_precision=None` leaves the choice to the launcher (`accelerate launch --mixed_precision` or its
-    config file); an explicit value overrides the launcher.
+    config file); an explicit value overrides the launcher. `timeout_s` bounds every collective (gloo and
+    NCCL): a process whose peer died or hangs raises after it instead of waiting forever (torch's
+    default is 30 minutes).
     """
+    if timeout_s is not None:
+        handlers = list(kwargs.pop("kwargs_handlers", []))
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s)))
+        kwargs["kwargs_handlers"] = handlers
     if mixed_precision is None:
         mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mixed_precision not in _MIXED_PRECISION:

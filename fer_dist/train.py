@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from fer_dist import checkpoint, dist, launch, method
+from fer_dist import checkpoint, dist, launch, method, numerics
 from fer_dist.classes import NUM_CLASSES
 from fer_dist.config import TrainConfig, dump_config, keys_help, load_config, overrides_name_data
 from fer_dist.data.augment import eval_transform, train_transform
@@ -61,6 +62,7 @@ class State:
     bad_epochs: int = 0                     # warm-up epochs without a better validation accuracy
     history: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str = ""
+    nonfinite_steps: int = 0                # optimiser steps skipped for a non-finite gradient
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -189,6 +191,7 @@ def check_mid_epoch(path: Path, saved: dict[str, Any], run: Run) -> None:
 
 def save(run: Run, tag: str, *, is_best: bool = False) -> None:
     """A checkpoint of everything (all processes take part; the main one writes the shared files)."""
+    numerics.check_finite_weights(run.net, f"checkpoint {tag}")  # same weights everywhere: all raise alike
     # every process's share of the running epoch loss, so a mid-epoch resume ends with the same mean
     losses = run.acc.gather(torch.tensor([run.state.epoch_loss], dtype=torch.float64, device=run.acc.device))
     state = {
@@ -226,7 +229,7 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
     with run.progress.task(name, total=stream.steps, completed=st.step_in_epoch) as bar:
         for images, targets, _ids in stream:
             loss = train_step(run, images, targets)
-            st.epoch_loss += loss
+            st.epoch_loss += loss if math.isfinite(loss) else 0.0
             st.step += 1
             st.step_in_epoch += 1
             seen += images.shape[0] * acc.num_processes
@@ -255,12 +258,26 @@ def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> float:
         logits = run.model(images)
     loss = method.soft_cross_entropy(logits.float(), targets)
     run.acc.backward(loss)
-    if run.cfg.optim.grad_clip:
-        run.acc.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip)
-    run.optimizer.step()
-    run.scheduler.step()
+    value, norm = numerics.to_host(loss, numerics.grad_norm(run.acc, run.model, run.cfg.optim.grad_clip))
+    if numerics.finite(norm):
+        run.optimizer.step()
+        run.scheduler.step()
+    else:
+        skip_step(run, value, norm)
     run.optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    return value
+
+
+def skip_step(run: Run, loss: float, norm: float) -> None:
+    """A non-finite gradient (alike on every process: DDP averaged it): no optimiser step, a warning, and
+    the run ends once more than optim.max_nonfinite_steps such steps were skipped."""
+    st, limit = run.state, run.cfg.optim.max_nonfinite_steps
+    st.nonfinite_steps += 1
+    run.log.say(f"step {st.step + 1}: non-finite loss {loss:.4g} or gradient norm {norm:.4g}: step skipped "
+                f"({st.nonfinite_steps} of at most {limit})")
+    error = numerics.too_many(st.nonfinite_steps, limit, st.step + 1)
+    if error is not None:
+        raise error
 
 
 @torch.no_grad()
@@ -301,6 +318,7 @@ def validate(run: Run, kind: str, index: int, values: dict[str, Any]) -> bool:
     improved = acc_val > st.best_acc
     if improved:
         st.best_acc = acc_val
+        numerics.check_finite_weights(run.net, f"{run.dir / 'best'}")  # on every process: all raise alike
         if run.acc.is_main_process:
             # the labelled shards' alignment, side and channels: `fer-dist predict` makes faces the same way
             labelled = run.data.shardset.manifests[run.data.shardset.entries[0][0]]
@@ -514,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         if config_path is None and not overrides_name_data(overrides):
             ensure_synthetic_shards(Path(cfg.data.labelled[0].dir))
         acc = dist.make_accelerator(mixed_precision=cfg.run.mixed_precision,
-                                    expected_processes=cfg.run.num_processes)
+                                    expected_processes=cfg.run.num_processes,
+                                    timeout_s=cfg.run.collective_timeout_s)
         run = build_run(cfg, acc, stop)
         fit(run)
         return 0
