@@ -69,6 +69,7 @@ def write_config(root: Path, shards: Path, **sections: dict) -> Path:
     }
     for name, values in sections.items():
         config[name].update(values)
+    root.mkdir(parents=True, exist_ok=True)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
