@@ -38,7 +38,7 @@ from accelerate import Accelerator
 from fer_dist import __version__
 from fer_dist.dist import any_process
 from fer_dist.errors import FerDistError
-from fer_dist.files import TMP_PREFIX, fsync_dir, write_text_atomic
+from fer_dist.files import TMP_PREFIX, WRITE_ERRNOS, fsync_dir, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +186,10 @@ def _agreed(accelerator: Accelerator, step: Callable[[], T], *, main_only: bool)
         except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
             error = e
     if any_process(accelerator, error is not None):
+        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:  # a full disk: one line, no traceback
+            where = f" ({error.filename})" if error.filename else ""
+            raise FerDistError(f"checkpoint: cannot write it: {error.strerror or error}{where}; the previous "
+                               "checkpoint is intact (resume=auto continues from it)") from None
         if error is not None:
             raise error
         raise FerDistError("checkpoint: saving failed on another process (see its error)")
@@ -308,11 +312,16 @@ def save_checkpoint(
         raise FerDistError(f"checkpoint keep_last: must be at least 1, got {keep_last}")
     root = Path(run_dir) / CHECKPOINTS
     tmp = root / f"{TMP}{tag}"
-    _agreed(accelerator, lambda: _prepare(root, tmp, state), main_only=True)
-    _agreed(accelerator, lambda: _write_rng(tmp, accelerator.process_index), main_only=False)
     world = accelerator.num_processes
-    _agreed(accelerator, lambda: _publish(root, tmp, tag, state, _meta(tag, state, world, meta), keep_last,
-                                          is_best), main_only=True)
+    try:
+        _agreed(accelerator, lambda: _prepare(root, tmp, state), main_only=True)
+        _agreed(accelerator, lambda: _write_rng(tmp, accelerator.process_index), main_only=False)
+        _agreed(accelerator, lambda: _publish(root, tmp, tag, state, _meta(tag, state, world, meta),
+                                              keep_last, is_best), main_only=True)
+    except Exception:
+        if accelerator.is_main_process:  # no partial checkpoint left behind (latest still names the last)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return root / tag
 
 

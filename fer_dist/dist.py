@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
@@ -232,6 +233,19 @@ def any_process(accelerator: Accelerator, flag: bool) -> bool:
         return bool(flag)
     t = torch.tensor([int(bool(flag))], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="max").item())
+
+
+def main_agreed(accelerator: Accelerator, write: Callable[[], Any]) -> None:
+    """Run `write` on the main process and raise its error on every process: a full disk on the main one
+    must not leave the others waiting at a barrier (collective; it is the barrier too)."""
+    error: BaseException | None = None
+    if accelerator.is_main_process:
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 - re-raised below, once the others are told
+            error = e
+    if any_process(accelerator, error is not None):
+        raise error if error is not None else FerDistError("the main process failed to write (see its error)")
 
 
 def all_sum(accelerator: Accelerator, value: float | torch.Tensor) -> torch.Tensor:

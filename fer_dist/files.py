@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from fer_dist.errors import FerDistError
 
 TMP_PREFIX = ".tmp-"  # temporary siblings start with it; checkpoint listing and clean-up skip such names
 
@@ -78,3 +81,19 @@ def removed_on_error(created: Path | None) -> Iterator[None]:
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise
+
+
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)  # a write the disk refused
+
+
+@contextmanager
+def write_errors(what: str) -> Iterator[None]:
+    """A write the disk refused (full, over quota, read-only) as one FerDistError line: `<what>: <reason>`.
+    The callers write through temp siblings, so nothing half-written stays behind."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        raise FerDistError(f"{what}: {err.strerror}{where}") from None

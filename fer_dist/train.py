@@ -319,11 +319,10 @@ def validate(run: Run, kind: str, index: int, values: dict[str, Any]) -> bool:
     if improved:
         st.best_acc = acc_val
         numerics.check_finite_weights(run.net, f"{run.dir / 'best'}")  # on every process: all raise alike
-        if run.acc.is_main_process:
-            # the labelled shards' alignment, side and channels: `fer-dist predict` makes faces the same way
-            labelled = run.data.shardset.manifests[run.data.shardset.entries[0][0]]
-            export_model(run.net, run.dir / "best", preprocessing=preprocessing_of(labelled))
-        run.acc.wait_for_everyone()
+        # the labelled shards' alignment, side and channels: `fer-dist predict` makes faces the same way
+        labelled = run.data.shardset.manifests[run.data.shardset.entries[0][0]]
+        dist.main_agreed(run.acc, lambda: export_model(run.net, run.dir / "best",
+                                                       preprocessing=preprocessing_of(labelled)))
     record = {"val/acc": acc_val, "val/best": st.best_acc, **values}
     st.history.append({"kind": kind, "index": index, **record})
     run.log.write(kind, st.step, {kind: index, **record})

@@ -7,6 +7,7 @@ FER_DIST_FAULT=<kind>[:<arg>] and FER_DIST_FAULT_RANK=<global rank> (default 0) 
   kill-in-save:TAG       SIGKILL this rank as it enters the save of checkpoint TAG (mid-checkpoint)
   kill-before-rename:TAG SIGKILL once checkpoints/.tmp-TAG is fully written, just before its rename
   kill-mid-state:TAG     write half of TAG's state.pt, then SIGKILL (a torn file in .tmp-TAG)
+  fill-before-save:TAG   fill the run folder's filesystem (a file of zeros up to ENOSPC), then save TAG
   nan-at-steps:A,B,...   the loss of these training steps (1-based, counted per process) is NaN
 The process really dies (SIGKILL: no handler, no finally) or really computes a NaN; only the moment is
 chosen here. Runs as a script so `accelerate launch tests/fault_inject.py ...` injects into every rank.
@@ -64,6 +65,20 @@ def install(kind: str, arg: str) -> None:
         save = checkpoint.save_checkpoint
         checkpoint.save_checkpoint = lambda acc, run_dir, tag, *a, **k: (
             die() if tag == arg else save(acc, run_dir, tag, *a, **k))
+    elif kind == "fill-before-save":
+        save = checkpoint.save_checkpoint
+
+        def filled(acc, run_dir, tag, *a, **k):
+            if tag == arg:
+                with open(Path(run_dir).parent / "filler", "wb", buffering=0) as f:
+                    try:
+                        while True:
+                            f.write(b"\0" * (1 << 16))
+                    except OSError:
+                        pass  # the disk is full: what the save is about to meet
+            return save(acc, run_dir, tag, *a, **k)
+
+        checkpoint.save_checkpoint = filled
     elif kind == "kill-before-rename":
         rename = os.rename
 

@@ -42,6 +42,7 @@ from fer_dist.data.sources import (
 from fer_dist.data.sources.base import ImageFile, decode_image, read_file
 from fer_dist.data.splits import DEFAULT_FRACTIONS, assign_folds, assign_splits, split_order
 from fer_dist.errors import FerDistError
+from fer_dist.files import write_errors
 from fer_dist.progress import Progress
 
 DEFAULT_SAMPLES_PER_SHARD = 1000  # the cap when --samples-per-shard is not given
@@ -281,16 +282,17 @@ def pack(
                   "split": list(split), "folds": folds, "seed": seed, "samples_per_shard": samples_per_shard,
                   "options": _jsonable(asdict(options))}
         tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
         try:
-            manifest, file_sizes = _build(tmp, dataset, listing, params, processor, progress)
-            if manifest.num_ids == 0:
-                raise FerDistError(f"{where}: none of the {len(listing.records)} images could be read")
-            source = source_fingerprint(dataset, src, listing, options, file_sizes)
-            manifest = replace(manifest, source=source)
-            write_manifest(tmp, manifest)
-            _install(tmp, out)
+            with write_errors(f"{out}: cannot write the shards (an earlier folder there is intact)"):
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp.mkdir()
+                manifest, file_sizes = _build(tmp, dataset, listing, params, processor, progress)
+                if manifest.num_ids == 0:
+                    raise FerDistError(f"{where}: none of the {len(listing.records)} images could be read")
+                source = source_fingerprint(dataset, src, listing, options, file_sizes)
+                manifest = replace(manifest, source=source)
+                write_manifest(tmp, manifest)
+                _install(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

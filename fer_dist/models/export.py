@@ -14,7 +14,7 @@ import safetensors.torch
 from fer_dist import __version__
 from fer_dist.data.manifest import Manifest
 from fer_dist.errors import FerDistError
-from fer_dist.files import staged_dir
+from fer_dist.files import staged_dir, write_errors
 from fer_dist.models.net import FerNet, apply_trainable, assemble_model
 from fer_dist.models.spec import ModelSpec
 from fer_dist.models.weights import load_checked, read_state_file
@@ -43,8 +43,10 @@ def export_model(model: FerNet, out_dir: str | Path, classes: Sequence[str] | No
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if out.exists() and (not out.is_dir() or any(out.iterdir()) and not (out / META_FILE).is_file()):
         raise FerDistError(f"{out}: exists and is not a fer-dist model export; not overwriting it")
-    with staged_dir(out) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    with write_errors(f"{out}: cannot write the export (the previous one is intact)"), staged_dir(out) as tmp:
+        # serialised here and written by Python: a full disk is then an OSError (write_errors), where
+        # save_file's own writer raises its SafetensorError
+        (tmp / WEIGHTS_FILE).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
         meta = {
             "format": FORMAT,
             "created_by": f"fer-dist {__version__}",
