@@ -211,11 +211,12 @@ def test_runner_end_to_end_skips_recorded_and_resumes_an_interrupted_arm(tmp_pat
     cmd = _runner(tmp_path, path, "--seeds", "1", "--arms", "both_adaptive")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    first = tmp_path / "runs" / "tiny" / "both_adaptive-s1" / "checkpoints" / "warmup-0001" / "meta.json"
+    # kill once `latest` names a warm-up checkpoint (a checkpoint folder alone may not be in `latest` yet)
+    latest = tmp_path / "runs" / "tiny" / "both_adaptive-s1" / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
-    while not first.exists():
+    while not (latest.is_file() and latest.read_text().startswith("warmup-")):
         assert proc.poll() is None and time.monotonic() < deadline, "no warm-up checkpoint appeared"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)  # the runner and its training, at once
     proc.wait(timeout=30)
     proc.stdout.close()
