@@ -103,8 +103,8 @@ def inspect(
             for line in shown:
                 console.print(f"problem: {line}", soft_wrap=True, markup=False)
             n = len(report.problems)
-            rest = f", {n - len(shown)} not shown: --problems lists them all" if n > len(shown) else ""
-            more = f" (and {n - 1} more problem(s) listed above{rest})" if n > 1 else ""
+            rest = f", {n - len(shown)} not shown (--problems lists them all)" if n > len(shown) else ""
+            more = f" (and {n - 1} more problem(s): {len(shown) - 1} listed above{rest})" if n > 1 else ""
             raise FerDistError(f"{report.problems[0]}{more}")
         console.print(f"verified {report.shards} shards, {report.samples} samples: all match the manifest")
     if sheet is not None:
