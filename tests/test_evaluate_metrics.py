@@ -82,6 +82,7 @@ def test_spearman_known_values() -> None:
     # ranks 1..4 against 2, 1, 4, 3: d^2 = 4, rho = 1 - 6*4 / (4*15) = 0.6
     assert metrics.spearman([1, 2, 3, 4], [2, 1, 4, 3]) == pytest.approx(0.6)
     assert metrics.rankdata([10, 20, 20, 30]).tolist() == [1, 2.5, 2.5, 4]
+    assert metrics.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(0.894427, abs=1e-6)  # ties
     assert math.isnan(metrics.spearman([1, 2, 3], [5, 5, 5]))
     assert metrics.mean_abs_jump([0.0, 0.5, 0.25]) == pytest.approx(0.375)
 

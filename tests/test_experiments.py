@@ -15,13 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools" / "experiments"
 sys.path.insert(0, str(TOOLS))
-from measure import spearman  # noqa: E402
 from records import REQUIRED, add_record, read_records, recorded  # noqa: E402
 from report import mean_sd, render, verdict  # noqa: E402
 from run import main as run_main  # noqa: E402
@@ -149,13 +147,6 @@ def test_verdict_and_mean_sd_known_answers():
     assert "not distinguishable from seed noise" in verdict([1.0, -1.0, 0.5])
     assert "a loss" in verdict([-3.0, -3.5, -2.5])
     assert "one seed" in verdict([2.0])
-
-
-def test_spearman_known_answers():
-    assert spearman(np.array([0, 1, 2, 3]), np.array([0.1, 0.2, 0.3, 0.9])) == pytest.approx(1.0)
-    assert spearman(np.array([0, 1, 2, 3]), np.array([0.9, 0.5, 0.3, 0.1])) == pytest.approx(-1.0)
-    assert np.isnan(spearman(np.array([0, 1, 2]), np.array([0.5, 0.5, 0.5])))
-    assert spearman(np.array([1, 2, 3, 4]), np.array([1, 1, 2, 2])) == pytest.approx(0.894427, abs=1e-6)
 
 
 def test_a_stop_signal_to_the_runner_reaches_the_training_and_stops_the_runner(tmp_path):
