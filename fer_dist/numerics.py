@@ -18,13 +18,15 @@ from fer_dist.errors import FerDistError
 
 
 def grad_norm(accelerator: Any, model: torch.nn.Module, clip: float | None) -> torch.Tensor | None:
-    """The total gradient norm (clipping to `clip` where set), or None under a GradScaler (fp16)."""
-    if clip:
-        return accelerator.clip_grad_norm_(model.parameters(), clip)
+    """The total gradient norm (clipping to `clip` where set), or None under a GradScaler (fp16): there an
+    overflowing step is the scaler's to skip, and its optimiser step must run for the scale to come down."""
+    norm = accelerator.clip_grad_norm_(model.parameters(), clip) if clip else None
     if accelerator.scaler is not None:
         return None
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else None
+    if norm is None:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+    return norm
 
 
 def to_host(loss: torch.Tensor, norm: torch.Tensor | None) -> tuple[float, float]:
