@@ -8,6 +8,7 @@ FER_DIST_FAULT=<kind>[:<arg>] and FER_DIST_FAULT_RANK=<global rank> (default 0) 
   kill-before-rename:TAG SIGKILL once checkpoints/.tmp-TAG is fully written, just before its rename
   kill-mid-state:TAG     write half of TAG's state.pt, then SIGKILL (a torn file in .tmp-TAG)
   fill-before-save:TAG   fill the run folder's filesystem (a file of zeros up to ENOSPC), then save TAG
+  fill-before-export     the same before the first export of the best model
   nan-at-steps:A,B,...   the loss of these training steps (1-based, counted per process) is NaN
 The process really dies (SIGKILL: no handler, no finally) or really computes a NaN; only the moment is
 chosen here. Runs as a script so `accelerate launch tests/fault_inject.py ...` injects into every rank.
@@ -32,6 +33,16 @@ def die() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fill(directory: Path) -> None:
+    """Write zeros into `directory` until its filesystem is full: what the next write will meet."""
+    with open(directory / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 16))
+        except OSError:
+            pass
 
 
 def install(kind: str, arg: str) -> None:
@@ -70,15 +81,18 @@ def install(kind: str, arg: str) -> None:
 
         def filled(acc, run_dir, tag, *a, **k):
             if tag == arg:
-                with open(Path(run_dir).parent / "filler", "wb", buffering=0) as f:
-                    try:
-                        while True:
-                            f.write(b"\0" * (1 << 16))
-                    except OSError:
-                        pass  # the disk is full: what the save is about to meet
+                fill(Path(run_dir).parent)
             return save(acc, run_dir, tag, *a, **k)
 
         checkpoint.save_checkpoint = filled
+    elif kind == "fill-before-export":
+        export = train.export_model
+
+        def filled_export(net, out, *a, **k):
+            fill(Path(out).parent.parent)
+            return export(net, out, *a, **k)
+
+        train.export_model = filled_export
     elif kind == "kill-before-rename":
         rename = os.rename
 

@@ -6,6 +6,7 @@ leaves no partial output, and the previous shards, checkpoint or export are inta
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -81,21 +82,42 @@ def test_sharding_onto_a_full_disk(mount, tmp_path: Path):
     assert sorted(p.name for p in fs.iterdir()) == ["shards"]  # no temporary folder left
 
 
-def test_checkpointing_onto_a_full_disk_keeps_the_previous_and_resumes(mount, tmp_path: Path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_checkpointing_onto_a_full_disk_keeps_the_previous_and_resumes(mount, tmp_path: Path, processes: int):
     fs = mount("64m")
     cfg = write_config(tmp_path, make_shards(tmp_path / "shards"), run={"dir": str(fs / "runs")})
-    done = run(train_command(cfg, 1, "run.name=full", inject=True), tmp_path,
+    done = run(train_command(cfg, processes, "run.name=full", inject=True), tmp_path, timeout=120,
                FER_DIST_FAULT="fill-before-save:warmup-0002")
-    one_line_exit_2(done, "checkpoint: cannot write it: No space left on device",
-                    "previous checkpoint is intact")
+    message = "checkpoint: cannot write it: No space left on device"
+    if processes == 1:
+        one_line_exit_2(done, message, "previous checkpoint is intact")
+    else:  # both ranks end (no barrier left waiting); a bare accelerate launch exits 1
+        assert done.returncode == 1 and f"error: {message}" in done.stderr, done.stderr[-3000:]
     ckpts = fs / "runs" / "full" / "checkpoints"
     assert (ckpts / LATEST).read_text().strip() == "warmup-0001"
     assert latest_checkpoint(ckpts.parent) == ckpts / "warmup-0001"
     assert not list(ckpts.glob(f"{TMP}*")) and not (ckpts / "warmup-0002").exists()  # nothing partial
     (fs / "runs" / "filler").unlink()  # space again
-    resumed = run(train_command(cfg, 1, "run.name=full"), tmp_path)
+    resumed = run(train_command(cfg, processes, "run.name=full"), tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {ckpts / 'warmup-0001'}" in resumed.stderr
+
+
+def test_a_full_disk_at_the_best_export_ends_every_rank(mount, tmp_path: Path):
+    fs = mount("64m")
+    cfg = write_config(tmp_path, make_shards(tmp_path / "shards"), run={"dir": str(fs / "runs")})
+    status = tmp_path / "status"  # each rank's one-line error lands here (fer_dist.launch's mechanism)
+    status.mkdir()
+    done = run(train_command(cfg, 2, "run.name=full", inject=True), tmp_path, timeout=120,
+               FER_DIST_FAULT="fill-before-export", FER_DIST_STATUS_DIR=str(status))
+    assert done.returncode == 1, done.stderr[-3000:]
+    reports = {p.name: json.loads(p.read_text())["message"] for p in status.iterdir()}
+    assert "best: cannot write the export (the previous one is intact): No space left on device" \
+        in reports["rank-0.json"]
+    # rank 1 was told and raised too, rather than wait at a barrier for the collective timeout
+    assert reports["rank-1.json"] == "the main process failed to write (see its error)"
+    run_dir = fs / "runs" / "full"
+    assert not (run_dir / "best").exists() and not list(run_dir.glob(".tmp-*"))
 
 
 def test_exporting_onto_a_full_disk_keeps_the_previous_export(mount):
