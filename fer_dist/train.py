@@ -63,6 +63,7 @@ class State:
     history: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str = ""
     nonfinite_steps: int = 0                # optimiser steps skipped for a non-finite gradient
+    skipped_in_epoch: int = 0               # of them in the current epoch (left out of its mean loss)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -245,8 +246,9 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
             if dist.any_process(acc, run.stop.requested):
                 save(run, f"step-{st.step:08d}")
                 raise StopRun(f"stopped on request ({run.stop.signal_name}) at step {st.step}")
-    mean = dist.all_sum(acc, torch.tensor(st.epoch_loss)) / max(1, st.step_in_epoch * acc.num_processes)
-    st.step_in_epoch, st.epoch_loss = 0, 0.0
+    trained = st.step_in_epoch - st.skipped_in_epoch  # skipped steps are the same on every process
+    mean = dist.all_sum(acc, torch.tensor(st.epoch_loss)) / max(1, trained * acc.num_processes)
+    st.step_in_epoch, st.epoch_loss, st.skipped_in_epoch = 0, 0.0, 0
     st.epochs_started += 1
     return float(mean)
 
@@ -273,6 +275,7 @@ def skip_step(run: Run, loss: float, norm: float) -> None:
     the run ends once more than optim.max_nonfinite_steps such steps were skipped."""
     st, limit = run.state, run.cfg.optim.max_nonfinite_steps
     st.nonfinite_steps += 1
+    st.skipped_in_epoch += 1
     run.log.say(f"step {st.step + 1}: non-finite loss {loss:.4g} or gradient norm {norm:.4g}: step skipped "
                 f"({st.nonfinite_steps} of at most {limit})")
     error = numerics.too_many(st.nonfinite_steps, limit, st.step + 1)
