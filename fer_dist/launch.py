@@ -162,8 +162,8 @@ def _first_failure(exc: BaseException) -> tuple[int, int]:
     """(rank, exit code; negative: killed by that signal) of the first failed rank."""
     if isinstance(exc, subprocess.CalledProcessError):
         return 0, exc.returncode
-    failure = exc.get_first_failure()[1]  # ChildFailedError: (global rank, ProcessFailure)
-    return failure.rank, failure.exitcode
+    rank, failure = exc.get_first_failure()  # ChildFailedError: (global rank, ProcessFailure)
+    return rank, failure.exitcode
 
 
 def run(argv: list[str]) -> int:
@@ -175,6 +175,7 @@ def run(argv: list[str]) -> int:
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", AGENT_SIGNALS)
     status = Path(tempfile.mkdtemp(prefix="fer-dist-status-"))
     os.environ[STATUS_ENV] = str(status)
+    import psutil  # noqa: F401 - loaded before the handlers: imported inside one, a second signal met it half-done
     forwarder = _Forwarder()
     try:
         launch_command(args)

@@ -7,13 +7,24 @@ tests/fault_inject.py, the fault itself (a signal, a NaN) is real.
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from fault_fixtures import env, kill_tree, make_shards, ranks_of, run, train_command, write_config
+from fault_fixtures import (
+    INJECT,
+    env,
+    free_port,
+    kill_tree,
+    make_shards,
+    ranks_of,
+    run,
+    train_command,
+    write_config,
+)
 
 from fer_dist.checkpoint import LATEST, TMP, latest_checkpoint, load_checkpoint
 from fer_dist.errors import FerDistError
@@ -180,3 +191,15 @@ def test_a_hung_rank_times_out_the_others(root: Path):
     assert f"Timed out waiting {TIMEOUT_S * 1000}ms" in out, out[-3000:]
     # rank 0 gives up after the timeout; the agent then needs its grace period to kill the stopped rank
     assert TIMEOUT_S - 1 < took < TIMEOUT_S + AGENT_GRACE_S + 20, took
+
+
+def test_fer_dist_launch_names_the_killed_rank(root: Path):
+    """Through `python -m fer_dist.launch` (what `fer-dist train` runs): one line, the rank's signal."""
+    cmd = [sys.executable, "-m", "fer_dist.launch", "--num_processes", "2", "--num_machines", "1",
+           "--dynamo_backend", "no", "--mixed_precision", "no", "--multi_gpu", "--main_process_port",
+           str(free_port()), INJECT, "--config", str(config(root)), "run.name=via-launch",
+           "run.num_processes=2"]
+    done = run(cmd, root, timeout=120, FER_DIST_FAULT="kill-at-step:4", FER_DIST_FAULT_RANK="1")
+    assert done.returncode == 128 + 9, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == "error: rank 1 was killed by SIGKILL (its own output is above)", done.stderr[-3000:]
