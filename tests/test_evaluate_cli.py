@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from layouts import make_ck48
+from train_fixtures import tiny_training
 from typer.testing import CliRunner
 
 from fer_dist.checkpoint import latest_checkpoint
@@ -65,21 +66,10 @@ def train(root: Path, name: str, *overrides: str) -> Path:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """Synthetic shards, a CK+48-like set without neutral, and two short runs differing in tau."""
-    root = tmp_path_factory.mktemp("evaluate")
-    pack("synthetic", [], root / "shards", options=SourceOptions(subjects=12, frames=5), workers=1,
-         progress=False)
+    root = tiny_training(tmp_path_factory.mktemp("evaluate"), data={"num_workers": 0},
+                         method={"max_rounds": 1}, optim={"lr": 0.003})
     pack("ckplus", [make_ck48(root / "ck48src")], root / "ck48", split=(0.0, 0.0, 1.0), workers=1,
          progress=False)
-    ref = lambda split: [{"dir": str(root / "shards"), "splits": [split]}]  # noqa: E731
-    config = {
-        "data": {"labelled": ref("train"), "unlabelled": ref("train"), "val": ref("val"), "test": ref("test"),
-                 "num_workers": 0},
-        "model": {"backbone": "small_cnn", "pretrained": False, "trainable": "all"},
-        "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 1, "tau": 0.3},
-        "optim": {"lr": 0.003, "batch_size": 16},
-        "run": {"dir": str(root / "runs"), "progress": False},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
     train(root, "a")
     train(root, "b", "method.tau=0.5", "method.warmup_epochs=1")
     return root

@@ -15,14 +15,13 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from train_fixtures import tiny_training
 from typer.testing import CliRunner
 
 from fer_dist import slurm
 from fer_dist.checkpoint import latest_checkpoint, load_checkpoint
 from fer_dist.cli import app
 from fer_dist.config import describe_keys
-from fer_dist.data.pack import pack
-from fer_dist.data.sources.base import SourceOptions
 from fer_dist.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,20 +32,7 @@ TIMEOUT = 240
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny synthetic shards and a config over them (as tests/test_train.py), without run.num_processes."""
-    root = tmp_path_factory.mktemp("launch")
-    pack("synthetic", [], root / "shards", options=SourceOptions(subjects=12, frames=5), workers=1,
-         progress=False)
-    ref = lambda split: [{"dir": str(root / "shards"), "splits": [split]}]  # noqa: E731
-    config = {
-        "data": {"labelled": ref("train"), "unlabelled": ref("train"), "val": ref("val"), "test": ref("test"),
-                 "num_workers": 1},
-        "model": {"backbone": "small_cnn", "pretrained": False, "trainable": "all"},
-        "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 3, "tau": 0.3},
-        "optim": {"lr": 0.002, "batch_size": 16},
-        "run": {"dir": str(root / "runs"), "keep_last": 20, "progress": False},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    return root
+    return tiny_training(tmp_path_factory.mktemp("launch"), run={"keep_last": 20})
 
 
 # ---------------------------------------------------------------- fer-dist train: checks, help, command

@@ -18,10 +18,9 @@ import psutil
 import pytest
 import torch
 import yaml
+from train_fixtures import tiny_training
 
 from fer_dist.checkpoint import latest_checkpoint, load_checkpoint
-from fer_dist.data.pack import pack
-from fer_dist.data.sources.base import SourceOptions
 from fer_dist.method import should_stop
 from fer_dist.metrics import read_metrics
 from fer_dist.models import load_exported
@@ -41,20 +40,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A small synthetic shard folder and a config over it (warm-up 2 epochs, 3 rounds)."""
-    root = tmp_path_factory.mktemp("train")
-    pack("synthetic", [], root / "shards", options=SourceOptions(subjects=12, frames=5), workers=1,
-         progress=False)
-    ref = lambda split: [{"dir": str(root / "shards"), "splits": [split]}]  # noqa: E731
-    config = {
-        "data": {"labelled": ref("train"), "unlabelled": ref("train"), "val": ref("val"), "test": ref("test"),
-                 "num_workers": 1},
-        "model": {"backbone": "small_cnn", "pretrained": False, "trainable": "all"},
-        "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 3, "tau": 0.3},
-        "optim": {"lr": 0.002, "batch_size": 16},
-        "run": {"dir": str(root / "runs"), "debug": True, "keep_last": 20, "progress": False},
-    }
-    (root / "config.yaml").write_text(yaml.safe_dump(config))
-    return root
+    return tiny_training(tmp_path_factory.mktemp("train"), run={"debug": True, "keep_last": 20})
 
 
 def command(workdir: Path, name: str, processes: int, *overrides: str) -> list[str]:
