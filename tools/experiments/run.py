@@ -107,15 +107,20 @@ def add_wall(run_dir: Path, seconds: float) -> float:
     return total
 
 
-def make_record(exp: Experiment, arm: str, seed: int, run_dir: Path, wall: float) -> dict[str, Any]:
-    """The record of a finished run: its log, and its best model tested on the experiment's sets."""
+def make_record(exp: Experiment, arm: str, seed: int, run_dir: Path, wall: float,
+                trained_at: str) -> dict[str, Any]:
+    """The record of a finished run: its log, and its best model tested on the experiment's sets.
+
+    `trained_at` is the commit the finishing attempt started its training from (not the one at recording
+    time: commits landing while an arm trains do not change the code it runs)."""
     logged = run_record(run_dir)
     net = load_best(run_dir)
     tests = [dict(score_set(net, t.dir, t.splits), test_set=t.name) for t in exp.test]
     record = {
         "arm": arm, "seed": seed, "test_set": tests[0]["test_set"],
         "test_accuracy": tests[0]["accuracy"], "macro_f1": tests[0]["macro_f1"], "uar": tests[0]["uar"],
-        "n_test": tests[0]["n"], **logged, "wall_s": round(wall, 1), "commit": commit(), "machine": machine(),
+        "n_test": tests[0]["n"], **logged, "wall_s": round(wall, 1), "commit": trained_at,
+        "machine": machine(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "run_dir": str(run_dir),
     }
     if len(tests) > 1:
@@ -143,7 +148,7 @@ def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_d
             print(f"{exp.name}: {arm} seed {seed}\n$ " + shlex.join(cmd), flush=True)
             if dry_run:
                 continue
-            tick = time.monotonic()
+            tick, trained_at = time.monotonic(), commit()
             try:
                 code = run_child(cmd, env)
             finally:
@@ -153,7 +158,7 @@ def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_d
                 return 1
             if not (run_dir / "summary.json").exists():  # the trainer stopped on a request of its own
                 raise Stopped(f"{run_dir}: the training stopped before its end; rerun to continue")
-            record = make_record(exp, arm, seed, run_dir, wall)
+            record = make_record(exp, arm, seed, run_dir, wall, trained_at)
             add_record(results, record)
             print(f"{exp.name}: {arm} seed {seed}: test accuracy {record['test_accuracy']:.4f} "
                   f"({record['test_set']}), macro-F1 {record['macro_f1']:.4f}, {wall:.0f} s -> {results}",
