@@ -104,6 +104,14 @@ def run(cmd: list[str], cwd: Path, timeout: float = 240, **extra_env: str) -> su
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env(**extra_env))
 
 
+def finished_tiny_run(root: Path) -> Path:
+    """`root`/shards, `root`/config.yaml (one warm-up epoch, no rounds) and its finished run `good`."""
+    write_config(root, make_shards(root / "shards"), method={"warmup_epochs": 1, "self_training": False})
+    done = run(train_command(root / "config.yaml", 1, "run.name=good"), root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root
+
+
 def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
     """The trainer processes under a launcher (python running fer_dist.train or tests/fault_inject.py)."""
     found = []

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from fault_fixtures import make_shards, run, train_command, write_config
+from fault_fixtures import finished_tiny_run, run
 from typer.testing import CliRunner
 
 from fer_dist.cli import app
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """Shards, a finished tiny run, and the broken files the rows name."""
-    w = tmp_path_factory.mktemp("bad")
-    write_config(w, make_shards(w / "shards"), method={"warmup_epochs": 1, "self_training": False})
-    done = run(train_command(w / "config.yaml", 1, "run.name=good"), w)
-    assert done.returncode == 0, done.stderr[-3000:]
+    w = finished_tiny_run(tmp_path_factory.mktemp("bad"))
     (w / "notyaml.yaml").write_text("data: [unclosed\n")
     (w / "list.yaml").write_text("- a\n- b\n")
     (w / "unknown.yaml").write_text((w / "config.yaml").read_text() + "colour: blue\n")

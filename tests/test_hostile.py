@@ -21,7 +21,7 @@ from fault_fixtures import (
     FER_DIST,
     Touch,
     check_payload,
-    make_shards,
+    finished_tiny_run,
     payload,
     run,
     train_command,
@@ -39,10 +39,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """Clean shards and a finished tiny run (best/ and checkpoints) to copy hostile variants from."""
-    root = tmp_path_factory.mktemp("hostile")
-    write_config(root, make_shards(root / "shards"), method={"warmup_epochs": 1, "self_training": False})
-    done = run(train_command(root / "config.yaml", 1, "run.name=good"), root)
-    assert done.returncode == 0, done.stderr[-3000:]
+    root = finished_tiny_run(tmp_path_factory.mktemp("hostile"))
     check_payload(root)
     return root
 
