@@ -8,7 +8,7 @@ Map to /work/shared/METHOD.md:
   3.3         alpha_target, rewrite_targets       new targets: p for U_t, p or f for X_l (alpha rule)
   3.4         compose_round, round_members        swap a random fraction r of X_l for samples of U_t
   section 4   moving_average, should_stop         stop when the T-round moving average of Acc falls
-  section 5   compose_round draws from (seed, round) over sorted ids: the same on 1 or 64 processes
+  section 5   compose_round ranks ids by a hash of (seed, round, id): the same on 1 or 64 processes
 
 Thresholds are strict everywhere, as in METHOD.md: a probability equal to tau (or alpha) does not pass.
 Contract violations (shapes, ranges) raise ValueError: config values are validated, with the field's name,
@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -208,6 +209,29 @@ def _sorted_unique(ids: torch.Tensor, name: str) -> torch.Tensor:
     return out
 
 
+def id_hash(ids: torch.Tensor, key: int) -> torch.Tensor:
+    """A 63-bit pseudo-random rank per id, a pure function of (key, id): splitmix64's finaliser.
+
+    int64 arithmetic wraps as uint64 would, bit for bit; logical right shifts are made from arithmetic
+    ones by masking, so the values are the same on every platform and torch version."""
+    x = ids.to("cpu", torch.long) ^ (key & (2**63 - 1))
+    # The multipliers 0xbf58476d1ce4e5b9 and 0x94d049bb133111eb as int64.
+    for shift, mult in ((30, -4658895280553007687), (27, -7723592293110705685)):
+        x = (x ^ ((x >> shift) & ((1 << (64 - shift)) - 1))) * mult
+    x = x ^ ((x >> 31) & ((1 << 33) - 1))
+    return x & (2**63 - 1)
+
+
+def _smallest(ids: torch.Tensor, key: int, n: int) -> torch.Tensor:
+    """The n ids of smallest id_hash(key, id), sorted ascending (ties cannot depend on input order:
+    ids are unique and ranked by (hash, id))."""
+    if n == 0:
+        return ids[:0]
+    h = id_hash(ids, key)
+    order = torch.from_numpy(np.lexsort((ids.numpy(), h.numpy())))  # by hash, then by id
+    return torch.sort(ids[order[:n]]).values
+
+
 def compose_round(
     labelled_ids: torch.Tensor,
     confident_ids: torch.Tensor,
@@ -221,9 +245,10 @@ def compose_round(
     n = min(floor(fraction * |X_l| + 0.5), |U_t|), rounding halves up (Python's round() would round
     2.5 to 2). Design decision: the removed count equals the added count, so the round trains on |X_l|
     samples; when U_t is smaller than fraction * |X_l| fewer labelled samples leave ("put in its place
-    the same number ... fewer if U_t is smaller"). Both draws are uniform without replacement, from one
-    torch.Generator seeded by round_seed(seed, round_index), over the SORTED ids: the result does not
-    depend on the order the ids came in nor on the number of processes, and each round draws afresh.
+    the same number ... fewer if U_t is smaller"). Each draw keeps the n ids of smallest hash of
+    (seed, round, which draw, id): a uniform draw without replacement that depends on no order and no
+    number of processes, and is stable: one id entering or leaving U_t changes at most one added id
+    (a permutation of positions would reshuffle them all), and a smaller n keeps a subset.
     Returned tensors are CPU LongTensors sorted ascending.
     """
     if not 0.0 <= fraction <= 1.0:
@@ -233,11 +258,10 @@ def compose_round(
     if bool(torch.isin(confident, labelled).any()):
         raise ValueError("confident_ids and labelled_ids overlap: U_t holds unlabelled samples only")
     n = min(int(fraction * labelled.numel() + 0.5), confident.numel())
-    gen = torch.Generator().manual_seed(round_seed(seed, round_index))
-    # Labelled permutation first, always: `removed` for a smaller n is a prefix of the same permutation.
-    removed = labelled[torch.randperm(labelled.numel(), generator=gen)[:n]]
-    added = confident[torch.randperm(confident.numel(), generator=gen)[:n]]
-    return RoundDraw(torch.sort(removed).values, torch.sort(added).values)
+    key = round_seed(seed, round_index)
+    removed = _smallest(labelled, key, n)
+    added = _smallest(confident, key ^ 0x5DEECE66D, n)  # another key: the two draws are independent
+    return RoundDraw(removed, added)
 
 
 def round_members(labelled_ids: torch.Tensor, draw: RoundDraw) -> torch.Tensor:

@@ -13,6 +13,7 @@ from fer_dist.method import (
     class_thresholds,
     compose_round,
     confident_unlabelled,
+    id_hash,
     moving_average,
     rewrite_targets,
     round_members,
@@ -339,6 +340,32 @@ def test_compose_round_smaller_u_removes_prefix_of_same_draw() -> None:
     full = _draw(LABELLED, CONFIDENT, round_index=1)
     few = _draw(LABELLED, CONFIDENT[:3], round_index=1)
     assert torch.isin(few.removed, full.removed).all()
+
+
+def test_compose_round_is_stable_when_one_confident_id_enters_or_leaves() -> None:
+    # Ranking by a hash of (seed, round, id): one id more or less in U_t changes at most one added id
+    # (a permutation of positions, as before, would have reshuffled the whole draw).
+    confident = torch.arange(1000, 1400)  # n = 10 of 400: U_t is not the limit
+    base = _draw(LABELLED, confident, round_index=4)
+    for other in (confident[confident != int(base.added[3])], torch.cat([confident, torch.tensor([5000])]),
+                  confident[confident != 1001]):
+        draw = _draw(LABELLED, other, round_index=4)
+        assert torch.equal(draw.removed, base.removed)
+        assert int((~torch.isin(draw.added, base.added)).sum()) <= 1
+
+
+def test_id_hash_is_splitmix64() -> None:
+    # The rank is a fixed function of (key, id), checked against splitmix64's finaliser in Python ints.
+    def reference(x: int, key: int) -> int:
+        m = 2**64 - 1
+        x = (x ^ (key & (2**63 - 1))) & m
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+        return (x ^ (x >> 31)) & (2**63 - 1)
+
+    ids = torch.tensor([0, 1, 2, 12345, 2**40 + 7, 2**62])
+    for key in (0, 99, round_seed(3, 2)):
+        assert id_hash(ids, key).tolist() == [reference(int(i), key) for i in ids]
 
 
 def test_compose_round_rejects_bad_input() -> None:
