@@ -228,11 +228,12 @@ def check_same_everywhere(accelerator: Accelerator, value: torch.Tensor | int, w
 
 
 def any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every process if any process passed True (collective all-reduce MAX)."""
+    """True on every process if any process passed True (collective: an all-reduce SUM of 0/1, any = sum > 0;
+    a sum needs no MAX, which Accelerate's `reduce` lacks in some of the versions we accept)."""
     if accelerator.num_processes == 1:
         return bool(flag)
     t = torch.tensor([int(bool(flag))], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="max").item())
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
 
 def main_agreed(accelerator: Accelerator, write: Callable[[], Any]) -> None:

@@ -71,6 +71,7 @@ def collectives(acc: Any, out: Path) -> dict[str, Any]:
     result["disagree"] = _caught(lambda: dist.check_same_everywhere(acc, skewed, "target table"))
     result["any_rank1"] = dist.any_process(acc, rank == 1)
     result["any_none"] = dist.any_process(acc, False)
+    result["any_all"] = dist.any_process(acc, True)
     result["sum_float"] = dist.all_sum(acc, 2.0**24 + 0.5 + rank).item() - 2.0**25
     result["sum_tensor"] = dist.all_sum(acc, torch.tensor([1, 10]) * (rank + 1)).tolist()
     return result

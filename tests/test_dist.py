@@ -94,7 +94,7 @@ def test_uncaught_disagreement_ends_both_ranks(launches: dict[str, dist_worker.L
 
 def test_any_process_and_all_sum(collectives: list[dict[str, Any]]) -> None:
     for report in collectives:
-        assert report["any_rank1"] is True and report["any_none"] is False
+        assert report["any_rank1"] is True and report["any_none"] is False and report["any_all"] is True
         assert report["sum_float"] == 2.0
         assert report["sum_tensor"] == [3, 30]
 
