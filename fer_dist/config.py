@@ -61,6 +61,17 @@ class ModelConfig(_Section):
     input_size: int | None = Field(None, ge=16, description="input side in pixels; None: the backbone's")
     hidden: int = Field(128, ge=1, description="units of the FC layer of the head")
     dropout: float = Field(0.6, ge=0.0, lt=1.0, description="dropout of the head")
+    sync_bn: bool = Field(False, description="batch norms as SyncBatchNorm over all processes (W > 1, GPUs): "
+                          "for small per-GPU batches on backbones with batch norm")
+
+
+# How the network is trained across processes, not what it is: left out of the model's spec and exports.
+TRAINING_ONLY_MODEL_KEYS = frozenset({"sync_bn"})
+
+
+def model_spec_fields(model: dict[str, Any]) -> dict[str, Any]:
+    """A model config section (dict) without the keys that do not describe the network."""
+    return {k: v for k, v in model.items() if k not in TRAINING_ONLY_MODEL_KEYS}
 
 
 class MethodConfig(_Section):
@@ -115,7 +126,10 @@ class RunConfig(_Section):
         "then it fails, non-zero, instead of hanging; above the longest checkpoint or export write")
     debug: bool = Field(False, description="check the target table across processes after every rewrite")
     tensorboard: bool = Field(False, description="also log to TensorBoard (needs the tensorboard extra)")
-    log_every: int = Field(10, ge=1, description="log the step loss every N steps")
+    log_every: int = Field(10, ge=1, description="log the step loss every N steps (the loss is read back "
+                           "to the host only then)")
+    stop_check_every: int = Field(10, ge=1, description="agree on a stop request (SIGTERM/SIGUSR1) every N "
+                                  "steps and at each epoch's end: a collective and a host sync each time")
     eval_batch_size: int = Field(256, ge=1, description="per-process batch of prediction and evaluation")
     progress: bool = Field(True, description="rich progress bars on the main process")
     progress_every_s: float = Field(30.0, gt=0.0, description="a plain progress line every N s where the "

@@ -2,9 +2,9 @@
 never written from non-finite weights.
 
 The decision reads the gradient norm after `backward`: DDP has averaged the gradients, so every process
-sees the same norm and skips the same steps without a collective. The norm travels to the host together
-with the loss, in the one sync per step the trainer already made for the loss. With fp16 the GradScaler
-skips overflowing steps itself (a few are normal while it finds its scale), so nothing is counted there.
+sees the same norm and skips the same steps without a collective. That read is the step's one host sync
+(the loss stays on the device until it is logged). With fp16 the GradScaler skips overflowing steps itself
+(a few are normal while it finds its scale), so nothing is read or counted there.
 """
 
 from __future__ import annotations
@@ -29,17 +29,9 @@ def grad_norm(accelerator: Any, model: torch.nn.Module, clip: float | None) -> t
     return norm
 
 
-def to_host(loss: torch.Tensor, norm: torch.Tensor | None) -> tuple[float, float]:
-    """(loss, gradient norm) as Python floats in one device-to-host copy; the norm is 0.0 when None."""
-    if norm is None:
-        return loss.item(), 0.0
-    loss_value, norm_value = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
-    return loss_value, norm_value
-
-
-def finite(value: float) -> bool:
-    """Whether a step's gradient norm allows the optimiser step."""
-    return math.isfinite(value)
+def allows_step(norm: torch.Tensor | None) -> bool:
+    """Whether a step's gradient norm allows the optimiser step (None: the GradScaler decides, no sync)."""
+    return norm is None or math.isfinite(float(norm))
 
 
 def too_many(count: int, limit: int, step: int) -> FerDistError | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -24,10 +23,17 @@ import torch
 
 from fer_dist import checkpoint, dist, launch, method, numerics
 from fer_dist.classes import NUM_CLASSES
-from fer_dist.config import TrainConfig, dump_config, keys_help, load_config, overrides_name_data
+from fer_dist.config import (
+    TrainConfig,
+    dump_config,
+    keys_help,
+    load_config,
+    model_spec_fields,
+    overrides_name_data,
+)
 from fer_dist.data.augment import eval_transform, train_transform
 from fer_dist.data.plan import derive_seed
-from fer_dist.data.stream import close_loader_workers, exhaustive_loader, start_worker_server, train_loader
+from fer_dist.data.stream import close_loader_workers, exhaustive_loader, train_loader
 from fer_dist.errors import FerDistError
 from fer_dist.files import first_missing, removed_on_error, write_text_atomic
 from fer_dist.metrics import MetricsLog
@@ -102,8 +108,6 @@ def build_run(cfg: TrainConfig, acc, stop: dist.StopRequest | None = None) -> Ru
         # Each process gets its share of the cores: oversubscribed OpenMP threads made CPU steps ~15x slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
     torch.manual_seed(cfg.run.seed)  # same initial head on every process (DDP also broadcasts it)
-    if cfg.data.num_workers:
-        start_worker_server()  # its imports overlap the rest of the set-up
     data = load_run_data(cfg.data)  # before anything is written: bad data leaves no run folder behind
     created = first_missing(run_dir) if acc.is_main_process else None
     with removed_on_error(created):
@@ -115,8 +119,12 @@ def _build(cfg: TrainConfig, acc, stop: dist.StopRequest | None, run_dir: Path, 
     if acc.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    spec = ModelSpec(num_classes=NUM_CLASSES, **cfg.model.model_dump())
+    spec = ModelSpec(num_classes=NUM_CLASSES, **model_spec_fields(cfg.model.model_dump()))
     net = build_model(spec)
+    if cfg.model.sync_bn and acc.num_processes > 1:
+        if acc.device.type == "cpu":  # torch's SyncBatchNorm refuses CPU tensors in its training forward
+            raise FerDistError("model.sync_bn: SyncBatchNorm needs GPUs; this run is on the CPU (set false)")
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # same state_dict keys: exports unchanged
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                  weight_decay=cfg.optim.weight_decay)
@@ -153,7 +161,7 @@ def resume_from(run: Run) -> bool:
     if path is None:
         MetricsLog.truncate(run.log.path, 0) if run.acc.is_main_process else None
         return False
-    saved, rng = checkpoint.load_checkpoint(path, run.acc.process_index)
+    saved, _ = checkpoint.load_checkpoint(path, None)
     if saved["offsets"] != run.data.shardset.offsets:
         raise FerDistError(f"{path}: its shard directories or their sizes differ from this config's data")
     if saved["state"]["step_in_epoch"]:
@@ -164,10 +172,11 @@ def resume_from(run: Run) -> bool:
     if saved.get("scaler") is not None and run.acc.scaler is not None:
         run.acc.scaler.load_state_dict(saved["scaler"])
     run.state = State(**saved["state"])
-    losses = saved["epoch_losses"]
-    run.state.epoch_loss = losses[run.acc.process_index] if len(losses) == run.acc.num_processes else 0.0
-    if rng is not None:
-        checkpoint.restore_rng(rng)
+    # Every process starts from the epoch's loss so far, a total that does not depend on the number of
+    # processes (save); train_epoch's mean sums the processes' and divides by their number.
+    losses = saved.get("epoch_losses")  # before elastic resume: one running sum per process
+    run.state.epoch_loss = sum(losses) / len(losses) if losses else float(saved["epoch_loss"])
+    restore_process_rng(run, path, saved["world_size"])
     if run.acc.is_main_process:
         MetricsLog.truncate(run.log.path, saved["metrics_offset"])
     st = run.state
@@ -175,13 +184,24 @@ def resume_from(run: Run) -> bool:
     return True
 
 
+def restore_process_rng(run: Run, path: Path, saved_world: int) -> None:
+    """Each process's RNG (dropout masks: which samples and augmentations come from keyed seeds, not from
+    it) as saved on the same number of processes; on another number, drawn afresh from (seed, rank, step)."""
+    rank = run.acc.process_index
+    if saved_world == run.acc.num_processes:
+        checkpoint.restore_rng(checkpoint.load_rng(path, rank))
+        return
+    torch.manual_seed(derive_seed(run.cfg.run.seed, rank, 1, run.state.step))
+    run.log.say(f"{path} was saved on {saved_world} processes, resumed on {run.acc.num_processes}: the same "
+                "samples in every global batch; dropout masks and per-process batch statistics differ")
+
+
 def check_mid_epoch(path: Path, saved: dict[str, Any], run: Run) -> None:
-    """A mid-epoch position only means the same batches under the same stream plan."""
+    """A mid-epoch position means the same global batches under the same seed and global batch size (on any
+    number of processes and loader workers)."""
     was, now = saved["config"], run.cfg.to_dict()
     same = {
-        "the number of processes": (saved["world_size"], run.acc.num_processes),
         "optim.batch_size": (was["optim"]["batch_size"], now["optim"]["batch_size"]),
-        "data.num_workers": (was["data"]["num_workers"], now["data"]["num_workers"]),
         "run.seed": (was["run"]["seed"], now["run"]["seed"]),
     }
     for what, (before, after) in same.items():
@@ -193,10 +213,11 @@ def check_mid_epoch(path: Path, saved: dict[str, Any], run: Run) -> None:
 def save(run: Run, tag: str, *, is_best: bool = False) -> None:
     """A checkpoint of everything (all processes take part; the main one writes the shared files)."""
     numerics.check_finite_weights(run.net, f"checkpoint {tag}")  # same weights everywhere: all raise alike
-    # every process's share of the running epoch loss, so a mid-epoch resume ends with the same mean
-    losses = run.acc.gather(torch.tensor([run.state.epoch_loss], dtype=torch.float64, device=run.acc.device))
+    # the epoch's loss so far, summed over its steps' global batches (the processes' sums over their number):
+    # the same on any number of processes, so a resume on another ends with the same mean
+    total = dist.all_sum(run.acc, float(run.state.epoch_loss)) / run.acc.num_processes
     state = {
-        "epoch_losses": losses.cpu().tolist(),
+        "epoch_loss": float(total),
         "model": run.net.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -226,26 +247,41 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
                           num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=st.epochs_started,
                           skip_batches=st.step_in_epoch)
     run.model.train()
-    seen, tick = 0, time.perf_counter()
+    seen, tick, shown = 0, time.perf_counter(), None
+    # The epoch's loss sum stays on the device; it is added to st.epoch_loss (a float, checkpointed) only
+    # where the host reads it anyway: at a log step, a save and the epoch's end.
+    pending = torch.zeros((), dtype=torch.float64, device=acc.device)
+
+    def settle() -> None:
+        st.epoch_loss += float(pending)
+        pending.zero_()
+
     with run.progress.task(name, total=stream.steps, completed=st.step_in_epoch) as bar:
         for images, targets, _ids in stream:
             loss = train_step(run, images, targets)
-            st.epoch_loss += loss if math.isfinite(loss) else 0.0
+            pending.add_(torch.where(torch.isfinite(loss), loss, 0.0).double())
             st.step += 1
             st.step_in_epoch += 1
             seen += images.shape[0] * acc.num_processes
             rate = seen / max(time.perf_counter() - tick, 1e-9)
             if st.step % cfg.run.log_every == 0:
-                run.log.write("step", st.step, {"train/loss": loss, "train/images_per_s": rate,
+                shown = float(loss)
+                run.log.write("step", st.step, {"train/loss": shown, "train/images_per_s": rate,
                                                 "train/lr": run.scheduler.get_last_lr()[0]})
                 seen, tick = 0, time.perf_counter()
-            bar.advance(loss=loss, images_per_s=rate)
+            bar.advance(loss=shown, images_per_s=rate)
             every = cfg.run.checkpoint_every_steps
             if every and st.step % every == 0 and st.step_in_epoch < stream.steps:
+                settle()
                 save(run, f"step-{st.step:08d}")
-            if dist.any_process(acc, run.stop.requested):
+            # A stop request is agreed on (a collective and a sync) every few steps and at the epoch's end,
+            # at the same steps on every process.
+            check = st.step % cfg.run.stop_check_every == 0 or st.step_in_epoch == stream.steps
+            if check and dist.any_process(acc, run.stop.requested):
+                settle()
                 save(run, f"step-{st.step:08d}")
                 raise StopRun(f"stopped on request ({run.stop.signal_name}) at step {st.step}")
+    settle()
     trained = st.step_in_epoch - st.skipped_in_epoch  # skipped steps are the same on every process
     mean = dist.all_sum(acc, torch.tensor(st.epoch_loss)) / max(1, trained * acc.num_processes)
     st.step_in_epoch, st.epoch_loss, st.skipped_in_epoch = 0, 0.0, 0
@@ -253,21 +289,22 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
     return float(mean)
 
 
-def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> float:
-    """Forward, soft-target loss, backward, clip, step. Every process has batch_size / W samples."""
+def train_step(run: Run, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Forward, soft-target loss, backward, clip, step. Every process has batch_size / W samples. Returns
+    the loss on the device: reading it is a host sync, left to the steps that log it."""
     images, targets = images.to(run.acc.device), targets.to(run.acc.device)
     with run.acc.autocast():
         logits = run.model(images)
     loss = method.soft_cross_entropy(logits.float(), targets)
     run.acc.backward(loss)
-    value, norm = numerics.to_host(loss, numerics.grad_norm(run.acc, run.model, run.cfg.optim.grad_clip))
-    if numerics.finite(norm):
+    norm = numerics.grad_norm(run.acc, run.model, run.cfg.optim.grad_clip)
+    if numerics.allows_step(norm):
         run.optimizer.step()
         run.scheduler.step()
     else:
-        skip_step(run, value, norm)
+        skip_step(run, float(loss), float(norm))
     run.optimizer.zero_grad(set_to_none=True)
-    return value
+    return loss.detach()
 
 
 def skip_step(run: Run, loss: float, norm: float) -> None:

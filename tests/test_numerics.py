@@ -22,14 +22,14 @@ def model_with_grads() -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("clip", [None, 0.5])
-def test_the_norm_decides_and_travels_with_the_loss(acc, clip) -> None:
+def test_the_norm_decides(acc, clip) -> None:
     m = model_with_grads()
     expected = torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm().item()
-    loss, norm = numerics.to_host(torch.tensor(1.5), numerics.grad_norm(acc, m, clip))
-    assert loss == 1.5 and norm == pytest.approx(expected, rel=1e-5) and numerics.finite(norm)
+    norm = numerics.grad_norm(acc, m, clip)
+    assert float(norm) == pytest.approx(expected, rel=1e-5) and numerics.allows_step(norm)
     m.weight.grad[0, 0] = float("inf")
-    _, norm = numerics.to_host(torch.tensor(1.5), numerics.grad_norm(acc, m, clip))
-    assert not numerics.finite(norm)
+    assert not numerics.allows_step(numerics.grad_norm(acc, m, clip))
+    assert numerics.allows_step(None)  # fp16: the scaler's to skip
 
 
 def test_the_limit_counts_skipped_steps() -> None:

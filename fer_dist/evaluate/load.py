@@ -14,6 +14,7 @@ from typing import Any
 
 from fer_dist import checkpoint
 from fer_dist.classes import CLASSES, NUM_CLASSES
+from fer_dist.config import model_spec_fields
 from fer_dist.data.manifest import read_manifest
 from fer_dist.errors import FerDistError
 from fer_dist.models import (
@@ -74,7 +75,8 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     config = saved.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "model" not in saved:
         raise FerDistError(f"{path}: not a fer-dist training checkpoint (no model or config in it)")
-    spec = ModelSpec.from_dict({"num_classes": NUM_CLASSES, **config["model"]}, source=str(path / "state.pt"))
+    spec = ModelSpec.from_dict({"num_classes": NUM_CLASSES, **model_spec_fields(config["model"])},
+                               source=str(path / "state.pt"))
     net, _ = assemble_model(spec, load_weights=False)  # its weights are about to be replaced
     load_checked(net, saved["model"], path / checkpoint.STATE)
     apply_trainable(net, spec.trainable)
