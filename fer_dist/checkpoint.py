@@ -2,7 +2,8 @@
 
 Layout under <run_dir>/checkpoints/:
   <tag>/state.pt          the trainer's named entries (model, optimizer, table, round, history, config, ...)
-  <tag>/rng-rank<R>.pt    process R's RNG states (python, numpy, torch CPU, torch CUDA)
+  <tag>/rng-rank<R>.pt    process R's RNG states (python, numpy, torch CPU, torch CUDA), restored by a resume
+                          on as many processes; samples and augmentations never depend on them (keyed seeds)
   <tag>/meta.json         human-readable: tag, round, step, world size, best metric, time, version
   best/                   a copy (hard links) of the best tag's files
   index.json              the kept tags in save order: the explicit ordering pruning and resume use
@@ -373,15 +374,23 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise FerDistError(f"{file}: not a readable checkpoint meta file ({e})") from None
 
 
-def load_checkpoint(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(state, this rank's RNG states) from a checkpoint directory; RNG None when the rank has no file."""
+def load_checkpoint(path: Path, rank: int | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(state, process `rank`'s RNG states) from a checkpoint directory; RNG None when `rank` is None or
+    the rank has no file."""
     path = Path(path)
     state = _load(path / STATE)
     if not isinstance(state, dict):
         raise FerDistError(f"{path / STATE}: holds a {type(state).__name__}, not a dict of named entries")
+    if rank is None:
+        return state, None
     if not (path / rng_file(rank)).exists():
         world = read_meta(path).get("world_size") if (path / META).is_file() else "?"
         logger.warning("%s has no RNG state for rank %d (saved by %s processes): this rank's RNG is not "
                        "restored", path, rank, world)
         return state, None
-    return state, _load(path / rng_file(rank))
+    return state, load_rng(path, rank)
+
+
+def load_rng(path: Path, rank: int) -> dict[str, Any]:
+    """Process `rank`'s RNG states from a checkpoint directory (FerDistError if it has none)."""
+    return _load(Path(path) / rng_file(rank))

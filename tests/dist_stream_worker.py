@@ -2,7 +2,8 @@
 
 Usage: python -m torch.distributed.run --nproc_per_node 2 tests/dist_stream_worker.py SHARD_DIR OUT_JSON
 Each rank runs one training epoch and one exhaustive pass with 2 DataLoader workers, takes a collective step
-per batch as a trainer would (unequal batch counts would hang it), and rank 0 writes what all ranks saw.
+per batch as a trainer would (unequal batch counts would hang it), and rank 0 writes what all ranks saw,
+with the global batches one process reads (the same, step by step).
 """
 
 from __future__ import annotations
@@ -34,14 +35,15 @@ def main(shard_dir: str, out: str) -> None:
 
     stream = train_loader(shards, include, targets, transform=train_transform(SPEC), global_batch=6,
                           rank=rank, world=world, num_workers=2, seed=1, epoch=0)
-    sizes, ids, targets_ok, images_ok = [], [], True, True
+    sizes, ids, steps, targets_ok, images_ok = [], [], [], True, True
     for images, tgt, batch_ids in stream:
         dist.all_reduce(torch.ones(1))  # the trainer's collective: every rank must reach it equally often
         sizes.append(len(batch_ids))
         ids += batch_ids.tolist()
+        steps.append(batch_ids.tolist())
         targets_ok &= torch.equal(tgt, targets[batch_ids])
         images_ok &= _images_match(images, batch_ids)
-    train = {"count": len(sizes), "sizes": sizes, "ids": ids, "targets_ok": targets_ok,
+    train = {"count": len(sizes), "sizes": sizes, "ids": ids, "steps": steps, "targets_ok": targets_ok,
              "images_ok": images_ok}
 
     seen, labels_ok, exhaustive_images_ok = [], True, True
@@ -56,7 +58,12 @@ def main(shard_dir: str, out: str) -> None:
     gathered: list = [None] * world
     dist.all_gather_object(gathered, mine)
     if rank == 0:
+        one = train_loader(shards, include, targets, transform=train_transform(SPEC), global_batch=6, rank=0,
+                           world=1, num_workers=0, seed=1, epoch=0)
         result = {
+            "one_process": [sorted(batch_ids.tolist()) for _, _, batch_ids in one],
+            "global": [sorted(sum((g["train"]["steps"][s] for g in gathered), []))
+                       for s in range(len(steps))],
             "train": {"steps": stream.steps, "counts": [g["train"]["count"] for g in gathered],
                       "sizes": [g["train"]["sizes"] for g in gathered],
                       "ids": [g["train"]["ids"] for g in gathered],

@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,13 +19,15 @@ from shard_fixtures import synthetic_dir
 
 from fer_dist.checkpoint import load_checkpoint
 from fer_dist.config import DataConfig
-from fer_dist.data import plan
+from fer_dist.data.augment import InputSpec, train_transform
 from fer_dist.data.pack import pack
 from fer_dist.data.sources.base import SourceOptions
+from fer_dist.data.stream import ShardSet, train_loader
 from fer_dist.run_data import load_run_data
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))
 
 
 def _port() -> int:
@@ -38,22 +39,31 @@ def _port() -> int:
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
-def test_a_train_plan_ignores_shards_it_selects_nothing_from(world, workers):
-    """Shards with no selected id (X_u's, during the warm-up) leave the shard order and the batches alone."""
-    rng = np.random.default_rng(0)
-    held = [np.sort(rng.choice(1000, 30, replace=False)) + 1000 * k for k in range(6)]
-    empty = np.zeros(0, dtype=np.int64)
+def test_a_train_stream_ignores_shards_it_selects_nothing_from(tmp_path, world, workers):
+    """Shards with no selected id (X_u's, during the warm-up) leave the epoch's batches alone."""
+    synthetic_dir(tmp_path / "x", {"train": [9, 7, 11], "test": [5, 8, 6, 4]})
+    ss = ShardSet([(tmp_path / "x", ["train", "test"])])
+    include = torch.zeros(ss.num_ids, dtype=torch.bool)
+    include[:27] = True  # the train split's ids only
+    include[3] = False
+    targets = torch.zeros(ss.num_ids, 7)
 
-    def batches(selected):
+    def batches(shards):
         out = []
         for rank in range(world):
-            slots = plan.train_plan(selected, global_batch=8, world=world, rank=rank, workers=workers, seed=4,
-                                    epoch=2)[1]
-            out.append([p.ids.tolist() for s in slots for p in s.pieces])
+            stream = train_loader(shards, include, targets, transform=train_transform(SPEC), global_batch=4,
+                                  rank=rank, world=world, num_workers=workers, seed=4, epoch=2)
+            out.append([(ids.tolist(), images) for images, _, ids in stream])
         return out
 
-    assert batches(held) == batches(held + [empty] * 5) == batches(held + [empty] * 11)
-    assert batches(held) != batches(held[::-1]), "the order of the held shards still matters: a check"
+    held, every = ss.shards(0)[:3], ss.shards(0)
+    a, b, c = batches(held), batches(every), batches(every[::-1])
+    for x, y in ((a, b), (a, c)):
+        assert [[i for i, _ in r] for r in x] == [[i for i, _ in r] for r in y]
+        assert all(torch.equal(p[1], q[1]) for rx, ry in zip(x, y, strict=True)
+                   for p, q in zip(rx, ry, strict=True))
+    include[3] = True
+    assert [[i for i, _ in r] for r in batches(held)] != [[i for i, _ in r] for r in a], "selection matters"
 
 
 def test_ids_of_labelled_val_and_test_do_not_depend_on_the_unlabelled_folder(tmp_path: Path):

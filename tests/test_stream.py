@@ -25,7 +25,6 @@ from shard_fixtures import (
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
-from fer_dist.data.shardread import index_key
 from fer_dist.data.stream import (
     INLINE_BATCH,
     ShardSet,
@@ -73,19 +72,12 @@ def _check_images(images: torch.Tensor, ids: torch.Tensor) -> None:
 # the plans, directly
 
 
-@pytest.mark.parametrize("steps,workers", [(0, 1), (1, 3), (7, 2), (7, 3), (9, 3), (10, 4)])
-def test_worker_quotas_follow_round_robin(steps, workers):
-    quotas = plan.worker_quotas(steps, workers)
-    assert sum(quotas) == steps
-    assert quotas == [sum(1 for j in range(steps) if j % workers == w) for w in range(workers)]
-
-
 @pytest.mark.parametrize("n,gb,steps", [(1, 8, 1), (8, 8, 1), (9, 8, 2), (37, 6, 7), (0, 4, 0)])
 def test_train_steps(n, gb, steps):
     assert plan.train_steps(n, gb) == steps
 
 
-def _random_selection(seed: int, sizes: list[int]) -> list[np.ndarray]:
+def _random_selection(seed: int, sizes: list[int]) -> np.ndarray:
     rng = np.random.default_rng(seed)
     ranges, first = [], 0
     for n in sizes:
@@ -94,85 +86,66 @@ def _random_selection(seed: int, sizes: list[int]) -> list[np.ndarray]:
     return plan.selected_ids(ranges, rng.random(first) < 0.7)
 
 
+def _global_batches(selected, *, world, gb=12, seed=3, epoch=1, skip=0) -> list[list[int]]:
+    """Each step's global batch: the ranks' slices, concatenated in rank order."""
+    parts = [plan.train_batches(selected, global_batch=gb, world=world, rank=r, seed=seed, epoch=epoch,
+                                skip=skip)[1] for r in range(world)]
+    return [sum((p[s].tolist() for p in parts), []) for s in range(len(parts[0]))]
+
+
 @pytest.mark.parametrize("sizes", [[5, 1, 9, 3, 13], [40], [2, 0, 3], [1000, 3, 250]])
-@pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 1), (4, 3)])
-def test_train_plan_balances_selected_counts_and_covers_everything(sizes, world, workers):
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_train_batches_equal_steps_cover_everything_and_repeat_from_the_start(sizes, world):
     selected = _random_selection(len(sizes), sizes)
-    n, gb = sum(s.size for s in selected), 6 * world
-    seen: Counter = Counter()
+    n, gb = selected.size, 12
+    steps = plan.train_steps(n, gb)
     for rank in range(world):
-        steps, slots = plan.train_plan(selected, global_batch=gb, world=world, rank=rank, workers=workers,
-                                       seed=3, epoch=1)
-        assert steps == -(-n // gb)
-        assert sum(s.batches for s in slots) == steps
-        for slot in slots:  # every slot holds exactly its quota of samples: balance by selected count
-            assert slot.samples == slot.batches * (gb // world)
-            for piece in slot.pieces:
-                assert set(piece.ids.tolist()) <= set(selected[piece.shard].tolist())
-                seen.update(piece.ids.tolist())
-    assert set(seen) == {int(i) for s in selected for i in s}
-    assert sum(seen.values()) - n == steps * gb - n < gb  # repeats only to fill the last global batch
+        got_steps, ids = plan.train_batches(selected, global_batch=gb, world=world, rank=rank, seed=3,
+                                            epoch=1)
+        assert got_steps == steps and ids.shape == (steps, gb // world)
+    flat = sum(_global_batches(selected, world=world), [])
+    assert Counter(flat[:n]) == Counter(selected.tolist())  # each id once in the epoch's order ...
+    assert flat[n:] == flat[:steps * gb - n] and steps * gb - n < gb  # ... then repeats from its start
 
 
-def test_train_plan_cuts_shards_when_they_are_fewer_than_slots():
-    selected = _random_selection(0, [11])  # one shard, 2 ranks x 3 workers
-    for rank in range(2):
-        _, slots = plan.train_plan(selected, global_batch=4, world=2, rank=rank, workers=3, seed=0, epoch=0)
-        assert all(s.samples == s.batches * 2 for s in slots)
-        assert any(s.samples for s in slots)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_the_global_batch_of_every_step_does_not_depend_on_the_world_size(world):
+    selected = _random_selection(7, [40, 31, 9])
+    assert _global_batches(selected, world=world) == _global_batches(selected, world=1)
+    # and after a resume: the remaining global batches, on another number of processes
+    assert _global_batches(selected, world=world, skip=2) == _global_batches(selected, world=1)[2:]
 
 
-def test_train_plan_depends_on_seed_and_epoch_only():
+def test_the_epoch_order_depends_on_seed_epoch_and_the_selected_ids_only():
     selected = _random_selection(1, [3] * 12)
-    kw = {"global_batch": 4, "world": 2, "rank": 1, "workers": 2}
-
-    def ids(seed, epoch):
-        slots = plan.train_plan(selected, seed=seed, epoch=epoch, **kw)[1]
-        return [p.ids.tolist() for s in slots for p in s.pieces]
-
-    assert ids(0, 0) == ids(0, 0)
-    assert ids(0, 0) != ids(0, 1)
-    assert ids(0, 0) != ids(1, 0)
+    assert _global_batches(selected, world=2) == _global_batches(selected.copy(), world=2)
+    assert _global_batches(selected, world=2) != _global_batches(selected, world=2, epoch=2)
+    assert _global_batches(selected, world=2) != _global_batches(selected, world=2, seed=4)
 
 
-@pytest.mark.parametrize("workers,skip", [(0, 2), (2, 3), (3, 4), (3, 6)])
-def test_train_plan_resume_continues_the_round_robin(workers, skip):
-    selected = _random_selection(2, [7, 7, 7])
-    kw = {"global_batch": 2, "world": 1, "rank": 0, "workers": workers, "seed": 0, "epoch": 0}
-    steps, full = plan.train_plan(selected, **kw)
-    _, resumed = plan.train_plan(selected, skip=skip, **kw)
-    roles = max(1, workers)
-
-    def order(slots):  # (role, batch index of the role) in the order a DataLoader hands batches out
-        left = [list(range(s.skip, s.skip + s.batches)) for s in slots]
-        out = []
-        while any(left):
-            out += [(slots[i].role, left[i].pop(0)) for i in range(roles) if left[i]]
-        return out
-
-    assert order(resumed) == order(full)[skip:]
-    def pieces(slot):
-        return [(p.shard, p.ids.tolist()) for p in slot.pieces]
-
-    assert [pieces(full[s.role]) for s in resumed] == [pieces(s) for s in resumed]
+def test_sample_seeds_are_keyed_by_seed_epoch_and_id_alone():
+    ids = np.array([5, 9, 5, 1000], dtype=np.int64)
+    seeds = plan.sample_seeds(0, 3, ids)
+    assert seeds[0] == seeds[2] and len(set(seeds.tolist())) == 3 and (seeds >= 0).all()
+    assert plan.sample_seeds(0, 3, ids[::-1]).tolist() == seeds[::-1].tolist()  # not by position
+    assert (plan.sample_seeds(0, 4, ids) != seeds).all() and (plan.sample_seeds(1, 3, ids) != seeds).all()
 
 
-def test_train_plan_refuses_a_batch_that_does_not_split_over_ranks():
+def test_train_batches_refuse_a_batch_that_does_not_split_over_ranks():
     with pytest.raises(FerDistError, match="multiple of world size 4"):
-        plan.train_plan(_random_selection(0, [9]), global_batch=6, world=4, rank=0, workers=0, seed=0,
-                        epoch=0)
+        plan.train_batches(_random_selection(0, [9]), global_batch=6, world=4, rank=0, seed=0, epoch=0)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
-@pytest.mark.parametrize("workers", [0, 1, 2, 4])
-def test_exhaustive_plan_reads_each_sample_once(world, workers):
+def test_exhaustive_batches_read_each_sample_once(world):
     selected = _random_selection(4, [5, 1, 9, 3, 13])
     seen, per_rank = Counter(), []
     for rank in range(world):
-        slots = plan.exhaustive_plan(selected, batch_size=4, world=world, rank=rank, workers=workers)
-        per_rank.append(sum(s.samples for s in slots))
-        seen.update(i for s in slots for p in s.pieces for i in p.ids.tolist())
-    assert sorted(seen.elements()) == sorted(int(i) for s in selected for i in s)
+        batches = plan.exhaustive_batches(selected, batch_size=4, world=world, rank=rank)
+        assert all(1 <= b.size <= 4 for b in batches)
+        per_rank.append(sum(b.size for b in batches))
+        seen.update(i for b in batches for i in b.tolist())
+    assert sorted(seen.elements()) == sorted(selected.tolist())
     assert max(per_rank) - min(per_rank) <= 1
 
 
@@ -271,6 +244,29 @@ def test_train_stream_equal_steps_full_batches_and_coverage(shards, world, worke
     assert seen == set(torch.nonzero(include).flatten().tolist())
 
 
+def _global_epoch(shards, *, world, workers, skip=0, gb=6) -> list[dict[int, torch.Tensor]]:
+    """Per step of the epoch: each id of the global batch and its augmented image, over all ranks."""
+    out: list[dict[int, torch.Tensor]] = []
+    for rank in range(world):
+        for s, (images, _, ids) in enumerate(_epoch(shards, world=world, rank=rank, workers=workers, seed=5,
+                                                    epoch=3, skip=skip, gb=gb)):
+            if rank == 0:
+                out.append({})
+            out[s].update(zip(ids.tolist(), images, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("world,workers", [(2, 0), (3, 2), (6, 1)])
+def test_each_global_batch_is_the_same_samples_and_images_on_any_world_and_workers(shards, world, workers):
+    """Elastic determinism: step s trains the same ids, augmented alike, on 1 process or `world`."""
+    one = _global_epoch(shards, world=1, workers=0)
+    many = _global_epoch(shards, world=world, workers=workers)
+    assert [sorted(b) for b in many] == [sorted(b) for b in one]
+    assert all(torch.equal(b[i], a[i]) for a, b in zip(one, many, strict=True) for i in a)
+    augmented = [img for b in one for img in b.values()]
+    assert any(not torch.equal(img, augmented[0]) for img in augmented[1:]), "no augmentation: a check"
+
+
 def test_train_stream_is_deterministic_and_reshuffles_each_epoch(shards):
     first = list(_epoch(shards, world=2, rank=1, workers=2, seed=5, epoch=3))
     again = list(_epoch(shards, world=2, rank=1, workers=2, seed=5, epoch=3))
@@ -289,6 +285,14 @@ def test_skip_batches_resumes_exactly_where_the_epoch_stopped(shards, workers, s
     for a, b in zip(full[skip:], rest, strict=True):
         assert torch.equal(a[2], b[2]) and torch.equal(a[1], b[1])
         assert torch.equal(a[0], b[0])  # same augmentations, bit for bit
+
+
+def test_a_resume_on_another_world_size_continues_with_the_same_global_batches(shards):
+    full = _global_epoch(shards, world=1, workers=0)
+    for world, skip in ((2, 2), (3, 4)):
+        rest = _global_epoch(shards, world=world, workers=1, skip=skip)
+        assert [sorted(b) for b in rest] == [sorted(b) for b in full[skip:]]
+        assert all(torch.equal(b[i], a[i]) for a, b in zip(full[skip:], rest, strict=True) for i in a)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -359,20 +363,9 @@ def test_two_real_ranks_take_equal_steps(shard_dir, tmp_path):
     assert all(size == 3 for rank in train["sizes"] for size in rank)
     assert set().union(*map(set, train["ids"])) == selected  # repeats only to fill the last batch
     assert sorted(exhaustive["ids"][0] + exhaustive["ids"][1]) == sorted(selected)
+    assert result["global"] == result["one_process"]  # step s: the same samples on 2 ranks as on 1
     assert train["targets_match"] and train["images_match"]
     assert exhaustive["labels_match"] and exhaustive["images_match"]
-
-
-def test_a_workers_part_and_its_indexes_survive_pickling(shards):
-    """A worker is sent its part of the stream and the shard indexes pickled: both must arrive whole."""
-    stream = _epoch(shards, world=2, rank=0, workers=0, seed=4)
-    indexes = stream._dataset.load_indexes()  # as the main process does before sending the parts
-    part, sent = pickle.loads(pickle.dumps((stream._dataset.part(0), list(indexes.values()))))
-    assert sent and [index_key(i) for i in sent] == [index_key(i) for i in indexes.values()]
-    for a, b in zip(sent, indexes.values(), strict=True):
-        assert all(np.array_equal(a.at[f], b.at[f]) and np.array_equal(a.size[f], b.size[f]) for f in a.at)
-    for (a_img, a_ids), (b_img, b_ids) in zip(stream._dataset.part(0), part, strict=True):
-        assert a_ids == b_ids and torch.equal(unpack_batch(a_img), unpack_batch(b_img))
 
 
 def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
@@ -436,7 +429,8 @@ def _worker_pids() -> set[int]:
 
 def test_workers_come_from_the_fork_server_and_are_kept_from_epoch_to_epoch(shards):
     """Forking the multi-threaded trainer can deadlock the child (CPython gh-112275): workers must not be
-    this process's direct children. Started once, the same workers read every later epoch and stream."""
+    this process's direct children. Started once per kind of stream (train, exhaustive), the same workers
+    read every later epoch and pass of their kind."""
     import psutil
 
     n = sum(s.count for s in shards)
@@ -449,14 +443,16 @@ def test_workers_come_from_the_fork_server_and_are_kept_from_epoch_to_epoch(shar
         next(batches)
         seen.append(_worker_pids())
         list(batches)
-        exhaustive = iter(exhaustive_loader(shards, None, transform=eval_transform(SPEC), batch_size=4,
-                                            rank=0, world=1, num_workers=2))
-        next(exhaustive)
+        passes = iter(exhaustive_loader(shards, None, transform=eval_transform(SPEC), batch_size=4,
+                                        rank=0, world=1, num_workers=2))
+        next(passes)
         seen.append(_worker_pids())
-        list(exhaustive)
-    assert len(seen[0]) == 2 and all(pids == seen[0] for pids in seen)
+        list(passes)
+    train, both = seen[0], seen[1]
+    assert len(train) == 2 and len(both) == 4 and train < both  # two of each kind
+    assert all(pids == both for pids in seen[1:])  # the very same workers ever after
     server = {c.pid for c in psutil.Process().children()}  # the fork server among this process's children
-    assert len({psutil.Process(p).ppid() for p in seen[0]} & server) == 1
+    assert len({psutil.Process(p).ppid() for p in both} & server) == 1
     close_loader_workers()
     assert not _worker_pids()
 
@@ -480,20 +476,18 @@ def test_an_epoch_left_unfinished_leaves_no_trace_in_the_next(shards, stop_after
 
 
 @pytest.mark.timeout(60)  # the failure this guards against is a hang
-def test_a_part_that_cannot_be_sent_fails_at_once_and_the_pool_starts_afresh(shards):
-    """A part that does not pickle (a lambda transform) must fail in the caller, not leave its worker
-    waiting for it forever; the workers that did get a part are shut down, the next stream gets new ones."""
+def test_a_transform_that_cannot_reach_the_workers_fails_at_once(shards):
+    """A transform that does not pickle (a lambda) must fail in the caller as workers start, not hang; the
+    kept loader of the other kind reads on as before."""
     n = shards[-1].first_run_id + shards[-1].count
-    list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=0))
+    expected = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
     workers = _worker_pids()
     with pytest.raises((AttributeError, pickle.PicklingError), match="lambda|local"):
         list(train_loader(shards, fixture_include(n), fixture_targets(n), transform=lambda image: image,
                           global_batch=6, rank=0, world=1, num_workers=2, seed=3, epoch=1))
-    assert not _worker_pids() & workers
     again = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
-    close_loader_workers()
-    fresh = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
-    assert [b[2].tolist() for b in again] == [b[2].tolist() for b in fresh]
+    assert _worker_pids() == workers
+    assert [b[2].tolist() for b in again] == [b[2].tolist() for b in expected]
 
 
 @pytest.mark.timeout(60)  # the failure this guards against is a hang

@@ -188,7 +188,7 @@ _INDEXES: dict[tuple[str, int, int, tuple[int, int]], ShardIndex] = {}
 
 def index_shard(path: str, first_key: int, count: int) -> ShardIndex:
     """The shard's index, walked once per process and file version: every later read of the shard (each
-    epoch, each round) goes straight to the members it needs (loader workers are sent it: remember)."""
+    epoch, each round) goes straight to the members it needs."""
     try:
         st = os.stat(path)
     except OSError as err:
@@ -198,25 +198,6 @@ def index_shard(path: str, first_key: int, count: int) -> ShardIndex:
     if index is None:
         index = _INDEXES[cache_key] = _build_index(path, first_key, count)
     return index
-
-
-def index_key(index: ShardIndex) -> tuple[str, int, int, tuple[int, int]]:
-    """What identifies an index: the shard's path, its key range and the file version it was made from."""
-    return index.path, index.first_key, index.count, index.stamp
-
-
-def indexed(key: tuple[str, int, int, tuple[int, int]]) -> ShardIndex:
-    """The index made (index_shard) or received (remember) in this process under `key` (index_key)."""
-    index = _INDEXES.get(key)
-    if index is None:
-        raise RuntimeError(f"{key[0]}: no index of this shard version in this process")
-    return index
-
-
-def remember(index: ShardIndex) -> None:
-    """Take an index made in another process (a loader worker's, sent by its trainer) as this process's own:
-    index_shard returns it for as long as the file is the version it was made from."""
-    _INDEXES[index_key(index)] = index
 
 
 def read_samples(
