@@ -36,5 +36,5 @@ def test_shard_costs_times_each_feature(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(costs), "--src", str(src), "--repeat", "1"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    for name in ("metadata JSON", "tar headers", "ordering", "listing beyond the walk", "sum"):
+    for name in ("metadata JSON", "tar writing", "ordering", "listing beyond the walk", "sum"):
         assert re.search(rf"^{name}.*\s-?[\d.]+ us/face$", done.stdout, re.MULTILINE), (name, done.stdout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -71,6 +72,15 @@ def test_same_command_gives_identical_bytes_with_any_worker_count(synthetic: Pat
     result = run("shard", *SMALL_SYNTHETIC, "--workers", "2", "--out", tmp_path / "again")
     assert result.exit_code == 0, result.output
     assert digests(tmp_path / "again") == digests(synthetic)
+
+
+@pytest.mark.skipif(shutil.which("tar") is None, reason="no tar command on this machine")
+def test_tar_lists_every_shard_member_in_order(synthetic: Path) -> None:
+    for _, info in read_manifest(synthetic).shards():
+        listed = subprocess.run(["tar", "tf", str(synthetic / info.file)], capture_output=True, text=True,
+                                check=True).stdout.split()
+        ids = range(info.first_id, info.first_id + info.count)
+        assert listed == [f"{i:08d}.{ext}" for i in ids for ext in ("cls", "json", "png")]
 
 
 def test_fer2013_image_folders_keep_their_usage_splits(tmp_path: Path) -> None:
@@ -204,7 +214,7 @@ def test_ctrl_c_exits_130_and_removes_the_temp_folder(tmp_path: Path, monkeypatc
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fer_dist.data.pack.align_face", interrupt)
+    monkeypatch.setattr("fer_dist.data.imagework.align_face", interrupt)
     result = run("shard", *SMALL_SYNTHETIC, "--workers", "1", "--out", tmp_path / "out")
     assert result.exit_code == 130
     assert list(tmp_path.iterdir()) == []
@@ -214,7 +224,7 @@ def test_an_unexpected_error_keeps_its_traceback(tmp_path: Path, monkeypatch) ->
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug, not bad input")
 
-    monkeypatch.setattr("fer_dist.data.pack.align_face", bug)
+    monkeypatch.setattr("fer_dist.data.imagework.align_face", bug)
     result = run("shard", *SMALL_SYNTHETIC, "--workers", "1", "--out", tmp_path / "out")
     assert result.exit_code == 1 and isinstance(result.exception, ZeroDivisionError)
     assert "error:" not in result.stderr and list(tmp_path.iterdir()) == []

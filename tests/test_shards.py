@@ -9,7 +9,10 @@ import functools
 import hashlib
 import io
 import json
+import subprocess
+import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import cv2
@@ -20,7 +23,7 @@ from fer_dist.classes import CLASSES
 from fer_dist.data.faces import align_face
 from fer_dist.data.manifest import MANIFEST, read_manifest
 from fer_dist.data.pack import _shuffle_key, pack, source_fingerprint
-from fer_dist.data.shards import dump_json, tar_end, tar_member, verify_shards
+from fer_dist.data.shards import SplitWriter, dump_json, sample_bytes, sample_digest, verify_shards
 from fer_dist.data.sources import (
     SOURCES,
     ImageReadError,
@@ -126,18 +129,70 @@ def test_shards_hold_exactly_the_aligned_faces_labels_and_ids(tmp_path: Path) ->
     assert m.faces == {"detected": 0, "fallback": 0, "not_attempted": 40}
 
 
-def test_tar_bytes_equal_what_tarfile_writes_with_the_same_fixed_headers() -> None:
-    members = [("00000001.cls", b"3"), ("00000001.json", b'{"id":1}' * 100),
-               ("00000001.png", b"\x89PNG" * 300), ("00000002.cls", b"")]
-    expected = io.BytesIO()
-    with tarfile.open(fileobj=expected, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
+def write_split(directory: Path, pngs: list[bytes], per_shard: int):
+    """SplitWriter over fixed samples (no image coding): ids 0.., every third unlabelled."""
+    writer = SplitWriter(directory, "train", per_shard)
+    for i, png in enumerate(pngs):
+        writer.add(i, None if i % 3 == 2 else i % len(CLASSES), png, {"key": f"k{i}", "aligned": "detected"})
+    return writer.close()
+
+
+def tarfile_reference(path: Path) -> bytes:
+    """The members of a tar rewritten by plain tarfile, USTAR, with the fixed header fields."""
+    out = io.BytesIO()
+    with tarfile.open(path) as tar, tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as ref:
+        for member in tar.getmembers():
+            info = tarfile.TarInfo(member.name)
             info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
-                len(data), 0, 0o444, 0, 0, "", "")
-            tar.addfile(info, io.BytesIO(data))
-    ours = b"".join(tar_member(name, data) for name, data in members)
-    assert ours + tar_end(len(ours)) == expected.getvalue()
+                member.size, 0, 0o444, 0, 0, "", "")
+            ref.addfile(info, tar.extractfile(member))
+    return out.getvalue()
+
+
+# Members of every size class around tar's 512-byte blocks, and larger than tarfile's 10 KB stream buffer
+# (TarWriter's bytes reach the file in such pieces, not sample by sample).
+PNG_SIZES = [0, 1, 511, 512, 513, 1500, 10240, 25_000, 3]
+
+
+def test_shards_are_the_bytes_tarfile_writes_and_digests_cover_each_samples_bytes(tmp_path: Path) -> None:
+    pngs = [bytes([n % 251]) * n for n in PNG_SIZES]
+    split = write_split(tmp_path, pngs, per_shard=4)
+    assert [s.count for s in split.shards] == [4, 4, 1]
+    for info in split.shards:
+        data = (tmp_path / info.file).read_bytes()
+        assert data == tarfile_reference(tmp_path / info.file)
+        assert hashlib.sha256(data).hexdigest() == info.sha256
+        with tarfile.open(tmp_path / info.file) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        assert [m.name.partition(".")[2] for m, _ in members] == ["cls", "json", "png"] * info.count
+        for n in range(info.count):
+            sample = members[3 * n:3 * n + 3]
+            (first, _), (last, _) = sample[0], sample[-1]
+            raw = data[first.offset:last.offset_data + -(-last.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE]
+            key, contents = first.name.partition(".")[0], {m.name.partition(".")[2]: d for m, d in sample}
+            assert sample_bytes(key, contents) == raw
+            digest = info.sample_digests[8 * n:8 * n + 8]
+            assert digest == f"{zlib.crc32(raw):08x}" == sample_digest(key, contents)
+
+
+def test_the_shard_bytes_are_those_of_earlier_versions(tmp_path: Path) -> None:
+    # sha256s and digests of shards written by the hand-built headers this writer replaced (commit b965711):
+    # shards made before and after the change are the same files for the same inputs.
+    pngs = [b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * (i + 1) for i in range(5)]
+    split = write_split(tmp_path, pngs, per_shard=3)
+    assert [(s.file, s.sha256, s.sample_digests) for s in split.shards] == [
+        ("train-000000.tar", "e50ad512cb5d47b0ed269dab3f6942292ea671e31841b3960f5413d0492be857",
+         "e2245bfadb096a2e1a8d90a7"),
+        ("train-000001.tar", "e6ac4b9a227ce30487d740c5bc563b9740ef4402b0910f607c667631c6278e22",
+         "b3eebe8ef87466e7")]
+
+
+def test_the_helper_processes_import_neither_the_shard_writer_nor_torch() -> None:
+    # A helper unpickles its tasks from imagework: webdataset imports torch, seconds of start-up per helper.
+    code = ("import sys, fer_dist.data.imagework, fer_dist.data.sources; "
+            "print(sorted({'webdataset', 'torch', 'fer_dist.data.shards'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_rgb_shards_store_true_rgb(tmp_path: Path) -> None:
@@ -230,7 +285,7 @@ def test_a_failure_midway_leaves_no_output_and_no_temp_folder(tmp_path: Path, mo
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("fer_dist.data.pack.align_face", explode)
+    monkeypatch.setattr("fer_dist.data.imagework.align_face", explode)
     with pytest.raises(RuntimeError, match="boom"):
         fake_pack(tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -1,9 +1,9 @@
 """The `shard` job: list a source, split it, align every face on all cores, write shards atomically.
 
 Images are processed split by split in an order shuffled by the seed, in chunks shared between this
-process (which also writes the shards) and `workers - 1` helper processes; results are written in order,
-so ids and bytes do not depend on the number of workers. A corrupt image is skipped (listed in the
-manifest) and takes no id.
+process (which also writes the shards) and `workers - 1` helper processes (imagework.py); results are
+written in order, so ids and bytes do not depend on the number of workers. A corrupt image is skipped
+(listed in the manifest) and takes no id.
 Everything is written to `<out>.tmp-<pid>`, renamed to `<out>` once complete.
 """
 
@@ -12,34 +12,28 @@ from __future__ import annotations
 import gc
 import hashlib
 import math
-import multiprocessing
 import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 from fer_dist import __version__
 from fer_dist.classes import CLASSES
-from fer_dist.data.faces import METHODS, align_face, to_channels
+from fer_dist.data.faces import METHODS
+from fer_dist.data.imagework import ImageParams, Processed, Processor
 from fer_dist.data.manifest import MANIFEST, ImageSpec, Manifest, SplitInfo, write_manifest
 from fer_dist.data.shards import SplitWriter, dump_json
 from fer_dist.data.sources import (
     SOURCES,
-    ImageReadError,
     Listing,
     Record,
     SourceOptions,
     get_source,
 )
-from fer_dist.data.sources.base import ImageFile, decode_image, read_file
 from fer_dist.data.splits import DEFAULT_FRACTIONS, assign_folds, assign_splits, split_order
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_errors
@@ -61,178 +55,12 @@ class PackSummary:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
-class ImageParams:
-    """How every face is turned into PNG bytes (sent once to each worker)."""
-
-    size: int
-    channels: int
-    align: str
-
-
-# (png, detected, why the image was skipped, the size in bytes of the image file read, if one was)
-Processed = tuple[bytes | None, bool | None, str | None, int | None]
-Loads = list[Callable[[], np.ndarray]]
-
-
-def _process_chunk(loads: Loads, params: ImageParams) -> list[Processed]:
-    """_process_image of a run of loaders: one task for a helper process (one message each way per chunk).
-
-    The run's files are read first, then decoded and encoded: alternating file reads with image coding made
-    each FER2013 face 1.5-3 us slower (timed side by side in one process; BENCHMARKS.md).
-    """
-    files = [_read_ahead(load) for load in loads]
-    return [_process_image(load, data, params) for load, data in zip(loads, files, strict=True)]
-
-
-def _read_ahead(load: Callable[[], np.ndarray]) -> bytes | ImageReadError | None:
-    """An ImageFile loader's file bytes, or why they cannot be read; None for other loaders (they read when
-    called)."""
-    if not isinstance(load, ImageFile):
-        return None
-    try:
-        return read_file(load.path)
-    except ImageReadError as exc:
-        return exc
-
-
-def _process_image(load: Callable[[], np.ndarray], data: bytes | ImageReadError | None,
-                   params: ImageParams) -> Processed:
-    """Load one face (from what _read_ahead gave for its loader), convert its channels, align it and encode it
-    as PNG; a corrupt file gives a reason."""
-    file_size = None
-    try:
-        if data is None:
-            image = load()
-        elif isinstance(data, ImageReadError):
-            raise data
-        else:  # an ImageFile's bytes: their size comes back with the face, for the source fingerprint
-            file_size = len(data)
-            image = decode_image(data, load.path)  # type: ignore[attr-defined]
-    except ImageReadError as exc:
-        return None, None, exc.reason, file_size
-    face = align_face(to_channels(image, params.channels), params.size, params.align)
-    pixels = face.image
-    if pixels.ndim == 3:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR: the PNG then holds true RGB
-    ok, png = cv2.imencode(".png", pixels)
-    if not ok:
-        raise RuntimeError(f"cv2.imencode failed on a {pixels.shape} image")
-    return png.tobytes(), face.detected, None, file_size
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
-    # A corrupt file is reported once, as a skipped entry; OpenCV would also log it to stderr.
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-
-
-# Images per task (at most; small jobs get smaller chunks so that every process gets several). The pool's
-# threads in this process (pickling, results) cost ~4 us per image with 256, ~9 with 64.
-CHUNK = 256
-DEPTH = 3  # tasks queued or running per helper, so a helper never waits for this process to hand out work
-
-
-class _Processor:
-    """Maps loaders to Processed results in order, on `workers` processes: this one and workers - 1 helpers.
-
-    This process writes the results; it takes a chunk of image work itself whenever the next chunk to write
-    is still being worked on and nothing else is ready, and does all of it until a helper has started (spawn
-    and importing OpenCV take a second or so, in which this process is not idle). With one worker there is no
-    pool at all. Results do not depend on which process made them.
-    """
-
-    def __init__(self, workers: int) -> None:
-        self.helpers = workers - 1
-        self.pool: ProcessPoolExecutor | None = None
-        self._started: list[Future] = []  # one trivial task per helper: done once the helper is up
-        self._up = False
-
-    def __enter__(self) -> _Processor:
-        # This process does image work too: quiet and single-threaded OpenCV, as in the helpers, until exit.
-        self._log_level, self._threads = cv2.utils.logging.getLogLevel(), cv2.getNumThreads()
-        _init_worker()
-        if self.helpers == 0:
-            return self
-        # spawn, not fork: forking a parent that runs threads (OpenCV's, rich's, torch's) can deadlock the
-        # child. An executor, not multiprocessing.Pool: a worker that dies (say, a caller's unguarded
-        # __main__ re-run under spawn) raises BrokenProcessPool instead of being respawned forever.
-        ctx = multiprocessing.get_context("spawn")
-        self.pool = ProcessPoolExecutor(self.helpers, mp_context=ctx, initializer=_init_worker)
-        # Start every helper now: they import OpenCV while this process lists the source. They do no linear
-        # algebra: without this, numpy's OpenBLAS starts a thread per core in each, and those threads spin
-        # for a while (0.2 s of CPU per helper, taken from this process on a small machine).
-        with _environ(OPENBLAS_NUM_THREADS="1"):
-            self._started = [self.pool.submit(os.getpid) for _ in range(self.helpers)]
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
-        cv2.utils.logging.setLogLevel(self._log_level)
-        cv2.setNumThreads(self._threads)
-        if self.pool is not None:
-            # After an error (bad input found while listing, Ctrl-C), or when this process did all the work
-            # before any helper was up (a small job), do not wait for helpers still importing: they exit on
-            # their own when they see the shutdown.
-            self.pool.shutdown(wait=exc_type is None and self._helpers_up(), cancel_futures=True)
-
-    def map(self, loads: Loads, params: ImageParams) -> Iterator[Processed]:
-        """_process_image of every loader, in the order of `loads`."""
-        size = max(1, min(CHUNK, len(loads) // (8 * (self.helpers + 1))))
-        chunks = [loads[i:i + size] for i in range(0, len(loads), size)]
-        if self.pool is None:
-            # The same chunks as with helpers: image work and writing alternate chunk by chunk.
-            return (result for chunk in chunks for result in _process_chunk(chunk, params))
-        return self._shared(chunks, params)
-
-    def _shared(self, chunks: list[Loads], params: ImageParams) -> Iterator[Processed]:
-        """The chunks' results in order, the work shared between this process and the helpers."""
-        assert self.pool is not None
-        running: dict[int, Future] = {}  # chunks given to helpers, until their turn to be written
-        ahead: dict[int, list[Processed]] = {}  # chunks done (here or by a helper), until their turn
-        given = 0  # chunks before this index are given out (to a helper, or done here)
-        for k in range(len(chunks)):  # every chunk before k is written, so k <= given
-            while k not in ahead:
-                if given < len(chunks) and self._helpers_up():  # keep each helper's queue full
-                    busy = sum(not f.done() for f in running.values())
-                    while given < len(chunks) and busy < DEPTH * self.helpers:
-                        running[given] = self.pool.submit(_process_chunk, chunks[given], params)
-                        given, busy = given + 1, busy + 1
-                future = running.get(k)
-                # Wait for chunk k when it is ready, when nothing is left to do here, or when later chunks are
-                # ready (the helpers are ahead: writing is the bottleneck, image work here would slow it).
-                if future is not None and (future.done() or given == len(chunks)
-                                           or any(f.done() for f in running.values())):
-                    ahead[k] = running.pop(k).result()
-                else:  # chunk k is not given out yet, or every helper is busy: do the next chunk here
-                    ahead[given] = _process_chunk(chunks[given], params)
-                    given += 1
-            yield from ahead.pop(k)
-
-    def _helpers_up(self) -> bool:
-        """Whether a helper has started (a failed start shows as BrokenProcessPool at the next submit)."""
-        self._up = self._up or any(f.done() for f in self._started)
-        return self._up
-
-
-@contextmanager
-def _environ(**defaults: str) -> Iterator[None]:
-    """Environment variables set where the user has not set them (for processes started meanwhile)."""
-    added = [name for name in defaults if name not in os.environ]
-    os.environ.update({name: defaults[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
-
-
 @contextmanager
 def _gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for the job, then as it was.
 
     The listing holds several objects per image and every collection of the oldest generation walks them
-    all: 2.8 us per image on FER2013, 0.8 with the collector paused (one collection after). The job makes no
-    reference cycles to speak of.
+    all (BENCHMARKS.md has the cost per image). The job makes no reference cycles to speak of.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -273,7 +101,7 @@ def pack(
     options = options or SourceOptions()
     _check_args(dataset, src, out, overwrite, size, channels, folds, samples_per_shard, workers, align)
     # Workers start before listing: they import OpenCV while this process walks the data set.
-    with _gc_paused(), _Processor(workers or usable_cores()) as processor:
+    with _gc_paused(), Processor(workers or usable_cores()) as processor:
         listing = get_source(dataset)(src, options)
         where = src[0] if src else dataset
         if not listing.records:
@@ -332,7 +160,7 @@ def _shuffle_key(seed: int, key: str) -> bytes:
     return hashlib.blake2b(f"{seed}\0{key}".encode(), digest_size=8).digest()
 
 
-def _build(tmp: Path, dataset: str, listing: Listing, params: dict, processor: _Processor,
+def _build(tmp: Path, dataset: str, listing: Listing, params: dict, processor: Processor,
            progress: bool) -> tuple[Manifest, dict[str, int]]:
     """Split, process and write every record into `tmp`: its manifest (the source fingerprint left empty),
     and the sizes of the image files read, by path."""
@@ -450,7 +278,7 @@ def source_fingerprint(dataset: str, src: Sequence[Path], listing: Listing, opti
     """sha256 over the data set name, the source options and every input file's relative path and size.
 
     `file_sizes`: sizes already known, by path (the image files the job read), so that only the other files
-    are stat'ed: a stat per file costs ~3 us, as much as the rest of the fingerprint.
+    are stat'ed: a stat per file costs as much as the rest of the fingerprint.
     """
     h = hashlib.sha256(dump_json({"dataset": dataset, "options": _jsonable(asdict(options))}))
     known = file_sizes or {}

@@ -1,22 +1,25 @@
 """Shard tars (deterministic bytes) and their verification against the manifest (manifest.py).
 
 A shard is a plain tar of samples `<key>.cls`, `<key>.json`, `<key>.png` (that order), key = the global id
-as 8 digits. Headers are fixed (USTAR, mtime 0, uid/gid 0, no user names, mode 0444) so the same samples
-give the same bytes. Each shard's sha256 is computed while it is written, and the manifest keeps a short
-digest per sample so that verification can name the sample that changed, not only the shard.
+as 8 digits, written by webdataset's TarWriter with fixed headers (ustar, mtime 0, uid/gid 0, no user
+names, mode 0444) so the same samples give the same bytes. Each shard's sha256 is computed while it is
+written, and the manifest keeps a short digest per sample so that verification can name the sample that
+changed, not only the shard.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import io
 import json
 import tarfile
 import zlib
-from collections.abc import Sequence
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from webdataset import TarWriter
 
 from fer_dist.classes import CLASSES, UNLABELLED, UNLABELLED_NAME
 from fer_dist.data.manifest import DIGEST_CHARS, Manifest, ShardInfo, SplitInfo, read_manifest
@@ -50,62 +53,28 @@ def dump_json(obj: object) -> bytes:
     return "".join(_ENCODE(obj, 0)).encode("ascii")
 
 
-# USTAR header fields around the two that vary (name, size): mode 0444, uid/gid 0, mtime 0, a regular file,
-# no user names. Building headers from these is far faster than tarfile.addfile (which dominated the
-# single-core pipeline) and keeps the bytes independent of the Python version; a test pins them to tarfile's.
-_MODE_IDS = b"0000444\0" + b"0000000\0" * 2
-_MTIME = b"00000000000\0"
-# Type, link name, magic + version, user and group names, device numbers (empty, as tarfile writes them for
-# regular files), prefix and padding.
-_AFTER_CHKSUM = tarfile.REGTYPE + b"\0" * 100 + tarfile.POSIX_MAGIC + b"\0" * (64 + 16 + 155 + 12)
-_FIXED_SUM = sum(_MODE_IDS) + sum(_MTIME) + sum(_AFTER_CHKSUM) + 8 * ord(" ")  # chksum counts as 8 spaces
-_PADDING = [b"\0" * n for n in range(tarfile.BLOCKSIZE)]  # by length: the zeros that complete a block
-_SUFFIXES = [(f".{ext}".encode("ascii"), sum(f".{ext}".encode("ascii"))) for ext in MEMBERS]  # name ends
-
-
-def tar_member(name: str, data: bytes) -> bytes:
-    """One regular-file member (header, data, padding) with the fixed header fields, as tarfile writes it."""
-    raw = name.encode("ascii")
-    return _header(raw, sum(raw), len(data)) + data + _PADDING[-len(data) % tarfile.BLOCKSIZE]
-
-
-def _header(raw: bytes, raw_sum: int, size: int) -> bytes:
-    """A member's header block from its name (and the name's byte sum, its padding adds nothing) and size."""
-    field, field_sum = _size_field(size)
-    chksum = b"%06o\0 " % (_FIXED_SUM + raw_sum + field_sum)
-    return b"".join((raw.ljust(100, b"\0"), _MODE_IDS, field, _MTIME, chksum, _AFTER_CHKSUM))
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _size_field(size: int) -> tuple[bytes, int]:
-    """A header's size field and its byte sum (sizes repeat: .cls members, PNGs of similar faces)."""
-    field = b"%011o\0" % size
-    return field, sum(field)
+# Shards are written by webdataset's TarWriter, which served because it takes every header field that
+# varies by machine or time as an option (user and group names, mode, mtime; uid/gid stay tarfile's 0) and,
+# with encoder=False, writes the bytes it is given without encoding them. It writes a sample's members in
+# sorted order, which is MEMBERS order. Its `format` option does not reach tarfile (webdataset 1.0.2), so
+# tarfile writes its default, pax: for these short ASCII names and small integer fields that is a plain
+# ustar header, the bytes sample_bytes builds (a test pins both to a USTAR tarfile's). Not ShardWriter: it
+# names a finished shard only by its file, and the manifest wants each shard's sha256, sample digests, first
+# id and labelled count, so SplitWriter starts each shard's TarWriter itself.
+TAR_FIELDS: dict = {"user": "", "group": "", "mode": 0o444, "mtime": 0}
 
 
 def sample_bytes(key: str, members: dict[str, bytes]) -> bytes:
-    """A sample's members as they lie in the tar, in MEMBERS order."""
-    return _sample_bytes(key, [members[ext] for ext in MEMBERS])
-
-
-def _sample_bytes(key: str, contents: Sequence[bytes]) -> bytes:
-    """sample_bytes from the members' contents in MEMBERS order (_header inlined: once per sample)."""
-    raw = key.encode("ascii")
-    key_sum = sum(raw)
+    """A sample's members as they lie in the tar, in MEMBERS order: tarfile's header for the fixed fields,
+    the data, the zeros that complete its last block."""
     parts: list[bytes] = []
-    for (tail, fixed_sum), data in zip(_name_tails(len(raw)), contents, strict=True):
-        field, field_sum = _size_field(len(data))
-        parts += (raw, tail, field, _MTIME, b"%06o\0 " % (fixed_sum + key_sum + field_sum), _AFTER_CHKSUM,
-                  data, _PADDING[-len(data) % tarfile.BLOCKSIZE])
+    for ext in MEMBERS:
+        data = members[ext]
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mode, info.mtime = len(data), TAR_FIELDS["mode"], TAR_FIELDS["mtime"]
+        info.uname, info.gname = TAR_FIELDS["user"], TAR_FIELDS["group"]
+        parts += (info.tobuf(tarfile.USTAR_FORMAT), data, bytes(-len(data) % tarfile.BLOCKSIZE))
     return b"".join(parts)
-
-
-@functools.lru_cache(maxsize=8)
-def _name_tails(key_length: int) -> tuple[tuple[bytes, int], ...]:
-    """Per member, in MEMBERS order: the header bytes from the end of the key to the size field (the
-    name's `.ext` and NUL padding, mode, uid, gid), and the byte sum of every fixed header field."""
-    return tuple(((suffix + b"\0" * (100 - key_length - len(suffix)) + _MODE_IDS), _FIXED_SUM + suffix_sum)
-                 for suffix, suffix_sum in _SUFFIXES)
 
 
 def sample_digest(key: str, members: dict[str, bytes]) -> str:
@@ -113,40 +82,66 @@ def sample_digest(key: str, members: dict[str, bytes]) -> str:
     return f"{zlib.crc32(sample_bytes(key, members)):08x}"
 
 
-def tar_end(written: int) -> bytes:
-    """The end-of-archive blocks and the padding to a whole record, as tarfile.close() writes them."""
-    end = 2 * tarfile.BLOCKSIZE
-    return b"\0" * (end + (-(written + end) % tarfile.RECORDSIZE))
+class _DigestingFile:
+    """The file a TarWriter writes one shard into: each byte goes to disk, into the shard's sha256 and into
+    the CRC-32 of the sample it belongs to, so the shard is never read back for its checksums.
+
+    TarWriter writes through a buffered tarfile stream, so bytes arrive in pieces that do not follow
+    samples: `ends` holds the end offset of each sample written whose bytes have not all arrived (each is
+    queued before the stream can hand over bytes beyond it), and a sample's CRC is cut there.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.file = open(path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 -- closed by _OpenShard
+        self.sha256 = hashlib.sha256()
+        self.ends: deque[int] = deque()
+        self.digests: list[str] = []  # per sample whose bytes have all arrived, in order
+        self.received = 0
+        self.crc = 0  # of the bytes received of the first sample not complete yet
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data)
+        self.sha256.update(data)
+        view, at = memoryview(data), self.received
+        self.received += len(data)
+        while self.ends and self.ends[0] <= self.received:
+            cut = self.ends.popleft() - at
+            self.digests.append(f"{zlib.crc32(view[:cut], self.crc):08x}")
+            view, at, self.crc = view[cut:], at + cut, 0
+        self.crc = zlib.crc32(view, self.crc)
+        return len(data)
 
 
 class _OpenShard:
-    """A shard being written: its file, running sha256 and size, and what its ShardInfo will say."""
+    """A shard being written: its TarWriter, the file that checksums it, and what its ShardInfo will say."""
 
     def __init__(self, path: Path, first_id: int) -> None:
         self.path, self.first_id = path, first_id
-        self.file = open(path, "wb", buffering=WRITE_BUFFER)  # noqa: SIM115 -- closed by close() or abort()
-        self.sha256 = hashlib.sha256()
-        self.written = 0
-        self.digests: list[str] = []
-        self.labelled = 0
+        self.file = _DigestingFile(path)
+        self.tar = TarWriter(self.file, encoder=False, compress=False, **TAR_FIELDS)
+        self.count = self.labelled = 0
 
-    def add(self, key: str, contents: Sequence[bytes]) -> None:
-        """Append a sample from its members' contents in MEMBERS order."""
-        data = _sample_bytes(key, contents)
-        self._write(data)
-        self.digests.append(f"{zlib.crc32(data):08x}")  # sample_digest without building the bytes twice
+    def add(self, sample: dict[str, bytes | str]) -> None:
+        """Append a sample: {"__key__": key, ext: bytes for each ext in MEMBERS}."""
+        self.tar.write(sample)
+        # Where the sample ends: tarfile's position in the archive (a public attribute of TarFile, though
+        # its documentation describes only TarInfo's offsets).
+        self.file.ends.append(self.tar.tarstream.offset)
+        self.count += 1
 
     def close(self) -> ShardInfo:
-        self._write(tar_end(self.written))
-        self.file.close()
-        return ShardInfo(self.path.name, len(self.digests), self.first_id, self.labelled,
-                         self.sha256.hexdigest(), "".join(self.digests))
+        self.tar.close()  # the end-of-archive blocks, padded to a whole record, then the last buffered bytes
+        self.file.file.close()
+        return ShardInfo(self.path.name, self.count, self.first_id, self.labelled,
+                         self.file.sha256.hexdigest(), "".join(self.file.digests))
 
-    def _write(self, data: bytes) -> None:
-        # Hashing what is written avoids reading the shard a second time for its checksum.
-        self.file.write(data)
-        self.sha256.update(data)
-        self.written += len(data)
+    def abort(self) -> None:
+        """Close the file without finishing the tar (the caller removes it)."""
+        # Finish the writer's stream anyway: left open, it would flush into the closed file when collected.
+        # After a failed write (a full disk) that flush fails too; nothing of the shard is kept either way.
+        with contextlib.suppress(OSError):
+            self.tar.close()
+        self.file.file.close()
 
 
 class SplitWriter:
@@ -171,9 +166,10 @@ class SplitWriter:
             name = CLASSES[label]
             shard.labelled += 1
         meta["id"], meta["label"], meta["class"], meta["split"] = sample_id, label, name, self.split
-        shard.add(sample_key(sample_id), (str(label).encode(), dump_json(meta), png))  # MEMBERS order
+        shard.add({"__key__": sample_key(sample_id), "cls": str(label).encode(), "json": dump_json(meta),
+                   "png": png})
         self.class_counts[name] = self.class_counts.get(name, 0) + 1
-        if len(shard.digests) == self.per_shard:
+        if shard.count == self.per_shard:
             self._shards.append(shard.close())
             self._open = None
 
@@ -190,7 +186,7 @@ class SplitWriter:
     def abort(self) -> None:
         """Close an open shard file without describing it (the caller removes the directory)."""
         if self._open is not None:
-            self._open.file.close()
+            self._open.abort()
             self._open = None
 
 

@@ -127,7 +127,7 @@ def floor(src: Path, out: Path) -> Timing:
     of JSON, the PNG, padding) and write it through a 1 MB buffer with the shard's sha256 and the sample's
     CRC-32; in the job's chunks, each chunk's files read ahead by the job's reader. The job's time beyond
     this is its own Python: records, ordering, metadata, real headers and JSON, dispatch."""
-    from fer_dist.data.pack import CHUNK
+    from fer_dist.data.imagework import CHUNK
     from fer_dist.data.sources.base import read_file  # the job's reader: open, reads, close
 
     timer = Timer()
@@ -187,7 +187,8 @@ def parts(src: Path, out: Path) -> list[Timing]:
     """On one core: listing the source; per-image work with file reads (in the job's chunks, each chunk's
     files read ahead of its image work); writing the shards; the source fingerprint (as the job makes it:
     the image files' sizes taken from those reads)."""
-    from fer_dist.data.pack import CHUNK, ImageParams, _process_chunk, _ShardsWriter, source_fingerprint
+    from fer_dist.data.imagework import CHUNK, ImageParams, process_chunk
+    from fer_dist.data.pack import _ShardsWriter, source_fingerprint
     from fer_dist.data.sources import SourceOptions, get_source
     from fer_dist.data.splits import assign_splits
 
@@ -198,7 +199,7 @@ def parts(src: Path, out: Path) -> list[Timing]:
     loads = [record.load for record in listing.records]
     chunks = [loads[i:i + CHUNK] for i in range(0, len(loads), CHUNK)]
     timer = Timer()
-    results = [result for chunk in chunks for result in _process_chunk(chunk, params)]
+    results = [result for chunk in chunks for result in process_chunk(chunk, params)]
     worked = timer.stop()
     sizes = {load.path: result[3] for load, result in zip(loads, results, strict=True)}
     timer = Timer()

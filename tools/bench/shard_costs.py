@@ -6,7 +6,8 @@ Each is timed apart, the garbage collector off as in the job.
 
 - metadata JSON: `dump_json` of each face's document (source metadata, key, alignment, id, label, class,
   split);
-- tar headers: `_sample_bytes` with real headers (key, sizes, checksums) minus the floor's join of fixed ones;
+- tar writing: the job's shard writer (webdataset's TarWriter into a file that takes the shard's sha256 and
+  each sample's CRC-32) minus the floor's fixed bytes of the same size, written and checksummed alike;
 - ordering: split assignment, the seeded shuffle keys and the sort;
 - listing beyond the walk: the fer2013 source's listing minus the floor's `os.walk` and sort.
 The source fingerprint is timed by bench_shard.py itself (its "part: source fingerprint" row).
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +44,7 @@ def best_of(repeat: int, run: Callable[[], object]) -> float:
 def main() -> int:
     from fer_dist.classes import CLASSES
     from fer_dist.data.pack import FACE_OUTCOMES, write_order
-    from fer_dist.data.shards import _sample_bytes, dump_json
+    from fer_dist.data.shards import _OpenShard, dump_json
     from fer_dist.data.sources import SourceOptions, get_source
     from fer_dist.data.splits import assign_splits
 
@@ -62,13 +65,20 @@ def main() -> int:
                   "class": CLASSES[r.label], "split": s}
                  for i, (r, s) in enumerate(zip(records, splits, strict=True))]
 
-    def real_headers() -> None:
+    def real_tar() -> None:
+        shard = _OpenShard(Path(os.devnull), 0)
         for i in range(len(records)):
-            _sample_bytes(f"{i:08d}", (b"3", JSON, PNG))
+            shard.add({"__key__": f"{i:08d}", "cls": b"3", "json": JSON, "png": PNG})
+        shard.close()
 
-    def fixed_headers() -> None:
-        for _ in range(len(records)):
-            bench_shard.fixed_sample(PNG)
+    def fixed_tar() -> None:
+        sha256 = hashlib.sha256()
+        with open(os.devnull, "wb", buffering=1 << 20) as out:
+            for _ in range(len(records)):
+                sample = bench_shard.fixed_sample(PNG)
+                out.write(sample)
+                sha256.update(sample)
+                zlib.crc32(sample)
 
     def ordering() -> None:
         write_order(records, assign_splits(records), seed=0)
@@ -76,7 +86,7 @@ def main() -> int:
     n, r = len(records), args.repeat
     costs = {
         "metadata JSON": best_of(r, lambda: [dump_json(d) for d in documents]),
-        "tar headers (beyond fixed ones)": best_of(r, real_headers) - best_of(r, fixed_headers),
+        "tar writing (beyond fixed bytes)": best_of(r, real_tar) - best_of(r, fixed_tar),
         "ordering (splits, shuffle keys, sort)": best_of(r, ordering),
         "listing beyond the walk": best_of(r, lambda: get_source("fer2013")([args.src], SourceOptions()))
         - best_of(r, lambda: bench_shard.jpeg_paths(args.src)),
