@@ -199,6 +199,23 @@ def test_runner_end_to_end_skips_recorded_and_resumes_an_interrupted_arm(tmp_pat
     assert "fer_dist.train" not in again.stdout  # nothing trained
     assert read_records(tmp_path / "results" / "tiny.json") == records
 
+    # An arm of another experiment that trains exactly what `smoothing` trained is tested, not trained again.
+    twin = _experiment(tmp_path, "twin.yaml", name="twin", arms={"alias": {"method.self_training": False},
+                                                                  "other": {"method.tau": 0.4}})
+    shared = subprocess.run(_runner(tmp_path, twin, "--arms", "alias", "--dry-run"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert "trained as tiny smoothing" in shared.stdout and "fer_dist.train" not in shared.stdout
+    shared = subprocess.run(_runner(tmp_path, twin, "--arms", "alias"), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert shared.returncode == 0 and "fer_dist.train" not in shared.stdout, shared.stderr[-3000:]
+    (alias,) = read_records(tmp_path / "results" / "twin.json")
+    assert alias["trained_for"] == "tiny:smoothing" and alias["run_dir"] == smoothing["run_dir"]
+    for key in ("test_accuracy", "val_accuracy", "rounds", "wall_s", "commit"):
+        assert alias[key] == smoothing[key]
+    other = subprocess.run(_runner(tmp_path, twin, "--arms", "other", "--dry-run"), cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert "fer_dist.train" in other.stdout  # a different tau is a different training
+
     cmd = _runner(tmp_path, path, "--seeds", "1", "--arms", "both_adaptive")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

@@ -9,7 +9,10 @@ For each seed, then each arm (so that an interrupted experiment has every arm of
 skip it where docs/results/<experiment>.json already records (arm, seed); else shard what the experiment
 needs (once), train (`python -m fer_dist.train`, or `accelerate launch` with the experiment's accelerate
 config) in runs/experiments/<experiment>/<arm>-s<seed> with run.resume=auto, so a run killed mid-arm
-continues from its last checkpoint; then test its best model and append the record (atomically). A
+continues from its last checkpoint; then test its best model and append the record (atomically). An arm
+whose training is exactly that of a run another experiment already recorded (the same resolved config
+apart from where the run lives, the same launch) is not trained again: that run's best model is tested on
+this experiment's sets and the record names it (`trained_for`), keeping its training figures. A
 SIGTERM or SIGINT to the runner is passed to the training, which checkpoints and stops; the runner then
 exits 3 without a record. Exit codes: 0 done, 2 bad input (one line naming the file and field), 1 a
 training that failed, 3 stopped.
@@ -40,6 +43,7 @@ from fer_dist.errors import FerDistError  # noqa: E402
 from fer_dist.files import write_text_atomic  # noqa: E402
 
 WALL_FILE = "experiment_wall.json"  # beside the run: training seconds summed over the runner's attempts
+PLACE_KEYS = ("name", "dir", "resume", "progress")  # run.* keys that place a run, not what it trains
 
 
 class Stopped(Exception):
@@ -130,6 +134,30 @@ def make_record(exp: Experiment, arm: str, seed: int, run_dir: Path, wall: float
     return record
 
 
+def training_identity(config_path: Path | None, overrides: list[str]) -> dict[str, Any]:
+    """The resolved training config without the keys that only place the run."""
+    tree = load_config(config_path, overrides).model_dump()
+    tree["run"] = {k: v for k, v in tree["run"].items() if k not in PLACE_KEYS}
+    return tree
+
+
+def recorded_twin(exp: Experiment, arm: str, seed: int, results: Path, extra: list[str]) -> dict | None:
+    """A record of another experiment whose finished run trained exactly what this arm would, else None."""
+    want = training_identity(exp.base, exp.overrides(arm, seed, Path("runs/check"), extra))
+    for path in sorted(results.parent.glob("*.json")):
+        spec_path = exp.path.parent / f"{path.stem}.yaml"
+        if path == results or not spec_path.is_file():
+            continue
+        if read_experiment(spec_path, check_configs=False).accelerate_config != exp.accelerate_config:
+            continue
+        for rec in read_records(path):
+            run_dir = Path(rec.get("run_dir", ""))
+            if int(rec["seed"]) == seed and (run_dir / "summary.json").is_file() and \
+                    training_identity(run_dir / "config.yaml", []) == want:
+                return dict(rec, experiment=path.stem)
+    return None
+
+
 def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_dir: Path, results: Path,
                    extra: list[str], dry_run: bool = False) -> int:
     """Every (seed, arm) not yet recorded: train, test, record. Returns the exit code."""
@@ -142,6 +170,17 @@ def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_d
         for arm in arms:
             if (arm, seed) in recorded(read_records(results)):
                 print(f"{exp.name}: {arm} seed {seed}: recorded, skipped", flush=True)
+                continue
+            twin = recorded_twin(exp, arm, seed, results, extra)
+            if twin is not None:
+                print(f"{exp.name}: {arm} seed {seed}: trained as {twin['experiment']} {twin['arm']} "
+                      f"({twin['run_dir']}); testing its model", flush=True)
+                if not dry_run:
+                    record = make_record(exp, arm, seed, Path(twin["run_dir"]), twin["wall_s"],
+                                         twin["commit"])
+                    add_record(results, dict(record, trained_for=f"{twin['experiment']}:{twin['arm']}"))
+                    print(f"{exp.name}: {arm} seed {seed}: test accuracy {record['test_accuracy']:.4f} "
+                          f"({record['test_set']}) -> {results}", flush=True)
                 continue
             run_dir = runs_dir / exp.name / f"{arm}-s{seed}"
             cmd = train_command(exp, arm, seed, run_dir, extra)
