@@ -291,6 +291,8 @@ BAD = {
     "no sequences": (["intensity", "{w}/runs/a", "--shards", "{w}/ck48:test"], "no sequence"),
     "predict out": (["predict", "{w}/runs/a", "{w}/shards", "--out", "{w}/x.txt"], ".csv or a .json"),
     "predict missing": (["predict", "{w}/runs/a", "{w}/nothing.png"], "no such file"),
+    "predict no face": (["predict", "{w}/runs/a", "{w}/unreadable", "--out", "{w}/u.csv"],
+                        "none of the 1 images gave a face (the first: "),
     "compare not a run": (["compare", "{w}/shards"], "not a run directory"),
     "export no faces": (["export", "{w}/constant", "--onnx", "{w}/c.onnx"], "--shards"),
     "cv two folds": (["cv", "--config", "{w}/config.yaml", "--folds", "2"], "use 3 or more"),
@@ -301,6 +303,9 @@ BAD = {
 def test_bad_input_is_one_line_and_exit_2(work: Path, case: str) -> None:
     if case == "export no faces" and not (work / "constant").exists():
         constant_export(work / "constant", 3)
+    if case == "predict no face" and not (work / "unreadable").exists():
+        (work / "unreadable").mkdir()
+        (work / "unreadable" / "broken.jpg").write_bytes(b"not a jpeg")
     args, fragment = BAD[case]
     before = sorted(p.name for p in work.iterdir())
     result = cli(*[a.format(w=work) for a in args])

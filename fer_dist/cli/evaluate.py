@@ -166,7 +166,10 @@ def predict(model: Model, images: Annotated[list[Path], typer.Argument(
     prep = preprocessing(loaded, align, size, channels)
     files = list_images(images)
     with accelerator() as acc:
-        rows = predict_images(loaded, files, acc, prep, tta)
+        rows = predict_images(loaded, files, acc, prep, tta)  # the same rows on every process
+        if not any("predicted" in r for r in rows):  # nothing to write: an input error, raised on every process
+            raise FerDistError(f"{', '.join(map(str, images))}: none of the {len(rows)} images gave a face "
+                               f"(the first: {rows[0]['path']}: {rows[0]['status']})")
         if acc.is_main_process:
             names = list(loaded.net.classes or ())
             console = Console(highlight=False, soft_wrap=True)
