@@ -42,9 +42,7 @@ from fer_dist.data.shardread import decode_png, read_samples
 from fer_dist.data.stream import (
     ShardSet,
     close_loader_workers,
-    end_persistent_workers,
     pack_batch,
-    start_worker_server,
     train_loader,
     unpack_batch,
     worker_context,
@@ -95,10 +93,13 @@ class InMemory(IterableDataset):
         if info:
             gc.freeze()  # the same worker setup as the stream's
         mine = self.blobs[wid::nw]
-        for k, start in enumerate(range(0, len(mine) - self.batch + 1, self.batch)):
-            torch.default_generator.manual_seed(plan.derive_seed(0, 0, 0, wid, k))  # as the stream does
-            chunk = mine[start:start + self.batch]
-            yield pack_batch([self.transform(decode_png(b, "ram", 0)) for b in chunk])  # as the stream
+        seeds = plan.sample_seeds(0, 0, np.arange(len(mine))).tolist()
+        for start in range(0, len(mine) - self.batch + 1, self.batch):
+            faces = []
+            for j in range(start, start + self.batch):  # a seed per face, as the stream's
+                torch.default_generator.manual_seed(seeds[j])
+                faces.append(self.transform(decode_png(mine[j], "ram", 0)))
+            yield pack_batch(faces)  # as the stream
 
 
 def as_is(batch):
@@ -140,23 +141,23 @@ def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: i
     # Every pipeline's workers start as the stream's do (from the fork server) and, like the stream's, are
     # kept from one round to the next: each pipeline pays its workers' start in the first round only.
     context = worker_context() if workers else None
-    start_worker_server()
     subset = Subset(folder, np.random.default_rng(0).choice(len(folder), len(chosen), replace=False).tolist())
     kept = workers > 0
-    bound = DataLoader(InMemory(blobs, batch, tf), batch_size=None, num_workers=workers, collate_fn=as_is,
-                       multiprocessing_context=context, persistent_workers=kept)
-    imagefolder = DataLoader(subset, batch_size=batch, shuffle=True, num_workers=workers,
-                             multiprocessing_context=context, persistent_workers=kept)
+    loaders = {
+        "bound": DataLoader(InMemory(blobs, batch, tf), batch_size=None, num_workers=workers,
+                            collate_fn=as_is, multiprocessing_context=context, persistent_workers=kept),
+        "imagefolder": DataLoader(subset, batch_size=batch, shuffle=True, num_workers=workers,
+                                  multiprocessing_context=context, persistent_workers=kept),
+    }
     runs = {
         "stream": lambda: train_loader(shards, include, targets, transform=tf, global_batch=batch, rank=0,
                                        world=1, num_workers=workers, seed=0, epoch=0),
-        "bound": lambda: map(unpack_batch, bound),
-        "imagefolder": lambda: imagefolder,
+        "bound": lambda: map(unpack_batch, loaders["bound"]),
+        "imagefolder": lambda: loaders["imagefolder"],
     }
     rounds = [{name: _rate(make) for name, make in runs.items()} for _ in range(repeat)]
     close_loader_workers()
-    end_persistent_workers(bound)
-    end_persistent_workers(imagefolder)
+    loaders.clear()  # dropped, DataLoader shuts their persistent workers down
     best = {name: tuple(max(r[name][i] for r in rounds) for i in (0, 1)) for name in runs}
     # stream / bound of each round, its two passes run back to back: steadier than best / best where the
     # machine's speed drifts between rounds
