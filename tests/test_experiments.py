@@ -142,6 +142,28 @@ def test_results_give_mean_spread_and_paired_gains(tmp_path, monkeypatch):
     assert "No runs are recorded yet" not in text
 
 
+def test_crossdb_results_show_other_test_sets_and_twin_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp = _experiment(tmp_path, kind="crossdb", arms={"no_unlabelled": {}, "unlabelled_target": {}})
+    for arm, acc, other in (("no_unlabelled", 0.40, 0.60), ("unlabelled_target", 0.45, 0.59)):
+        record = dict(_record(arm, 0, acc), other_tests=[{"test_set": "fer:test", "accuracy": other}])
+        if arm == "no_unlabelled":
+            record["trained_for"] = "ablation:smoothing"
+        add_record(tmp_path / "results" / "tiny.json", record)
+    text = render([read_experiment(exp, check_configs=False)], tmp_path / "results")
+    assert "| fer:test acc % |" in text
+    assert "| no_unlabelled (trained as ablation:smoothing) | 0 | syn:test | 40.00 | 30.00 | 60.00 |" in text
+    assert "unlabelled_target vs no_unlabelled" in text and "+5.00 points from one seed" in text
+    # +5 against the paper's +11; the records' confident counts fall from 10 to 5, and the reading says so
+    assert "differs by -6.00 points" in text and "a selection that shrinks from the first round" in text
+    grown = dict(_record("unlabelled_target", 1, 0.5), confident_per_round=[5, 10])
+    add_record(tmp_path / "results" / "tiny.json", dict(_record("no_unlabelled", 1, 0.4)))
+    (tmp_path / "results" / "tiny.json").write_text(json.dumps(
+        [r for r in read_records(tmp_path / "results" / "tiny.json") if r["arm"] != "unlabelled_target"]
+        + [grown]))
+    assert "shrinks" not in render([read_experiment(exp, check_configs=False)], tmp_path / "results")
+
+
 def test_verdict_and_mean_sd_known_answers():
     assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert "not distinguishable from seed noise" in verdict([1.0, -1.0, 0.5])
