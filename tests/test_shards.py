@@ -187,7 +187,7 @@ def test_the_shard_bytes_are_those_of_earlier_versions(tmp_path: Path) -> None:
          "b3eebe8ef87466e7")]
 
 
-def test_the_helper_processes_import_neither_the_shard_writer_nor_torch() -> None:
+def test_the_helpers_tasks_need_neither_the_shard_writer_nor_torch() -> None:
     # A helper unpickles its tasks from imagework: webdataset imports torch, seconds of start-up per helper.
     code = ("import sys, fer_dist.data.imagework, fer_dist.data.sources; "
             "print(sorted({'webdataset', 'torch', 'fer_dist.data.shards'} & set(sys.modules)))")

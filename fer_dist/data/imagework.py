@@ -1,8 +1,9 @@
 """The shard job's image work on all cores: load, align and PNG-encode each face, results in order.
 
 The job's own process takes part (it also writes the shards), with `workers - 1` helper processes. This
-module is what the helpers import: it stays clear of the shard writer (webdataset imports torch, seconds of
-start-up in every helper that does no tensor work).
+module is all a helper's tasks import: not the shard writer, as webdataset imports torch, seconds of
+start-up in a helper that does no tensor work. (Under the `fer-dist` command a spawned helper also re-runs
+the command's main module, and with it imports the CLI and torch.)
 """
 
 from __future__ import annotations
