@@ -167,7 +167,7 @@ def predict(model: Model, images: Annotated[list[Path], typer.Argument(
     files = list_images(images)
     with accelerator() as acc:
         rows = predict_images(loaded, files, acc, prep, tta)  # the same rows on every process
-        if not any("predicted" in r for r in rows):  # nothing to write: an input error, raised on every process
+        if not any("predicted" in r for r in rows):  # nothing to write: an input error, on every process
             raise FerDistError(f"{', '.join(map(str, images))}: none of the {len(rows)} images gave a face "
                                f"(the first: {rows[0]['path']}: {rows[0]['status']})")
         if acc.is_main_process:

@@ -39,18 +39,11 @@ def shard_file(split: str, index: int) -> str:
 
 
 _JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=True, separators=(",", ":"))
-# The encoder's C core made once: JSONEncoder.encode builds it anew at every call, which costs a third of a
-# sample's JSON. Its arguments are those JSONEncoder.iterencode passes (markers None: no cycle check; the
-# documents are flat). Same bytes as _JSON.encode (a test compares them); _JSON where CPython lacks the core.
-_ENCODE = None if json.encoder.c_make_encoder is None else json.encoder.c_make_encoder(
-    None, _JSON.default, json.encoder.encode_basestring_ascii, None, ":", ",", True, False, True)
 
 
 def dump_json(obj: object) -> bytes:
     """Canonical JSON bytes (sorted keys, ASCII) so equal data gives equal bytes."""
-    if _ENCODE is None:
-        return _JSON.encode(obj).encode("ascii")
-    return "".join(_ENCODE(obj, 0)).encode("ascii")
+    return _JSON.encode(obj).encode("ascii")
 
 
 # Shards are written by webdataset's TarWriter, which served because it takes every header field that
