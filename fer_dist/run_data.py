@@ -14,7 +14,7 @@ import torch
 from fer_dist.config import DataConfig, ShardsRef
 from fer_dist.data.integrity import checked_labels
 from fer_dist.data.shardread import read_samples
-from fer_dist.data.stream import RunShard, ShardSet
+from fer_dist.data.shardset import RunShard, ShardSet
 from fer_dist.errors import FerDistError
 
 

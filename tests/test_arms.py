@@ -21,8 +21,9 @@ from fer_dist.checkpoint import load_checkpoint
 from fer_dist.config import DataConfig
 from fer_dist.data.augment import InputSpec, train_transform
 from fer_dist.data.pack import pack
+from fer_dist.data.shardset import ShardSet
 from fer_dist.data.sources.base import SourceOptions
-from fer_dist.data.stream import ShardSet, train_loader
+from fer_dist.data.stream import train_loader
 from fer_dist.run_data import load_run_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -27,8 +27,8 @@ from fer_dist.cli import app
 from fer_dist.data.manifest import read_manifest
 from fer_dist.data.pack import pack
 from fer_dist.data.shardread import decode_png, read_samples
+from fer_dist.data.shardset import ShardSet
 from fer_dist.data.sources.base import SourceOptions
-from fer_dist.data.stream import ShardSet
 from fer_dist.evaluate.infer import batch_probs
 from fer_dist.evaluate.load import load_model
 from fer_dist.metrics import read_metrics

@@ -25,13 +25,12 @@ from shard_fixtures import (
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
+from fer_dist.data.shardset import ShardSet, read_labels
 from fer_dist.data.stream import (
     INLINE_BATCH,
-    ShardSet,
     close_loader_workers,
     exhaustive_loader,
     pack_batch,
-    read_labels,
     train_loader,
     unpack_batch,
 )
@@ -543,7 +542,8 @@ _KILLED_TRAINER = """
 import json, os, signal, sys
 import psutil, torch
 from fer_dist.data.augment import InputSpec, eval_transform
-from fer_dist.data.stream import ShardSet, train_loader
+from fer_dist.data.shardset import ShardSet
+from fer_dist.data.stream import train_loader
 
 def main():
     shards = ShardSet([(sys.argv[1], ["train"])]).shards(0)

@@ -27,7 +27,7 @@ from fer_dist.data.shards import sample_digest, sample_key
 from fer_dist.errors import FerDistError
 
 if TYPE_CHECKING:
-    from fer_dist.data.stream import ShardSet  # stream imports this module
+    from fer_dist.data.shardset import ShardSet  # shardset imports this module
 
 OnError = Literal["raise", "skip"]
 

@@ -1,19 +1,13 @@
-"""Streams over shard directories: the training stream (the same global batches on any number of processes)
-and the exhaustive pass (each selected id once across processes).
+"""Streams over shard directories: training (the same global batches on any number of processes and
+loader workers) and the exhaustive pass (each selected id once across processes).
 
-Stages, in open_clip's order:
-  shard list (ShardSet: one id offset per directory)
-  -> plan (fer_dist/data/plan.py, pure, in the main process: the epoch's order of the selected ids from
-     (seed, epoch), this rank's slice of every global batch, each id's augmentation seed)
-  -> batch sampler (PassSampler, set before each pass as DistributedSampler.set_epoch is)
-  -> DataLoader workers: ShardSamples reads each id's allow-listed members through its shard's checked
-     index (shardread.py), decodes the PNG, transforms it (torch's generator seeded per sample) and
-     stacks the batch
-  -> main process: each id's row of the target table (the table never travels to a worker).
-
-One DataLoader per kind of stream (train or exhaustive, transform, worker count) is kept for the process's
-life, with persistent workers; each pass sets its batch sampler and iterates it again. The loaders stay out
-of accelerator.prepare(), which would split or dispatch them a second time.
+Stages: shard list (shardset.py: one id offset per directory) -> plan (plan.py, pure, in the main process)
+-> batch sampler (PassSampler: this rank's slice of each global batch, each id's augmentation seed) ->
+DataLoader workers (ShardSamples: allow-listed members read through each shard's checked index,
+PNG decoded, transformed, stacked) -> the main process pairs each id with its row of the target table,
+which never travels to a worker. One DataLoader per kind of stream is kept for the process's life, its
+workers persistent; each pass sets its batch sampler and iterates it again. The loaders stay out of
+accelerator.prepare(), which would split or dispatch them a second time.
 """
 
 from __future__ import annotations
@@ -32,7 +26,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,83 +33,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from fer_dist.data import plan as planning
 from fer_dist.data.augment import Transform
-from fer_dist.data.integrity import checked_labels
-from fer_dist.data.manifest import Manifest, read_manifest
-from fer_dist.data.shardread import ShardIndex, decode_png, index_shard, parse_cls, read_samples
+from fer_dist.data.shardread import decode_png, parse_cls, read_samples
+from fer_dist.data.shardset import RunShard
 from fer_dist.errors import FerDistError
-
-
-@dataclass(frozen=True)
-class RunShard:
-    """One shard as a run sees it: its samples hold run ids first_run_id .. first_run_id + count - 1."""
-
-    path: Path
-    count: int
-    first_run_id: int
-    labelled: int
-    offset: int = 0  # the directory's id offset: tar key = run id - offset
-
-    def index(self) -> ShardIndex:
-        """The shard's member index (walked and checked once per process and file version, then cached)."""
-        return index_shard(str(self.path), self.first_run_id - self.offset, self.count)
-
-
-def load_manifest(directory: Path) -> Manifest:
-    """A shard directory's manifest, checked for the id ranges the streams rely on."""
-    manifest = read_manifest(Path(directory))
-    for split, info in manifest.splits.items():
-        for shard in info.shards:
-            if shard.first_id < 0 or shard.first_id + shard.count > manifest.num_ids:
-                raise FerDistError(f"{directory}/manifest.json: split {split}: shard {shard.file} has ids "
-                                   f"beyond num_ids {manifest.num_ids}")
-    return manifest
-
-
-class ShardSet:
-    """Shard directories in one id space: directory k's ids are offset by the earlier ones' num_ids."""
-
-    def __init__(self, entries: Sequence[tuple[str | Path, Sequence[str]]]) -> None:
-        self.entries: list[tuple[Path, tuple[str, ...]]] = [(Path(d).resolve(), tuple(s)) for d, s in entries]
-        self.manifests: dict[Path, Manifest] = {}
-        self._offsets: dict[Path, int] = {}
-        total = 0
-        for directory, _ in self.entries:
-            if directory not in self.manifests:
-                self.manifests[directory] = load_manifest(directory)
-                self._offsets[directory] = total
-                total += self.manifests[directory].num_ids
-        self.num_ids = total
-
-    @property
-    def offsets(self) -> list[dict]:
-        """What fixes the id space, per directory in order: saved with a run and compared on resume."""
-        return [{"dataset": m.dataset, "fingerprint": m.source.get("fingerprint"),
-                 "num_ids": m.num_ids, "offset": self._offsets[d]} for d, m in self.manifests.items()]
-
-    def shards(self, entry: int) -> list[RunShard]:
-        """The shards of entry `entry` (its splits in the order named, each in id order)."""
-        directory, splits = self.entries[entry]
-        manifest, offset = self.manifests[directory], self._offsets[directory]
-        out = []
-        for split in splits:
-            if split not in manifest.splits:
-                have = ", ".join(manifest.splits)
-                raise FerDistError(f"{directory}: no split {split!r} (it has {have})")
-            for s in manifest.splits[split].shards:
-                path = directory / s.file
-                if not path.is_file():
-                    raise FerDistError(f"{path}: shard listed in the manifest is missing")
-                out.append(RunShard(path, s.count, offset + s.first_id, s.labelled, offset))
-        return out
-
-
-def read_labels(shardset: ShardSet) -> torch.Tensor:
-    """[num_ids] long: each sample's class from its `.cls` member, -1 if unlabelled or in no split named.
-
-    Every sample is checked against its manifest digest on the way (integrity.py): a damaged one raises.
-    """
-    return checked_labels(shardset).labels
-
 
 # Batches up to this size leave a worker as bytes in the pickle; larger ones as a tensor in shared memory.
 # DataLoader gives every tensor a shared-memory segment of its own (create, map, pass the descriptor, map
@@ -147,8 +66,7 @@ def unpack_batch(batch: Packed) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Failure:
-    """A worker's FerDistError, passed as data: DataLoader would re-raise it wrapped in a traceback's text,
-    where the main process raises it again as the one line it is."""
+    """A worker's FerDistError as data: DataLoader would re-raise it inside a traceback's text."""
 
     message: str
 
@@ -164,17 +82,16 @@ class ShardSamples(Dataset):
         if _overlapping(self.shards):
             raise FerDistError("shards with overlapping run ids cannot be read as one set")
         self.firsts = np.array([s.first_run_id for s in self.shards], dtype=np.int64)
-        # Indexed here, in the main process, so that a bad shard fails naming it; a worker indexes the shard
-        # again and refuses any other file version than this one (the one the label pass checked).
-        self.stamps = [s.index().stamp for s in self.shards]
+        # Indexed here, in the main process (a bad shard fails here, naming itself), and sent to the workers
+        # with the dataset: read_samples refuses a file changed since, unlike the one the label pass checked.
+        self.indexes = [s.index() for s in self.shards]
         self.transform, self.labels = transform, labels
 
     def __len__(self) -> int:
         return sum(s.count for s in self.shards)
 
     def __getitem__(self, item: Item) -> tuple | _Failure:
-        """A batch of the one sample `item`."""
-        return self.__getitems__([item])
+        return self.__getitems__([item])  # a batch of one
 
     def __getitems__(self, items: list[Item]) -> tuple | _Failure:
         """(images packed, ids, labels or None) for the batch `items`, or the _Failure that stopped it."""
@@ -190,8 +107,8 @@ class ShardSamples(Dataset):
         found: list = [None] * len(items)
         for k in np.unique(which).tolist():
             rows = np.flatnonzero(which == k)
-            index, shard = self._index(k), self.shards[k]
-            read = read_samples(index, ids[rows] - shard.offset, fields)
+            index = self.indexes[k]
+            read = read_samples(index, ids[rows] - self.shards[k].offset, fields)
             for row, (key, members) in zip(rows.tolist(), read, strict=True):
                 found[row] = (index.path, key, members)
         # fork_rng: read in the main process (num_workers 0), the trainer's own generator stays untouched
@@ -204,12 +121,6 @@ class ShardSamples(Dataset):
         labels = [parse_cls(m.get("cls"), p, k) for p, k, m in found] if self.labels else None
         # ids and labels travel as lists: a tensor would cost a shared-memory segment of its own per batch
         return pack_batch(faces), ids.tolist(), labels
-
-    def _index(self, k: int) -> ShardIndex:
-        index = self.shards[k].index()
-        if index.stamp != self.stamps[k]:
-            raise FerDistError(f"{index.path}: the shard changed while the run was reading it")
-        return index
 
 
 def _overlapping(shards: Sequence[RunShard]) -> bool:
@@ -311,8 +222,9 @@ def _as_is(batch: tuple) -> tuple:
 
 @dataclass
 class _Kept:
-    """A DataLoader kept for every pass of its kind, its batch sampler, and the shard versions it reads."""
+    """A DataLoader kept for every pass of its kind, its batch sampler, the shard versions it reads."""
 
+    key: tuple | None  # in _KEPT under this key; None: a loader for one pass only
     loader: DataLoader
     sampler: PassSampler
     versions: frozenset
@@ -320,45 +232,42 @@ class _Kept:
     used: bool = False
 
 
-def _new_loader(dataset: ShardSamples, sampler: PassSampler, num_workers: int) -> DataLoader:
+def _new_loader(dataset: ShardSamples, sampler: PassSampler, workers: int) -> DataLoader:
     # generator: DataLoader otherwise draws its workers' base seed from the trainer's global generator
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_as_is,
-                      persistent_workers=num_workers > 0, generator=torch.Generator(),
-                      multiprocessing_context=worker_context() if num_workers else None,
-                      worker_init_fn=_worker_init if num_workers else None)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_as_is,
+                      persistent_workers=workers > 0, generator=torch.Generator(),
+                      multiprocessing_context=worker_context() if workers else None,
+                      worker_init_fn=_worker_init if workers else None)
 
 
-def _make(shards: Sequence[RunShard], transform: Transform, labels: bool, num_workers: int) -> _Kept:
-    sampler, dataset = PassSampler(), ShardSamples(shards, transform, labels)
-    versions = frozenset(zip(dataset.shards, dataset.stamps, strict=True))
-    return _Kept(_new_loader(dataset, sampler, num_workers), sampler, versions)
-
-
-_KEPT: dict[tuple, _Kept] = {}  # this process's loaders, by stream kind
+_KEPT: dict[tuple, _Kept] = {}  # this process's loaders, by kind of stream
 _DISOWNED: list[_Kept] = []  # a forked child's copies of its parent's loaders, never to be touched
 
 
-def _loader_for(shards: Sequence[RunShard], transform: Transform, labels: bool,
-                num_workers: int) -> tuple[_Kept, bool]:
-    """(the loader of this stream kind, whether it is kept after the pass). A kept loader whose shards hold
-    these is reused; otherwise one over both shard lists (where their ids do not clash) replaces it."""
-    key = (labels, repr(transform), num_workers)
-    kept = _KEPT.get(key)
+def _loader_for(shards: Sequence[RunShard], transform: Transform, labels: bool, workers: int) -> _Kept:
+    """The kept loader of this kind if it reads these shards' versions, else a new one over its shards and
+    these (where their ids do not clash), kept in its place."""
+    key = (labels, repr(transform), workers)
     versions = frozenset((s, s.index().stamp) for s in shards)
-    if kept is not None and kept.busy:  # another pass of this kind is being read: a loader of its own
-        return _make(shards, transform, labels, num_workers), False
-    if kept is None or not versions <= kept.versions:
-        both = {s for s, _ in versions | (kept.versions if kept is not None else frozenset())}
-        wanted = sorted(both, key=lambda s: s.first_run_id)
-        _KEPT.pop(key, None)  # its loader dropped: DataLoader shuts its workers down
-        kept = _KEPT[key] = _make(shards if _overlapping(wanted) else wanted, transform, labels, num_workers)
-    return kept, True
+    kept = _KEPT.get(key)
+    if kept is not None and not kept.busy and versions <= kept.versions:
+        return kept
+    transient = kept is not None and kept.busy  # another pass of this kind is being read
+    wanted = sorted({s for s, _ in versions | (kept.versions if kept and not transient else set())},
+                    key=lambda s: s.first_run_id)
+    dataset = ShardSamples(shards if _overlapping(wanted) else wanted, transform, labels)
+    sampler = PassSampler()
+    new = _Kept(None if transient else key, _new_loader(dataset, sampler, workers), sampler,
+                frozenset((s, i.stamp) for s, i in zip(dataset.shards, dataset.indexes, strict=True)))
+    if not transient:
+        _KEPT[key] = new  # the one it replaces is dropped: DataLoader shuts its workers down
+    return new
 
 
-def _passes(shards: Sequence[RunShard], transform: Transform, labels: bool, num_workers: int,
+def _passes(shards: Sequence[RunShard], transform: Transform, labels: bool, workers: int,
             ids: Sequence[np.ndarray], seeds: Sequence[np.ndarray] | None) -> Iterator[tuple]:
     """The batches (images packed, ids, labels) of one pass on the kept loader of its kind."""
-    kept, keep = _loader_for(shards, transform, labels, num_workers)
+    kept = _loader_for(shards, transform, labels, workers)
     kept.sampler.set_pass(ids, seeds)
     kept.busy = True
     try:
@@ -367,28 +276,18 @@ def _passes(shards: Sequence[RunShard], transform: Transform, labels: bool, num_
         except RuntimeError:  # a kept worker died since the last pass (DataLoader finds it here): new ones
             if not kept.used:
                 raise
-            kept.loader = _new_loader(kept.loader.dataset, kept.sampler, num_workers)
+            kept.loader = _new_loader(kept.loader.dataset, kept.sampler, workers)
             batches = _start(kept.loader)
         kept.used = True
         for item in batches:
             if isinstance(item, _Failure):
                 raise FerDistError(item.message)
             yield item
-    except GeneratorExit:  # the consumer stopped early: DataLoader drops what is in flight at the next pass
+    except Exception:
+        _KEPT.pop(kept.key, None)  # a failed pass: the next one starts on new workers
         raise
-    except BaseException:
-        _drop(kept)  # a failed pass: the next one starts on new workers
-        raise
-    finally:
+    finally:  # a consumer that stopped early keeps the loader: its next pass drops batches in flight
         kept.busy = False
-        if not keep:
-            _drop(kept)
-
-
-def _drop(kept: _Kept) -> None:
-    for key, value in list(_KEPT.items()):
-        if value is kept:
-            del _KEPT[key]
 
 
 def close_loader_workers() -> None:
@@ -399,8 +298,8 @@ def close_loader_workers() -> None:
 
 
 def _disown() -> None:
-    """In a child forked from this process: the loaders are the parent's; garbage collected here, they would
-    tell the parent's workers to stop. Held, untouched, for good."""
+    """In a child forked from this process the loaders are the parent's: garbage collected there, they
+    would tell the parent's workers to stop. Held, untouched, for good."""
     _DISOWNED.extend(_KEPT.values())
     _KEPT.clear()
 
@@ -439,20 +338,9 @@ class TrainStream:
             raise RuntimeError(f"train stream yielded {n} batches, planned {len(self)}")
 
 
-def train_loader(
-    shards: list[RunShard],
-    include: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    transform: Transform,
-    global_batch: int,
-    rank: int,
-    world: int,
-    num_workers: int,
-    seed: int,
-    epoch: int,
-    skip_batches: int = 0,
-) -> TrainStream:
+def train_loader(shards: list[RunShard], include: torch.Tensor, targets: torch.Tensor, *,
+                 transform: Transform, global_batch: int, rank: int, world: int, num_workers: int, seed: int,
+                 epoch: int, skip_batches: int = 0) -> TrainStream:
     """This rank's slice of every global batch of the epoch: (images, targets, ids), global_batch // world
     each; the global batches do not depend on world or num_workers."""
     mask = _check_mask(include)
@@ -484,16 +372,8 @@ class ExhaustiveStream:
                    torch.tensor(ids, dtype=torch.long))
 
 
-def exhaustive_loader(
-    shards: list[RunShard],
-    include: torch.Tensor | None,
-    *,
-    transform: Transform,
-    batch_size: int,
-    rank: int,
-    world: int,
-    num_workers: int,
-) -> ExhaustiveStream:
+def exhaustive_loader(shards: list[RunShard], include: torch.Tensor | None, *, transform: Transform,
+                      batch_size: int, rank: int, world: int, num_workers: int) -> ExhaustiveStream:
     """Every selected sample exactly once across ranks and workers, unaugmented: (images, labels, ids)."""
     if include is None:
         mask = np.ones(max((s.first_run_id + s.count for s in shards), default=0), dtype=bool)

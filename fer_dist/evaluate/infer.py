@@ -21,7 +21,8 @@ from fer_dist.config import ShardsRef
 from fer_dist.data.augment import eval_transform, normalise
 from fer_dist.data.manifest import Manifest
 from fer_dist.data.shardread import read_samples
-from fer_dist.data.stream import ShardSet, exhaustive_loader, read_labels
+from fer_dist.data.shardset import ShardSet, read_labels
+from fer_dist.data.stream import exhaustive_loader
 from fer_dist.errors import FerDistError
 from fer_dist.models import FerNet
 from fer_dist.run_data import fold_mask

@@ -22,7 +22,8 @@ import torch
 from trainer_setup import ROOT, cpu_seconds
 
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
-from fer_dist.data.stream import ShardSet, close_loader_workers, read_labels, train_loader
+from fer_dist.data.shardset import ShardSet, read_labels
+from fer_dist.data.stream import close_loader_workers, train_loader
 
 
 def own_cpu() -> float:

@@ -39,8 +39,8 @@ from trainer_setup import cpu_seconds
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
 from fer_dist.data.shardread import decode_png, read_samples
+from fer_dist.data.shardset import ShardSet
 from fer_dist.data.stream import (
-    ShardSet,
     close_loader_workers,
     pack_batch,
     train_loader,
