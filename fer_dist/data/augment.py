@@ -16,9 +16,10 @@ Why not torchvision.transforms.v2: its per-call dispatch made the same pipeline 
 (60 us without augmentation) against ~15 us here, and the loader's CPU is taken from training.
 
 The random draws come from torch's global generator (five uniforms per face: flip, angle, x and y shift,
-zoom). The transform does not seed it: the stream does, once per batch from (seed, epoch, rank, worker role,
-batch index), so a resumed run draws the same augmentations (see fer_dist/data/stream.py). Transforms are
-plain picklable objects so DataLoader workers can use them under fork or spawn.
+zoom). The transform does not seed it: the stream does, before each face, from (seed, epoch, id), so a face
+is augmented alike on any number of processes and workers and after a resume (fer_dist/data/plan.py,
+`sample_seeds`). Transforms are plain picklable objects so DataLoader workers can use them under
+forkserver or spawn.
 """
 
 from __future__ import annotations
