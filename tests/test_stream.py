@@ -367,8 +367,10 @@ def test_two_real_ranks_take_equal_steps(shard_dir, tmp_path):
     assert exhaustive["labels_match"] and exhaustive["images_match"]
 
 
-def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
-    """SLURM signals every process of a job; the stop is the trainer's to handle, never a worker's death."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_loader_workers_survive_stop_signals_sent_to_every_process(shards, signame, capfd):
+    """SLURM signals every process of a job; the stop is the trainer's to handle, never the death of a
+    worker, the fork server or multiprocessing's resource tracker (SIGUSR1's default action ends them)."""
     import contextlib
     import signal
     import threading
@@ -383,12 +385,12 @@ def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
     targets = torch.zeros(n, 7)
     stop, done = StopRequest(), threading.Event()
 
-    def pester() -> None:  # SIGTERM to this process and all its children, over and over, forks included
+    def pester() -> None:  # the signal to this process and all its children, over and over, forks included
         me = psutil.Process()
         while not done.is_set():
             for p in [me, *me.children(recursive=True)]:
                 with contextlib.suppress(psutil.Error):
-                    p.send_signal(signal.SIGTERM)
+                    p.send_signal(getattr(signal, signame))
             time.sleep(0.002)
 
     thread = threading.Thread(target=pester, daemon=True)
@@ -398,6 +400,8 @@ def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
             stream = train_loader(shards, include, targets, transform=eval_transform(SPEC), global_batch=4,
                                   rank=0, world=1, num_workers=2, seed=0, epoch=epoch)
             assert sum(1 for _ in stream) == stream.steps
+            if epoch == 0:
+                helpers = {c.pid for c in psutil.Process().children()}  # the tracker and the fork server
             if epoch < 2:
                 close_loader_workers()
     finally:
@@ -405,6 +409,10 @@ def test_loader_workers_survive_stop_signals_sent_to_every_process(shards):
         thread.join()
         stop.close()
     assert stop.requested
+    alive = {c.pid for c in psutil.Process().children() if c.status() != psutil.STATUS_ZOMBIE}
+    assert len(helpers) == 2 and helpers <= alive, "the tracker or the fork server was killed"
+    # a tracker killed and started again prints a KeyError for each semaphore its predecessor registered
+    assert "Traceback" not in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("n, side", [(4, 8), (16, 48), (INLINE_BATCH // (3 * 48 * 48) + 1, 48)])

@@ -177,15 +177,17 @@ def _start(loader: DataLoader) -> Iterator:
     """iter(loader), with the stop signals blocked while it may start the workers and their fork server.
 
     A stop request is the trainer's to handle at a step boundary (SLURM signals every process of the
-    job). Started blocked, the server never takes one and its workers hold any until _worker_init ignores
-    them; here it waits until the workers are started. The resource tracker is started first: its start
-    unblocks SIGTERM in the calling thread (CPython bpo-33613).
+    job). Started blocked, multiprocessing's resource tracker and the fork server never take one (SIGUSR1
+    would end them), the workers hold any until _worker_init ignores them; here it waits until the workers
+    are started. The tracker's start unblocks SIGTERM and SIGINT in this thread (CPython bpo-33613): they
+    are blocked again before the server starts.
     """
     if not loader.num_workers:
         return iter(loader)
-    resource_tracker.ensure_running()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
