@@ -8,23 +8,37 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+Loss = float | torch.Tensor | None  # a step's loss; a tensor is read (a host sync) only when it is shown
+
 
 class Bar:
-    """One task's handle: `advance(loss=...)` moves it and shows the last loss."""
+    """One task's handle: `advance(loss=...)` moves it and shows the latest loss, read twice a second at
+    most (a device tensor's read waits for the step's kernels)."""
+
+    READ_EVERY_S = 0.5
 
     def __init__(self, progress: RichProgress | None, task: int | None):
         self._progress, self._task = progress, task
+        self._read_at, self._extra = 0.0, ""
 
-    def advance(self, n: int = 1, loss: float | None = None, images_per_s: float | None = None) -> None:
-        if self._progress is not None:
-            extra = f"loss {loss:.4f}" if loss is not None else ""
-            extra += f"  {images_per_s:.0f} img/s" if images_per_s else ""
-            self._progress.update(self._task, advance=n, extra=extra)
+    def advance(self, n: int = 1, loss: Loss = None, images_per_s: float | None = None) -> None:
+        if self._progress is None:
+            return
+        now = time.monotonic()
+        if now - self._read_at >= self.READ_EVERY_S:
+            self._read_at, self._extra = now, _extra(loss, images_per_s)
+        self._progress.update(self._task, advance=n, extra=self._extra)
+
+
+def _extra(loss: Loss, images_per_s: float | None) -> str:
+    text = f"loss {float(loss):.4f}" if loss is not None else ""
+    return text + (f"  {images_per_s:.0f} img/s" if images_per_s else "")
 
 
 class PlainBar(Bar):
@@ -37,17 +51,15 @@ class PlainBar(Bar):
         self._start_done, self._start = completed, time.monotonic()
         self._last = self._start
 
-    def advance(self, n: int = 1, loss: float | None = None, images_per_s: float | None = None) -> None:
+    def advance(self, n: int = 1, loss: Loss = None, images_per_s: float | None = None) -> None:
         self.done += n
         now = time.monotonic()
         if now - self._last < self.every_s:
             return
         self._last = now
         parts = [f"[progress] {self.name}", f"step {self.done}" + (f"/{self.total}" if self.total else "")]
-        if loss is not None:
-            parts.append(f"loss {loss:.4f}")
-        if images_per_s:
-            parts.append(f"{images_per_s:.0f} img/s")
+        if extra := _extra(loss, images_per_s):
+            parts.append(extra)
         per_step = (now - self._start) / max(1, self.done - self._start_done)
         if self.total:
             parts.append(f"left {_clock(per_step * max(0, self.total - self.done))}")

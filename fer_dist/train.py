@@ -247,7 +247,7 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
                           num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=st.epochs_started,
                           skip_batches=st.step_in_epoch)
     run.model.train()
-    seen, tick, shown = 0, time.perf_counter(), None
+    seen, tick = 0, time.perf_counter()
     # The epoch's loss sum stays on the device; it is added to st.epoch_loss (a float, checkpointed) only
     # where the host reads it anyway: at a log step, a save and the epoch's end.
     pending = torch.zeros((), dtype=torch.float64, device=acc.device)
@@ -265,11 +265,10 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
             seen += images.shape[0] * acc.num_processes
             rate = seen / max(time.perf_counter() - tick, 1e-9)
             if st.step % cfg.run.log_every == 0:
-                shown = float(loss)
-                run.log.write("step", st.step, {"train/loss": shown, "train/images_per_s": rate,
+                run.log.write("step", st.step, {"train/loss": float(loss), "train/images_per_s": rate,
                                                 "train/lr": run.scheduler.get_last_lr()[0]})
                 seen, tick = 0, time.perf_counter()
-            bar.advance(loss=shown, images_per_s=rate)
+            bar.advance(loss=loss, images_per_s=rate)  # the bar reads the loss only when it shows it
             every = cfg.run.checkpoint_every_steps
             if every and st.step % every == 0 and st.step_in_epoch < stream.steps:
                 settle()
