@@ -1,6 +1,6 @@
 """Training-stream throughput on real FER2013 shards against two references measured in the same run.
 
-    .venv/bin/python tools/bench/bench_stream.py [--limit N] [--workers 1 2] [--shards DIR]
+    .venv/bin/python tools/bench/bench_stream.py [--limit N] [--workers 1 2] [--shards DIR] [--baseline DIR]
 
 - stream: train_loader over the shards, the include mask selecting N train ids at random with a density
   of 0.9 (a round's share: X_l less 10 %) over the shards read, so skipping ids by key is measured too;
@@ -15,6 +15,11 @@ interleaved, and the best counts; the median over rounds of each round's stream 
 back to back) is printed too, steadier where the machine's speed drifts. Every pipeline's workers are
 started once and kept for the later rounds, as the stream's are. Rates are given per wall second and per
 CPU second (main process plus its workers).
+--baseline DIR (a `git worktree` of an older commit): DIR's own bench_stream.py, importing DIR's fer_dist,
+runs in a child process with the same options, its passes interleaved with these round by round (one
+checkout's round, then the other's, the order swapped every round; never both at once:
+baseline_stream.py), and one table gives both checkouts' rows, with this stream / the baseline's stream.
+Both print the lines of their loading code (`wc -l` of fer_dist/data/{stream,shardread,plan,shardset}.py).
 Skips (exit 0) where ../shared is absent.
 Shards: --shards DIR, else shards/fer2013 (built with `fer-dist shard` if missing), else a fallback built
 from the train JPEGs with tests/shard_fixtures.py (same contract format) when the command is unavailable.
@@ -31,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from baseline_stream import Baseline, loading_lines, revision
 from torch.utils.data import DataLoader, IterableDataset, Subset, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.io import ImageReadMode, decode_image
@@ -128,8 +134,19 @@ def select(shards, limit: int | None, density: float) -> np.ndarray:
     return np.sort(rng.choice(train_ids[:span], int(span * density), replace=False))
 
 
-def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: int, repeat: int) -> dict:
-    """Best-of-`repeat` samples/s of the stream, the in-RAM bound and ImageFolder, run interleaved."""
+def summarise(rounds: list[dict[str, tuple[float, float]]]) -> dict:
+    """Best of each pipeline (wall, CPU) and the median over rounds of each round's stream / bound."""
+    best = {name: tuple(max(r[name][i] for r in rounds) for i in (0, 1)) for name in rounds[0]}
+    # stream / bound of each round, its two passes run back to back: steadier than best / best where the
+    # machine's speed drifts between rounds
+    paired = tuple(float(np.median([r["stream"][i] / r["bound"][i] for r in rounds])) for i in (0, 1))
+    return {**best, "paired": paired}
+
+
+def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: int, repeat: int,
+            baseline: Baseline | None = None) -> tuple[dict, dict | None]:
+    """Best-of-`repeat` samples/s of the stream, the in-RAM bound and ImageFolder, run interleaved; and
+    the baseline's, its rounds alternating with these."""
     include = torch.zeros(num_ids, dtype=torch.bool)
     include[torch.from_numpy(chosen)] = True
     targets = torch.zeros(num_ids, 7)
@@ -155,14 +172,34 @@ def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: i
         "bound": lambda: map(unpack_batch, loaders["bound"]),
         "imagefolder": lambda: loaders["imagefolder"],
     }
-    rounds = [{name: _rate(make) for name, make in runs.items()} for _ in range(repeat)]
+    rounds, theirs = [], []
+
+    def ours() -> None:
+        if baseline is not None:
+            baseline.wait_idle()  # nothing of the baseline runs during these passes
+        rounds.append({name: _rate(make) for name, make in runs.items()})
+
+    for i in range(repeat):
+        if baseline is None:
+            ours()
+            continue
+        sides = (ours, lambda: theirs.append(baseline.round(tuple(runs))))
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            side()
     close_loader_workers()
     loaders.clear()  # dropped, DataLoader shuts their persistent workers down
-    best = {name: tuple(max(r[name][i] for r in rounds) for i in (0, 1)) for name in runs}
-    # stream / bound of each round, its two passes run back to back: steadier than best / best where the
-    # machine's speed drifts between rounds
-    paired = tuple(float(np.median([r["stream"][i] / r["bound"][i] for r in rounds])) for i in (0, 1))
-    return {**best, "paired": paired}
+    return summarise(rounds), (summarise(theirs) if theirs else None)
+
+
+def rows(label: str, workers: int, checkout: str, r: dict, ref: dict | None) -> list[str]:
+    """The table's rows of one measurement (per wall second, per CPU second)."""
+    out = []
+    for i, unit in enumerate(("wall s", "CPU s")):
+        st, bd, fo = r["stream"][i], r["bound"][i], r["imagefolder"][i]
+        vs = f"{st / ref['stream'][i]:.2f}" if ref is not None else ""
+        out.append(f"| {label} | {workers} | {unit} | {checkout} | {st:,.0f} | {bd:,.0f} | {fo:,.0f} | "
+                   f"{st / bd:.2f} | {r['paired'][i]:.2f} | {st / fo:.2f} | {vs} |")
+    return out
 
 
 def main() -> None:
@@ -173,25 +210,49 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.9, help="share of the ids read that are selected")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each pipeline; the best counts")
     parser.add_argument("--shards", type=Path, default=None)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout (a git worktree): its own bench_stream, interleaved")
     args = parser.parse_args()
     if not FER.is_dir():
         print(f"skipped: {FER} is absent (the real FER2013 lives in ../shared)")
         return
-    shards_dir = args.shards or build_shards(ROOT / "shards" / "fer2013")
+    shards_dir = (args.shards or build_shards(ROOT / "shards" / "fer2013")).resolve()
+    here = revision(ROOT)
+    for root, name in ((ROOT, here), *(((args.baseline, None),) if args.baseline else ())):
+        lines = loading_lines(root)
+        print(f"loading code at {name or revision(root)} ({root}): {sum(lines.values())} lines (wc -l "
+              + ", ".join(f"{k} {v}" for k, v in lines.items()) + ")")
+    baseline = None
+    if args.baseline is not None:
+        baseline = Baseline(args.baseline, ["--workers", *map(str, args.workers), "--batch", str(args.batch),
+                                            "--density", str(args.density), "--repeat", str(args.repeat),
+                                            "--shards", str(shards_dir),
+                                            *(["--limit", str(args.limit)] if args.limit else [])])
     shardset = ShardSet([(shards_dir, ["train"])])
     shards = shardset.shards(0)
     chosen = select(shards, args.limit, args.density)
     print(f"shards {shards_dir} ({len(shards)} tars); {len(chosen)} samples at density {args.density}; "
           f"batch {args.batch}; {SPEC}; best of {args.repeat}", flush=True)
+    table = []
     for label, tf in (("augmented", train_transform(SPEC)), ("no augmentation", eval_transform(SPEC))):
         for workers in args.workers:
-            r = measure(shards, chosen, shardset.num_ids, tf, workers, args.batch, args.repeat)
+            r, base = measure(shards, chosen, shardset.num_ids, tf, workers, args.batch, args.repeat,
+                              baseline)
             for i, unit in enumerate(("wall s", "CPU s")):
                 st, bd, fo = r["stream"][i], r["bound"][i], r["imagefolder"][i]
                 print(f"{label:>15}, workers {workers}, samples per {unit:6}: stream {st:6.0f}  "
                       f"bound {bd:6.0f}  imagefolder {fo:6.0f}  stream/bound {st / bd:4.2f} (median of "
-                      f"rounds {r['paired'][i]:4.2f})  stream/imagefolder {st / fo:4.2f}", flush=True)
-
+                      f"rounds {r['paired'][i]:4.2f})  stream/imagefolder {st / fo:4.2f}"
+                      + (f"  stream/baseline's {st / base['stream'][i]:4.2f}" if base else ""), flush=True)
+            table += rows(label, workers, here, r, base)
+            if base is not None:
+                table += rows(label, workers, f"baseline {baseline.name}", base, None)
+    if baseline is not None:
+        baseline.close()
+    print("\n| transform | workers | per | checkout | stream /s | bound /s | ImageFolder /s | stream / bound "
+          "(best) | (median of rounds) | stream / ImageFolder | stream / baseline's |\n"
+          "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\n".join(table))
 
 if __name__ == "__main__":
     main()
