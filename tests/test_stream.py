@@ -8,6 +8,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from shard_fixtures import (
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
+from fer_dist.data.integrity import checked_labels
 from fer_dist.data.shardset import ShardSet, read_labels
 from fer_dist.data.stream import (
     INLINE_BATCH,
@@ -175,6 +177,41 @@ def test_read_labels_reads_named_splits_only(tmp_path):
     labels = read_labels(ss)
     want = [fixture_label(i) for i in range(7)] + [-1, -1] + [fixture_label(i) for i in range(5)]
     assert labels.tolist() == want
+
+
+def _edit_sample_2(data: bytearray, members: dict[str, tarfile.TarInfo], where: str) -> None:
+    cls, json_, png = (members[f"00000002.{ext}"] for ext in ("cls", "json", "png"))
+    if where == "cls":  # another valid class: only the digest can tell
+        data[cls.offset_data] = ord("5") if data[cls.offset_data] != ord("5") else ord("4")
+    elif where == "json":
+        data[json_.offset_data + json_.size // 2] ^= 0x01
+    elif where == "padding":  # tarfile never reads it
+        assert json_.size % tarfile.BLOCKSIZE
+        data[json_.offset_data + json_.size] = 0x20
+    elif where == "png":
+        data[png.offset_data + png.size - 1] ^= 0x01
+    else:  # a header changed with its checksum made good again: tarfile takes it
+        header = tarfile.TarInfo.frombuf(bytes(data[png.offset:png.offset_data]), "utf-8", "strict")
+        header.mtime = 12345
+        data[png.offset:png.offset_data] = header.tobuf(tarfile.USTAR_FORMAT)
+
+
+@pytest.mark.parametrize("where", ["cls", "json", "padding", "png", "header"])
+def test_the_label_pass_checks_every_byte_of_a_sample_as_it_lies_in_the_shard(tmp_path, where):
+    synthetic_dir(tmp_path / "a", {"train": [4, 3]})
+    tar = tmp_path / "a" / "train-000000.tar"
+    with tarfile.open(tar) as t:
+        members = {m.name: m for m in t.getmembers()}
+    data = bytearray(tar.read_bytes())
+    _edit_sample_2(data, members, where)
+    tar.write_bytes(bytes(data))
+    ss = ShardSet([(tmp_path / "a", ["train"])])
+    with pytest.raises(FerDistError, match=r"train-000000\.tar: sample 00000002 differs from the manifest's "
+                                           r"digest \(damaged after sharding\)$"):
+        checked_labels(ss)
+    found = checked_labels(ss, on_error="skip")
+    assert found.damaged.nonzero().flatten().tolist() == [2] and len(found.problems) == 1
+    assert found.labels.tolist() == [fixture_label(i) if i != 2 else -1 for i in range(7)]
 
 
 def test_a_member_outside_the_allow_list_is_refused_and_never_unpickled(tmp_path):

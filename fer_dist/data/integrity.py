@@ -1,9 +1,10 @@
 """Every sample a run uses checked once against its manifest digest, before the first step.
 
-The manifest keeps a CRC-32 per sample (over its tar bytes: names, sizes, contents; `shards.sample_digest`).
-The label pass that every run makes anyway (`read_labels`) reads all three members of each sample and checks
-that digest, so a flipped byte in a `.cls` member cannot become a silently wrong label, nor one in a `.json`
-member a wrong fold. The streams then read the same file version without checking again: `read_samples`
+The manifest keeps a CRC-32 per sample over its tar bytes: its members' headers, data and padding, one run
+of bytes in the file (`shards.sample_digest`). The label pass that every run makes anyway (`read_labels`)
+reads each shard once and checks every sample's digest over that run as it lies on disk (its bounds from
+the shard index), so a flipped byte anywhere in a sample - a header, a `.cls` member that would be a
+silently wrong label, a `.json` member that would be a wrong fold - is found. The streams then read the same file version without checking again: `read_samples`
 refuses a shard whose size or mtime changed since it was indexed, so the hot read path pays nothing.
 
 `on_error` decides what a damaged sample does: `raise` (the default) stops with a FerDistError naming the
@@ -13,17 +14,16 @@ indexed: all its samples) and reports each one, for the trainer to count in its 
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
 
 from fer_dist.data.manifest import DIGEST_CHARS, ShardInfo
-from fer_dist.data.shardread import ALLOWED, index_shard, parse_cls, read_samples
-from fer_dist.data.shards import sample_digest, sample_key
+from fer_dist.data.shardread import ALLOWED, ShardIndex, index_shard, parse_cls, shard_bytes
 from fer_dist.errors import FerDistError
 
 if TYPE_CHECKING:
@@ -41,12 +41,14 @@ class CheckedLabels:
     problems: list[str] = field(default_factory=list)  # one line per damaged sample or shard
 
 
-def _sample_problem(path: Path, key: int, members: dict[str, bytes], digest: str) -> str | None:
+def _sample_problem(path: Path, index: ShardIndex, row: int, data: bytes, digest: str) -> str | None:
     """Why one sample is damaged, or None: a member missing, or its bytes unlike the manifest's digest."""
-    lacking = [f".{ext}" for ext in ALLOWED if ext not in members]
+    key = index.first_key + row
+    lacking = [f".{ext}" for ext in ALLOWED if index.at[ext][row] < 0]
     if lacking:
         return f"{path}: sample {key:08d} lacks its {', '.join(lacking)} member"
-    if sample_digest(sample_key(key), members) != digest:
+    start, end = index.span[row].tolist()
+    if f"{zlib.crc32(memoryview(data)[start:end]):08x}" != digest:
         return f"{path}: sample {key:08d} differs from the manifest's digest (damaged after sharding)"
     return None
 
@@ -67,14 +69,18 @@ def _check_shard(path: Path, info: ShardInfo, offset: int, out: CheckedLabels, o
     if len(info.sample_digests) != info.count * DIGEST_CHARS:
         return fail(f"{path}: the manifest holds digests for another number of samples than {info.count}",
                     info.ids)
-    keys = np.arange(info.first_id, info.first_id + info.count, dtype=np.int64)
+    # The samples' bytes as they lie in the file (one read): a sample is one run of bytes, headers, data
+    # and padding of its members, the bytes the writer's digest covered, so nothing is rebuilt to check it.
+    data = shard_bytes(index)
+    at, size = index.at["cls"].tolist(), index.size["cls"].tolist()
     labelled = 0
-    for n, (key, members) in enumerate(read_samples(index, keys, ALLOWED)):
-        digest = info.sample_digests[n * DIGEST_CHARS:(n + 1) * DIGEST_CHARS]
-        problem = _sample_problem(path, key, members, digest)
+    for row in range(info.count):
+        key = info.first_id + row
+        digest = info.sample_digests[row * DIGEST_CHARS:(row + 1) * DIGEST_CHARS]
+        problem = _sample_problem(path, index, row, data, digest)
         if problem is None:
             try:
-                label = parse_cls(members["cls"], str(path), key)
+                label = parse_cls(data[at[row]:at[row] + size[row]], str(path), key)
             except FerDistError as err:
                 problem = str(err)
         if problem is not None:

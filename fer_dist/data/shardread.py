@@ -35,7 +35,9 @@ class ShardIndex:
     """Where each sample's members lie in one shard, from one checked walk over all its headers.
 
     `at[ext][i]` / `size[ext][i]`: byte offset and length of sample `first_key + i`'s `ext` member, -1 where
-    the sample has none. `stamp` (file size, mtime in ns) ties the index to the bytes it was made from.
+    the sample has none. `span[i]`: the sample's bytes as they lie in the file, its first member's header to
+    its last member's padding (the bytes its manifest digest covers). `stamp` (file size, mtime in ns) ties
+    the index to the bytes it was made from.
     """
 
     path: str
@@ -44,6 +46,7 @@ class ShardIndex:
     count: int
     at: dict[str, np.ndarray]
     size: dict[str, np.ndarray]
+    span: np.ndarray  # [count, 2]: start, end
 
 
 def _stamp(f) -> tuple[int, int]:
@@ -51,8 +54,8 @@ def _stamp(f) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _walk(f, path: str, file_size: int) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each member of the open tar `f`: regular files, data inside the file."""
+def _walk(f, path: str, file_size: int) -> Iterator[tarfile.TarInfo]:
+    """The members of the open tar `f`: regular files, their data inside the file."""
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:
             for member in tar:
@@ -61,53 +64,58 @@ def _walk(f, path: str, file_size: int) -> Iterator[tuple[str, int, int]]:
                                        "shard")
                 if member.offset_data + member.size > file_size:
                     raise FerDistError(f"{path}: truncated tar (member {member.name!r} ends past the file)")
-                yield member.name, member.offset_data, member.size
+                yield member
     except tarfile.TarError as err:  # a damaged first header (later ones end the walk: the count tells)
         raise FerDistError(f"{path}: corrupt tar ({err})") from None
+
+
+def _missing(path: str, key: int) -> str:
+    return f"{path}: sample {key:08d} (listed by the manifest) is missing or out of order"
 
 
 def _build_index(path: str, first_key: int, count: int) -> ShardIndex:
     at = {ext: np.full(count, -1, np.int64) for ext in ALLOWED}
     size = {ext: np.full(count, -1, np.int64) for ext in ALLOWED}
-    state = [first_key, None]  # the next key the manifest lists; the current sample's key
-    try:
-        with open(path, "rb") as f:
-            stamp = _stamp(f)
-            _index_members(_walk(f, path, stamp[0]), path, first_key, count, at, size, state)
-    except FerDistError as err:
-        if " sample " in str(err):
-            raise
-        # name the sample the damage lies in: the current one until its last member is found, then the next
-        expect, last = state
-        broken = last if last is not None and size[ALLOWED[-1]][last - first_key] < 0 else expect
-        raise FerDistError(f"{err} (in sample {min(broken, first_key + count - 1):08d})") from None
-    if state[0] != first_key + count:
-        raise FerDistError(f"{path}: sample {state[0]:08d} (listed by the manifest) is missing or out of "
-                           "order (or a damaged tar header before it ended the archive)")
-    return ShardIndex(path, stamp, first_key, count, at, size)
+    span = np.full((count, 2), -1, np.int64)
+    with open(path, "rb") as f:
+        stamp = _stamp(f)
+        try:
+            _record(_walk(f, path, stamp[0]), path, first_key, at, size, span)
+        except FerDistError as err:
+            if " sample " in str(err):
+                raise
+            # the sample the damage lies in: the current one until its last member is found, then the next
+            row = np.count_nonzero(span[:, 0] >= 0) - 1
+            broken = row if row >= 0 and size[ALLOWED[-1]][row] < 0 else row + 1
+            raise FerDistError(f"{err} (in sample {first_key + min(broken, count - 1):08d})") from None
+    found = np.count_nonzero(span[:, 0] >= 0)
+    if found != count:
+        raise FerDistError(f"{_missing(path, first_key + found)} (or a damaged tar header before it "
+                           "ended the archive)")
+    return ShardIndex(path, stamp, first_key, count, at, size, span)
 
 
-def _index_members(members: Iterator[tuple[str, int, int]], path: str, first_key: int, count: int,
-                   at: dict[str, np.ndarray], size: dict[str, np.ndarray], state: list) -> None:
-    """Record each member's offset and size; `state` ([next key the manifest lists, current sample's key])
-    is kept up to date so that a failure can name the sample it broke in."""
-    for name, data_at, length in members:
-        expect, last = state
-        stem, _, ext = name.rpartition(".")
+def _record(members: Iterator[tarfile.TarInfo], path: str, first_key: int, at: dict[str, np.ndarray],
+            size: dict[str, np.ndarray], span: np.ndarray) -> None:
+    """Each member's offsets into the index's arrays; its sample is the current or the manifest's next."""
+    row = -1  # the current sample's: key first_key + row
+    for member in members:
+        stem, _, ext = member.name.rpartition(".")
         if ext not in ALLOWED or not (stem.isascii() and stem.isdigit()):
-            raise FerDistError(f"{path}: sample {stem or name!r} has member {name!r}; only .cls, .json and "
-                               ".png are allowed, refusing the shard without decoding it")
+            raise FerDistError(f"{path}: sample {stem or member.name!r} has member {member.name!r}; only "
+                               ".cls, .json and .png are allowed, refusing the shard without decoding it")
         key = int(stem)
-        if key != last:  # a new sample: the manifest's next key, no other
-            if key != expect or key >= first_key + count:
-                missing = f"sample {expect:08d} (listed by the manifest) is missing or out of order"
-                raise FerDistError(f"{path}: {missing}" if expect < first_key + count else
-                                   f"{path}: sample {key:08d} is beyond the {count} the manifest lists")
-            state[:] = [key + 1, key]
-        i, field = key - first_key, ext
-        if at[field][i] >= 0:
-            raise FerDistError(f"{path}: sample {key:08d} has two {field!r} members")
-        at[field][i], size[field][i] = data_at, length
+        if row < 0 or key != first_key + row:  # a new sample: the manifest's next key, no other
+            row += 1
+            if row == span.shape[0]:
+                raise FerDistError(f"{path}: sample {key:08d} is beyond the {row} the manifest lists")
+            if key != first_key + row:
+                raise FerDistError(_missing(path, first_key + row))
+            span[row, 0] = member.offset  # its first header (a pax or GNU long-name header, if any)
+        if at[ext][row] >= 0:
+            raise FerDistError(f"{path}: sample {key:08d} has two {ext!r} members")
+        at[ext][row], size[ext][row] = member.offset_data, member.size
+        span[row, 1] = member.offset_data - (-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
 _INDEXES: dict[tuple[str, int, int, tuple[int, int]], ShardIndex] = {}
@@ -127,6 +135,21 @@ def index_shard(path: str, first_key: int, count: int) -> ShardIndex:
     return index
 
 
+def _open_indexed(index: ShardIndex):
+    """The shard, unbuffered, refused if it is not the file version indexed (its offsets would be stale)."""
+    f = open(index.path, "rb", buffering=0)  # noqa: SIM115 -- the caller's with block closes it
+    if _stamp(f) != index.stamp:
+        f.close()
+        raise FerDistError(f"{index.path}: the shard changed while the run was reading it")
+    return f
+
+
+def shard_bytes(index: ShardIndex) -> bytes:
+    """The whole shard in one read, as indexed."""
+    with _open_indexed(index) as f:
+        return f.read()
+
+
 def read_samples(
     index: ShardIndex, keys: np.ndarray, fields: tuple[str, ...]
 ) -> Iterator[tuple[int, dict[str, bytes]]]:
@@ -143,9 +166,7 @@ def read_samples(
         bad = int(keys[(rows < 0) | (rows >= index.count)][0])
         raise FerDistError(f"{index.path}: sample {bad:08d} is not among the shard's {index.count}")
     cols = [(field, index.at[field][rows].tolist(), index.size[field][rows].tolist()) for field in fields]
-    with open(index.path, "rb", buffering=0) as f:
-        if _stamp(f) != index.stamp:
-            raise FerDistError(f"{index.path}: the shard changed while the run was reading it")
+    with _open_indexed(index) as f:
         fd, pread = f.fileno(), os.pread
         for j, key in enumerate(keys.tolist()):
             members = {}
