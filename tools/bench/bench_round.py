@@ -5,7 +5,7 @@
     .venv/bin/python tools/bench/bench_round.py ...          # one process
 
 Part 1, over the same samples (the train split of --shards, default shards/synthetic, sharded first if
-missing), with the model and process group the trainer builds (`fer_dist.train.build_run` on a config
+missing), with the model and process group the trainer builds (`fer_dist.run_state.build_run` on a config
 pointing at those shards):
 - plain: exhaustive_loader + forward + softmax over the round's pool (labelled and unlabelled train ids),
   results discarded: the floor any prediction pass pays.
@@ -37,7 +37,8 @@ from fer_dist.classes import NUM_CLASSES
 from fer_dist.data.augment import eval_transform
 from fer_dist.data.stream import exhaustive_loader
 from fer_dist.run_data import RunData
-from fer_dist.train import Run, State, compose, rewrite_and_draw
+from fer_dist.run_state import Run, State
+from fer_dist.train import compose, rewrite_and_draw
 
 
 @torch.no_grad()

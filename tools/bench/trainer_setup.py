@@ -1,6 +1,6 @@
 """What bench_round.py and bench_train.py share: shards, the trainer's Run over them, barrier timing.
 
-Both benchmarks build the trainer's own objects (`fer_dist.train.build_run` on a config whose labelled and
+Both benchmarks build the trainer's own objects (`fer_dist.run_state.build_run` on a config whose labelled and
 unlabelled data are the train split of one shard directory) so that what they time is what the trainer runs.
 """
 

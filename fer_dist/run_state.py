@@ -1,0 +1,209 @@
+"""A training run's objects and state: what `build_run` makes, what a checkpoint holds, how a run resumes.
+
+`State` is every counter, table and history a resume needs besides the model and optimiser; `Run` bundles
+them with the config, the Accelerator, the data and the logs. `build_run` reads the data before anything
+is written, builds the model and optimiser, then resumes from `run.resume`; `save` is the one writer of
+checkpoints. `fer_dist.train` only orchestrates what is built here.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fer_dist import checkpoint, dist, method, numerics
+from fer_dist.classes import NUM_CLASSES
+from fer_dist.config import TrainConfig, dump_config, model_spec_fields
+from fer_dist.data.plan import derive_seed
+from fer_dist.errors import FerDistError
+from fer_dist.files import first_missing, removed_on_error
+from fer_dist.metrics import MetricsLog
+from fer_dist.models import ModelSpec, build_model
+from fer_dist.progress import Progress
+from fer_dist.run_data import RunData, load_run_data
+
+
+@dataclass
+class State:
+    """Everything about the run's progress that a resume needs besides model and optimiser."""
+
+    targets: torch.Tensor                   # [num_ids, K]: q, the one global target table
+    phase: str = "warmup"                   # warmup | rounds | done
+    epoch: int = 0                          # warm-up epochs finished
+    round: int = 0                          # rounds finished
+    epochs_started: int = 0                 # every epoch so far: seeds the stream of the next one
+    step: int = 0                           # optimiser steps
+    step_in_epoch: int = 0                  # batches of the current epoch already trained (mid-epoch resume)
+    epoch_loss: float = 0.0                 # this process's loss sum over those batches
+    include: torch.Tensor | None = None     # the current round's training set, once composed
+    round_stats: dict[str, Any] = field(default_factory=dict)  # what compose() found for the current round
+    round_epoch: int = 0                    # epochs of the current round finished (epochs_per_round > 1)
+    best_acc: float = -1.0
+    bad_epochs: int = 0                     # warm-up epochs without a better validation accuracy
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = ""
+    nonfinite_steps: int = 0                # optimiser steps skipped for a non-finite gradient
+    skipped_in_epoch: int = 0               # of them in the current epoch (left out of its mean loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Run:
+    """What `fit` works with; built once by `build_run`."""
+
+    cfg: TrainConfig
+    acc: Any  # accelerate.Accelerator
+    dir: Path
+    data: RunData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: State
+    log: MetricsLog
+    stop: dist.StopRequest
+    progress: Progress
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The model without its DDP wrapper: prediction and export run on it."""
+        return self.acc.unwrap_model(self.model)
+
+
+def build_run(cfg: TrainConfig, acc, stop: dist.StopRequest | None = None) -> Run:
+    """Data, model, optimiser, state; then the latest checkpoint if `run.resume` asks for it."""
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    if acc.device.type == "cpu":
+        # Each process gets its share of the cores: oversubscribed OpenMP threads made CPU steps ~15x slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
+    torch.manual_seed(cfg.run.seed)  # same initial head on every process (DDP also broadcasts it)
+    data = load_run_data(cfg.data)  # before anything is written: bad data leaves no run folder behind
+    created = first_missing(run_dir) if acc.is_main_process else None
+    with removed_on_error(created):
+        return _build(cfg, acc, stop, run_dir, data)
+
+
+def _build(cfg: TrainConfig, acc, stop: dist.StopRequest | None, run_dir: Path, data: RunData) -> Run:
+    """build_run once the data is read: model, optimiser, state, then the resume."""
+    if acc.is_main_process:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    spec = ModelSpec(num_classes=NUM_CLASSES, **model_spec_fields(cfg.model.model_dump()))
+    net = build_model(spec)
+    if cfg.model.sync_bn and acc.num_processes > 1:
+        if acc.device.type == "cpu":  # torch's SyncBatchNorm refuses CPU tensors in its training forward
+            raise FerDistError("model.sync_bn: SyncBatchNorm needs GPUs; this run is on the CPU (set false)")
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # same state_dict keys: exports unchanged
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                 weight_decay=cfg.optim.weight_decay)
+    warm = cfg.optim.lr_warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    # The scheduler stays out of prepare(): Accelerate's wrapper steps it once per process per step.
+    model, optimizer = acc.prepare(net, optimizer)
+    # Dropout masks differ between processes (the model itself is already identical: DDP broadcast it).
+    torch.manual_seed(derive_seed(cfg.run.seed, acc.process_index, 1))
+    eps = cfg.method.eps if cfg.method.label_smoothing else 0.0
+    targets = torch.zeros(data.num_ids, NUM_CLASSES)
+    targets[data.labelled] = method.smooth_labels(data.labels[data.labelled], NUM_CLASSES, eps)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process, tensorboard=cfg.run.tensorboard)
+    run = Run(cfg, acc, run_dir, data, model, optimizer, scheduler, State(targets=targets), log,
+              stop or dist.StopRequest(),
+              Progress(enabled=acc.is_main_process and cfg.run.progress, every_s=cfg.run.progress_every_s))
+    if not resume_from(run) and acc.is_main_process and (run_dir / "best").exists():
+        shutil.rmtree(run_dir / "best")  # an earlier run's model must never be tested as this one's
+    if acc.is_main_process:
+        dump_config(cfg, run_dir / "config.yaml")
+    if data.skipped:
+        run.log.say(f"data.on_error=skip: left out {len(data.skipped)} damaged sample(s) or shard(s), "
+                    f"the first: {data.skipped[0]}")
+        run.log.write("data", run.state.step, {"data/skipped": len(data.skipped)})
+    acc.wait_for_everyone()
+    return run
+
+
+def resume_from(run: Run) -> bool:
+    """Load the checkpoint `run.resume` names (auto: the latest), checking that it fits this run."""
+    how = run.cfg.run.resume
+    path = None if how == "never" else checkpoint.latest_checkpoint(run.dir) if how == "auto" else Path(how)
+    if path is None:
+        MetricsLog.truncate(run.log.path, 0) if run.acc.is_main_process else None
+        return False
+    saved, _ = checkpoint.load_checkpoint(path, None)
+    if saved["offsets"] != run.data.shardset.offsets:
+        raise FerDistError(f"{path}: its shard directories or their sizes differ from this config's data")
+    if saved["state"]["step_in_epoch"]:
+        check_mid_epoch(path, saved, run)
+    run.net.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler") is not None and run.acc.scaler is not None:
+        run.acc.scaler.load_state_dict(saved["scaler"])
+    run.state = State(**saved["state"])
+    # Every process starts from the epoch's loss so far, a total that does not depend on the number of
+    # processes (save); train_epoch's mean sums the processes' and divides by their number.
+    losses = saved.get("epoch_losses")  # before elastic resume: one running sum per process
+    run.state.epoch_loss = sum(losses) / len(losses) if losses else float(saved["epoch_loss"])
+    restore_process_rng(run, path, saved["world_size"])
+    if run.acc.is_main_process:
+        MetricsLog.truncate(run.log.path, saved["metrics_offset"])
+    st = run.state
+    run.log.say(f"resumed from {path} (phase {st.phase}, round {st.round}, step {st.step})")
+    return True
+
+
+def restore_process_rng(run: Run, path: Path, saved_world: int) -> None:
+    """Each process's RNG (dropout masks: which samples and augmentations come from keyed seeds, not from
+    it) as saved on the same number of processes; on another number, drawn afresh from (seed, rank, step)."""
+    rank = run.acc.process_index
+    if saved_world == run.acc.num_processes:
+        checkpoint.restore_rng(checkpoint.load_rng(path, rank))
+        return
+    torch.manual_seed(derive_seed(run.cfg.run.seed, rank, 1, run.state.step))
+    run.log.say(f"{path} was saved on {saved_world} processes, resumed on {run.acc.num_processes}: the same "
+                "samples in every global batch; dropout masks and per-process batch statistics differ")
+
+
+def check_mid_epoch(path: Path, saved: dict[str, Any], run: Run) -> None:
+    """A mid-epoch position means the same global batches under the same seed and global batch size (on any
+    number of processes and loader workers)."""
+    was, now = saved["config"], run.cfg.to_dict()
+    same = {
+        "optim.batch_size": (was["optim"]["batch_size"], now["optim"]["batch_size"]),
+        "run.seed": (was["run"]["seed"], now["run"]["seed"]),
+    }
+    for what, (before, after) in same.items():
+        if before != after:
+            raise FerDistError(f"{path}: saved mid-epoch with {what} = {before}, now {after}; resume with "
+                               "the same value or from a warm-up/round checkpoint (resume=<its path>)")
+
+
+def save(run: Run, tag: str, *, is_best: bool = False) -> None:
+    """A checkpoint of everything (all processes take part; the main one writes the shared files)."""
+    numerics.check_finite_weights(run.net, f"checkpoint {tag}")  # same weights everywhere: all raise alike
+    # the epoch's loss so far, summed over its steps' global batches (the processes' sums over their number):
+    # the same on any number of processes, so a resume on another ends with the same mean
+    total = dist.all_sum(run.acc, float(run.state.epoch_loss)) / run.acc.num_processes
+    state = {
+        "epoch_loss": float(total),
+        "model": run.net.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.acc.scaler.state_dict() if run.acc.scaler is not None else None,
+        "state": run.state.to_dict(),
+        "offsets": run.data.shardset.offsets,
+        "world_size": run.acc.num_processes,
+        "metrics_offset": run.log.offset(),
+        "config": run.cfg.to_dict(),
+    }
+    meta = {"round": run.state.round, "step": run.state.step, "best_metric": run.state.best_acc,
+            "phase": run.state.phase}
+    checkpoint.save_checkpoint(run.acc, run.dir, tag, state, keep_last=run.cfg.run.keep_last, is_best=is_best,
+                               meta=meta)
