@@ -4,8 +4,9 @@ The manifest keeps a CRC-32 per sample over its tar bytes: its members' headers,
 of bytes in the file (`shards.sample_digest`). The label pass that every run makes anyway (`read_labels`)
 reads each shard once and checks every sample's digest over that run as it lies on disk (its bounds from
 the shard index), so a flipped byte anywhere in a sample - a header, a `.cls` member that would be a
-silently wrong label, a `.json` member that would be a wrong fold - is found. The streams then read the same file version without checking again: `read_samples`
-refuses a shard whose size or mtime changed since it was indexed, so the hot read path pays nothing.
+silently wrong label, a `.json` member that would be a wrong fold - is found. The streams then read the
+same file version without checking again: `read_samples` refuses a shard whose size or mtime changed since
+it was indexed, so the hot read path pays nothing.
 
 `on_error` decides what a damaged sample does: `raise` (the default) stops with a FerDistError naming the
 shard and the sample; `skip` leaves the sample out of every part of the run (a shard that cannot even be
@@ -98,20 +99,11 @@ def checked_labels(shardset: ShardSet, on_error: OnError = "raise") -> CheckedLa
         raise FerDistError(f"data.on_error: expected raise or skip, got {on_error!r}")
     n = shardset.num_ids
     out = CheckedLabels(torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
-    offsets = {d: o["offset"] for d, o in zip(shardset.manifests, shardset.offsets, strict=True)}
     seen: set[Path] = set()
-    for directory, splits in shardset.entries:
-        manifest = shardset.manifests[directory]
-        for split in splits:
-            if split not in manifest.splits:
-                raise FerDistError(f"{directory}: no split {split!r} (it has {', '.join(manifest.splits)})")
-            for info in manifest.splits[split].shards:
-                path = directory / info.file
-                if path in seen:
-                    continue
+    for entry in range(len(shardset.entries)):
+        for path, info, offset in shardset.infos(entry):
+            if path not in seen:
                 seen.add(path)
-                if not path.is_file():
-                    raise FerDistError(f"{path}: shard listed in the manifest is missing")
-                _check_shard(path, info, offsets[directory], out, on_error)
+                _check_shard(path, info, offset, out, on_error)
     out.labels[out.damaged] = -1
     return out

@@ -6,14 +6,14 @@ shard is known before anything is read (fer_dist/data/plan.py plans on it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fer_dist.data.integrity import checked_labels
-from fer_dist.data.manifest import Manifest, read_manifest
+from fer_dist.data.manifest import Manifest, ShardInfo, read_manifest
 from fer_dist.data.shardread import ShardIndex, index_shard
 from fer_dist.errors import FerDistError
 
@@ -25,7 +25,6 @@ class RunShard:
     path: Path
     count: int
     first_run_id: int
-    labelled: int
     offset: int = 0  # the directory's id offset: tar key = run id - offset
 
     def index(self) -> ShardIndex:
@@ -65,21 +64,23 @@ class ShardSet:
         return [{"dataset": m.dataset, "fingerprint": m.source.get("fingerprint"),
                  "num_ids": m.num_ids, "offset": self._offsets[d]} for d, m in self.manifests.items()]
 
-    def shards(self, entry: int) -> list[RunShard]:
-        """The shards of entry `entry` (its splits in the order named, each in id order)."""
+    def infos(self, entry: int) -> Iterator[tuple[Path, ShardInfo, int]]:
+        """(file, manifest entry, directory's id offset) of each shard of entry `entry`: its splits in the
+        order named, each in id order."""
         directory, splits = self.entries[entry]
         manifest, offset = self.manifests[directory], self._offsets[directory]
-        out = []
         for split in splits:
             if split not in manifest.splits:
-                have = ", ".join(manifest.splits)
-                raise FerDistError(f"{directory}: no split {split!r} (it has {have})")
-            for s in manifest.splits[split].shards:
-                path = directory / s.file
+                raise FerDistError(f"{directory}: no split {split!r} (it has {', '.join(manifest.splits)})")
+            for info in manifest.splits[split].shards:
+                path = directory / info.file
                 if not path.is_file():
                     raise FerDistError(f"{path}: shard listed in the manifest is missing")
-                out.append(RunShard(path, s.count, offset + s.first_id, s.labelled, offset))
-        return out
+                yield path, info, offset
+
+    def shards(self, entry: int) -> list[RunShard]:
+        """The shards of entry `entry` as the streams read them."""
+        return [RunShard(path, s.count, offset + s.first_id, offset) for path, s, offset in self.infos(entry)]
 
 
 def read_labels(shardset: ShardSet) -> torch.Tensor:

@@ -310,14 +310,13 @@ atexit.register(close_loader_workers)
 os.register_at_fork(after_in_child=_disown)
 
 
-def _check_mask(include: torch.Tensor) -> np.ndarray:
+def _selected(shards: Sequence[RunShard], include: torch.Tensor | None) -> np.ndarray:
+    """The run ids of the shards that `include` selects (None: all of them), ascending."""
+    if include is None:
+        include = torch.ones(max((s.first_run_id + s.count for s in shards), default=0), dtype=torch.bool)
     if include.dtype != torch.bool or include.dim() != 1:
         raise FerDistError(f"include must be a 1-D bool mask, got {include.dtype} {tuple(include.shape)}")
-    return include.cpu().numpy()
-
-
-def _selected(shards: Sequence[RunShard], mask: np.ndarray) -> np.ndarray:
-    return planning.selected_ids([(s.first_run_id, s.count) for s in shards], mask)
+    return planning.selected_ids([(s.first_run_id, s.count) for s in shards], include.cpu().numpy())
 
 
 class TrainStream:
@@ -345,12 +344,9 @@ def train_loader(shards: list[RunShard], include: torch.Tensor, targets: torch.T
                  epoch: int, skip_batches: int = 0) -> TrainStream:
     """This rank's slice of every global batch of the epoch: (images, targets, ids), global_batch // world
     each; the global batches do not depend on world or num_workers."""
-    mask = _check_mask(include)
+    selected = _selected(shards, include)
     if targets.dim() != 2 or targets.shape[0] != include.shape[0] or not targets.is_floating_point():
         raise FerDistError(f"targets: need a float table [{include.shape[0]}, K], not {tuple(targets.shape)}")
-    selected = _selected(shards, mask)
-    if not selected.size:
-        raise FerDistError("train_loader: the include mask selects none of the given shards' samples")
     steps, ids = planning.train_batches(selected, global_batch=global_batch, world=world, rank=rank,
                                         seed=seed, epoch=epoch, skip=skip_batches)
     seeds = planning.sample_seeds(seed, epoch, ids)
@@ -377,9 +373,6 @@ class ExhaustiveStream:
 def exhaustive_loader(shards: list[RunShard], include: torch.Tensor | None, *, transform: Transform,
                       batch_size: int, rank: int, world: int, num_workers: int) -> ExhaustiveStream:
     """Every selected sample exactly once across ranks and workers, unaugmented: (images, labels, ids)."""
-    if include is None:
-        mask = np.ones(max((s.first_run_id + s.count for s in shards), default=0), dtype=bool)
-    else:
-        mask = _check_mask(include)
-    ids = planning.exhaustive_batches(_selected(shards, mask), batch_size=batch_size, world=world, rank=rank)
+    selected = _selected(shards, include)
+    ids = planning.exhaustive_batches(selected, batch_size=batch_size, world=world, rank=rank)
     return ExhaustiveStream(functools.partial(_passes, shards, transform, True, num_workers, ids, None), ids)
