@@ -135,18 +135,16 @@ def index_shard(path: str, first_key: int, count: int) -> ShardIndex:
     return index
 
 
-def _open_indexed(index: ShardIndex):
-    """The shard, unbuffered, refused if it is not the file version indexed (its offsets would be stale)."""
-    f = open(index.path, "rb", buffering=0)  # noqa: SIM115 -- the caller's with block closes it
+def _same_version(f, index: ShardIndex) -> None:
+    """Refuse a file changed since it was indexed rather than read it at stale offsets."""
     if _stamp(f) != index.stamp:
-        f.close()
         raise FerDistError(f"{index.path}: the shard changed while the run was reading it")
-    return f
 
 
 def shard_bytes(index: ShardIndex) -> bytes:
     """The whole shard in one read, as indexed."""
-    with _open_indexed(index) as f:
+    with open(index.path, "rb", buffering=0) as f:
+        _same_version(f, index)
         return f.read()
 
 
@@ -156,8 +154,7 @@ def read_samples(
     """(key, {field: bytes}) for the sample keys `keys` of an indexed shard, only the members in `fields`.
 
     One pread per member, straight into its bytes: no read-ahead buffer to copy through (a 1 MB one cost
-    more in cache misses for the decode that follows than the system calls it saved). A file changed
-    since it was indexed is refused rather than read at stale offsets.
+    more in cache misses for the decode that follows than the system calls it saved).
     """
     if keys.size == 0:
         return
@@ -166,7 +163,8 @@ def read_samples(
         bad = int(keys[(rows < 0) | (rows >= index.count)][0])
         raise FerDistError(f"{index.path}: sample {bad:08d} is not among the shard's {index.count}")
     cols = [(field, index.at[field][rows].tolist(), index.size[field][rows].tolist()) for field in fields]
-    with _open_indexed(index) as f:
+    with open(index.path, "rb", buffering=0) as f:
+        _same_version(f, index)
         fd, pread = f.fileno(), os.pread
         for j, key in enumerate(keys.tolist()):
             members = {}
