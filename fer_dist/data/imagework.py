@@ -21,6 +21,7 @@ import numpy as np
 from fer_dist.data.faces import align_face, to_channels
 from fer_dist.data.sources import ImageReadError
 from fer_dist.data.sources.base import ImageFile, decode_image, read_file
+from fer_dist.stopsignals import ensure_resource_tracker
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Processor:
         # child. An executor, not multiprocessing.Pool: a worker that dies (say, a caller's unguarded
         # __main__ re-run under spawn) raises BrokenProcessPool instead of being respawned forever.
         ctx = multiprocessing.get_context("spawn")
+        ensure_resource_tracker()  # spawn starts it otherwise, unprotected from a job's stop signals
         self.pool = ProcessPoolExecutor(self.helpers, mp_context=ctx, initializer=_init_worker)
         # Start every helper now: they import OpenCV while this process lists the source. They do no linear
         # algebra: without this, numpy's OpenBLAS starts a thread per core in each, and those threads spin

@@ -24,7 +24,6 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from multiprocessing import resource_tracker
 from multiprocessing.connection import wait
 
 import numpy as np
@@ -36,6 +35,7 @@ from fer_dist.data.augment import Transform
 from fer_dist.data.shardread import decode_png, parse_cls, read_samples
 from fer_dist.data.shardset import RunShard
 from fer_dist.errors import FerDistError
+from fer_dist.stopsignals import STOP_SIGNALS, ensure_resource_tracker, stop_signals_blocked
 
 # Batches up to this size leave a worker as bytes in the pickle; larger ones as a tensor in shared memory.
 # DataLoader gives every tensor a shared-memory segment of its own (create, map, pass the descriptor, map
@@ -153,7 +153,6 @@ class PassSampler(Sampler):
             yield list(zip(batch.tolist(), row, strict=True))
 
 
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}  # SIGINT: Ctrl-C reaches the whole group
 # Each worker re-runs the main module, which its fork server preloaded (worker_context): runpy warns that
 # the module is already imported, by design here, once per worker.
 warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import of package",
@@ -179,18 +178,13 @@ def _start(loader: DataLoader) -> Iterator:
     A stop request is the trainer's to handle at a step boundary (SLURM signals every process of the
     job). Started blocked, multiprocessing's resource tracker and the fork server never take one (SIGUSR1
     would end them), the workers hold any until _worker_init ignores them; here it waits until the workers
-    are started. The tracker's start unblocks SIGTERM and SIGINT in this thread (CPython bpo-33613): they
-    are blocked again before the server starts.
+    are started.
     """
     if not loader.num_workers:
         return iter(loader)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        resource_tracker.ensure_running()
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    ensure_resource_tracker()
+    with stop_signals_blocked():
         return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -201,9 +195,9 @@ def _worker_init(worker_id: int) -> None:
     of its keep-alive descriptor keeps alive: a trainer killed outright would leave server and workers
     behind. multiprocessing.parent_process() is the trainer; its sentinel becomes readable when it dies.
     """
-    for sig in _STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     # The server's heap (torch, OpenCV, the trainer's modules): full collections walking it would copy its
     # pages into every worker. The worker's own objects are still collected.
     gc.freeze()
