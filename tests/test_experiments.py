@@ -22,6 +22,7 @@ TOOLS = Path(__file__).resolve().parents[1] / "tools" / "experiments"
 sys.path.insert(0, str(TOOLS))
 from records import REQUIRED, add_record, read_records, recorded  # noqa: E402
 from report import mean_sd, render, verdict  # noqa: E402
+from run import code_checkout, environment  # noqa: E402
 from run import main as run_main  # noqa: E402
 from spec import read_experiment  # noqa: E402
 
@@ -81,11 +82,35 @@ def test_the_shipped_definitions_are_valid_and_name_the_papers_arms(monkeypatch)
     ({"colour": 1}, "colour: unknown key"), ({"seeds": [0, 0]}, "seeds"), ({"arms": {}}, "arms"),
     ({"arms": {"a": {"method.tau": 7}}}, "arms.a"), ({"arms": {"a": {"method.nope": 1}}}, "arms.a"),
     ({"test": [{"dir": "x"}]}, "test[0]"), ({"kind": "other"}, "kind"), ({"base": "missing.yaml"}, "base"),
+    ({"code": "main"}, "code"),
 ])
 def test_a_bad_definition_is_one_line_naming_the_field(tmp_path, change, field):
     path = _experiment(tmp_path, **change)
     with pytest.raises(FerDistError, match=f"{path}: {field}".replace("[", r"\[")):
         read_experiment(path)
+
+
+def test_a_pinned_code_checkout_comes_before_the_working_directory(tmp_path) -> None:
+    # `python -m` puts the working directory (this checkout) first on sys.path; the pinned checkout must win,
+    # in the trainer and in every process accelerate starts (they inherit the environment).
+    pinned = tmp_path / "pinned"
+    (pinned / "fer_dist").mkdir(parents=True)
+    (pinned / "fer_dist" / "__init__.py").write_text("PINNED = True\n")
+    exp = read_experiment(_experiment(tmp_path), check_configs=False)
+    probe = [sys.executable, "-c", "import fer_dist; print(getattr(fer_dist, 'PINNED', False))"]
+    ran = subprocess.run(probe, cwd=REPO, env=environment(exp, pinned), capture_output=True, text=True)
+    assert ran.stdout.strip() == "True", ran.stderr
+    unpinned = subprocess.run([sys.executable, "-m", "fer_dist.train", "--help"], cwd=REPO,
+                              env=environment(exp), capture_output=True, text=True)
+    assert unpinned.returncode == 0  # without a pin, this checkout's fer_dist
+
+
+def test_a_pinned_commit_that_does_not_exist_is_one_line(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    exp = read_experiment(_experiment(tmp_path, code="0000000"), check_configs=False)
+    with pytest.raises(FerDistError, match="code: cannot check out 0000000: "):
+        code_checkout(exp, tmp_path / "runs")
+    assert not (tmp_path / "runs" / "code" / "0000000").exists()
 
 
 def test_the_runner_refuses_bad_input_in_one_line_before_doing_anything(tmp_path, monkeypatch, capsys):

@@ -116,7 +116,9 @@ def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: 
     crossdb = exp.kind == "crossdb"
     lines = [f"## {exp.name}", "", exp.description.strip(), "",
              f"Definition `{exp.path}` (base `{exp.base}`; seeds {', '.join(map(str, exp.seeds))}; "
-             f"every arm: {_overrides(exp.schedule) or 'the base as it is'}), records `{results}`. Arms: "
+             f"every arm: {_overrides(exp.schedule) or 'the base as it is'}"
+             + (f"; trained with the fer_dist of commit {exp.code}" if exp.code else "")
+             + f"), records `{results}`. Arms: "
              + "; ".join(f"**{arm}** {_overrides(o) or '(the base)'}" for arm, o in exp.arms.items()) + ".",
              "", "Run (skips what is recorded, resumes what was interrupted):", "",
              f"    .venv/bin/python tools/experiments/run.py {exp.path}", ""]

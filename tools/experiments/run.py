@@ -73,12 +73,39 @@ def train_command(exp: Experiment, arm: str, seed: int, run_dir: Path, extra: li
     return [str(accelerate), "launch", "--config_file", exp.accelerate_config, *args]
 
 
-def environment(exp: Experiment) -> dict[str, str]:
-    """The training's environment: ours plus the experiment's (relative paths made absolute)."""
+def environment(exp: Experiment, code: Path | None = None) -> dict[str, str]:
+    """The training's environment: ours plus the experiment's (relative paths made absolute); with a
+    pinned `code` checkout, its fer_dist first: PYTHONSAFEPATH keeps `python -m` (and the processes
+    accelerate starts) from putting the working directory, this checkout, ahead of PYTHONPATH."""
     env = dict(os.environ)
     for key, value in exp.env.items():
         env[key] = str(Path(value).resolve()) if ("/" in value or value.startswith(".")) else value
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code.resolve()), *filter(None, [env.get("PYTHONPATH")])])
+        env["PYTHONSAFEPATH"] = "1"
     return env
+
+
+def code_checkout(exp: Experiment, runs_dir: Path) -> Path | None:
+    """The experiment's pinned commit checked out (a detached git worktree under runs_dir/code/), or None."""
+    if exp.code is None:
+        return None
+    path = runs_dir / "code" / exp.code
+    if not (path / "fer_dist" / "train.py").is_file():
+        made = subprocess.run(["git", "worktree", "add", "--detach", str(path), exp.code],
+                              capture_output=True, text=True)
+        if made.returncode:
+            raise FerDistError(f"{exp.path}: code: cannot check out {exp.code}: "
+                               f"{' '.join(made.stderr.split())}")
+    return path
+
+
+def code_commit(code: Path | None) -> str:
+    """The commit the training runs: the pinned checkout's, else this checkout's."""
+    if code is None:
+        return commit()
+    return subprocess.run(["git", "-C", str(code), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
 
 
 def run_child(cmd: list[str], env: dict[str, str]) -> int:
@@ -161,7 +188,10 @@ def recorded_twin(exp: Experiment, arm: str, seed: int, results: Path, extra: li
 def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_dir: Path, results: Path,
                    extra: list[str], dry_run: bool = False) -> int:
     """Every (seed, arm) not yet recorded: train, test, record. Returns the exit code."""
-    env = environment(exp)
+    checkout = None if dry_run else code_checkout(exp, runs_dir)
+    env = environment(exp, checkout)
+    if checkout is not None:
+        print(f"{exp.name}: training with the fer_dist of {exp.code} ({checkout})", flush=True)
     for cmd in shard_commands(exp):
         print("$ " + shlex.join(cmd), flush=True)
         if not dry_run and run_child(cmd, env):
@@ -187,7 +217,7 @@ def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_d
             print(f"{exp.name}: {arm} seed {seed}\n$ " + shlex.join(cmd), flush=True)
             if dry_run:
                 continue
-            tick, trained_at = time.monotonic(), commit()
+            tick, trained_at = time.monotonic(), code_commit(checkout)
             try:
                 code = run_child(cmd, env)
             finally:

@@ -7,6 +7,8 @@
     schedule: {method.warmup_epochs: 3}  # overrides every arm gets (the schedule, the machine's settings)
     env: {TORCH_HOME: ../shared/torch_home}
     launch: {}                          # one process; or {accelerate_config: launch_configs/accelerate/...}
+    code: cb96b42                       # optional: train with the fer_dist of this commit (every arm and seed
+                                        # of an experiment on one code, however main moves between sessions)
     seeds: [0, 1, 2]
     shards:                             # what `fer-dist shard` makes first where the folder is missing
       - {dataset: fer2013, src: ../shared/data/fer2013, out: shards/fer2013}
@@ -33,7 +35,7 @@ from fer_dist.config import load_config
 from fer_dist.errors import FerDistError
 
 KEYS = {"name", "kind", "description", "base", "schedule", "env", "launch", "seeds", "shards", "test",
-        "intensity", "arms"}
+        "intensity", "arms", "code"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -66,6 +68,7 @@ class Experiment:
     test: tuple[SetRef, ...]
     intensity: SetRef | None
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)
+    code: str | None = None
 
     def overrides(self, arm: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
         """key=value overrides of one arm and seed: schedule < arm < the runner's run.* < extra."""
@@ -142,6 +145,9 @@ def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
     tests = tree["test"]
     if not isinstance(tests, list) or not tests:
         raise _fail(path, "test", "a list of {dir, splits}, at least one")
+    code = tree.get("code")
+    if code is not None and not (isinstance(code, str) and re.fullmatch(r"[0-9a-f]{7,40}", code)):
+        raise _fail(path, "code", "a commit's hash (7 to 40 hex digits)")
     kind = tree.get("kind", "ablation")
     if kind not in ("ablation", "crossdb"):
         raise _fail(path, "kind", f"ablation or crossdb (got {kind!r})")
@@ -152,7 +158,7 @@ def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
         seeds=tuple(seeds), shards=tuple(shards),
         test=tuple(_set_ref(path, f"test[{i}]", t) for i, t in enumerate(tests)),
         intensity=_set_ref(path, "intensity", tree["intensity"]) if tree.get("intensity") else None,
-        arms=arms,
+        arms=arms, code=code,
     )
     if not exp.base.is_file():
         raise _fail(path, "base", f"{exp.base} not found")
