@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fer_dist.hashing import mix64
+
 UNLABELLED = -1
 
 
@@ -210,16 +212,9 @@ def _sorted_unique(ids: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def id_hash(ids: torch.Tensor, key: int) -> torch.Tensor:
-    """A 63-bit pseudo-random rank per id, a pure function of (key, id): splitmix64's finaliser.
-
-    int64 arithmetic wraps as uint64 would, bit for bit; logical right shifts are made from arithmetic
-    ones by masking, so the values are the same on every platform and torch version."""
-    x = ids.to("cpu", torch.long) ^ (key & (2**63 - 1))
-    # The multipliers 0xbf58476d1ce4e5b9 and 0x94d049bb133111eb as int64.
-    for shift, mult in ((30, -4658895280553007687), (27, -7723592293110705685)):
-        x = (x ^ ((x >> shift) & ((1 << (64 - shift)) - 1))) * mult
-    x = x ^ ((x >> 31) & ((1 << 33) - 1))
-    return x & (2**63 - 1)
+    """A 63-bit pseudo-random rank per id, a pure function of (key, id): splitmix64 of id ^ key."""
+    x = ids.to("cpu", torch.long).numpy().astype(np.uint64) ^ np.uint64(key & (2**63 - 1))
+    return torch.from_numpy((mix64(x) & np.uint64(2**63 - 1)).astype(np.int64))
 
 
 def _smallest(ids: torch.Tensor, key: int, n: int) -> torch.Tensor:

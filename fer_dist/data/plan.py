@@ -23,8 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fer_dist.errors import FerDistError
-
-_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+from fer_dist.hashing import GOLDEN, mix64
 
 
 def derive_seed(*parts: int) -> int:
@@ -38,10 +37,8 @@ def sample_seeds(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
 
     A vectorised hash rather than derive_seed per sample: SeedSequence costs more than the face's decode.
     """
-    x = np.uint64(derive_seed(seed, epoch)) ^ (np.asarray(ids, dtype=np.uint64) * _MIX[0])
-    x = (x ^ (x >> np.uint64(30))) * _MIX[1]
-    x = (x ^ (x >> np.uint64(27))) * _MIX[2]
-    return ((x ^ (x >> np.uint64(31))) >> np.uint64(1)).astype(np.int64)
+    x = np.uint64(derive_seed(seed, epoch)) ^ (np.asarray(ids, dtype=np.uint64) * GOLDEN)
+    return (mix64(x) >> np.uint64(1)).astype(np.int64)
 
 
 def selected_ids(ranges: Sequence[tuple[int, int]], include: np.ndarray) -> np.ndarray:
