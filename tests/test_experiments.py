@@ -222,6 +222,7 @@ def _runner(tmp: Path, path: Path, *args: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # three trainings and six runner invocations: over 300 s on a loaded 2-core machine
 def test_runner_end_to_end_skips_recorded_and_resumes_an_interrupted_arm(tmp_path):
     path = _experiment(tmp_path)
     done = subprocess.run(_runner(tmp_path, path), cwd=tmp_path, capture_output=True, text=True, timeout=600)
