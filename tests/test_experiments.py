@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ import yaml
 TOOLS = Path(__file__).resolve().parents[1] / "tools" / "experiments"
 sys.path.insert(0, str(TOOLS))
 from records import REQUIRED, add_record, read_records, recorded  # noqa: E402
-from report import mean_sd, render, verdict  # noqa: E402
+from report import interval, mean_sd, render, verdict  # noqa: E402
 from run import code_checkout, environment  # noqa: E402
 from run import main as run_main  # noqa: E402
 from spec import read_experiment  # noqa: E402
@@ -82,7 +83,8 @@ def test_the_shipped_definitions_are_valid_and_name_the_papers_arms(monkeypatch)
     ({"colour": 1}, "colour: unknown key"), ({"seeds": [0, 0]}, "seeds"), ({"arms": {}}, "arms"),
     ({"arms": {"a": {"method.tau": 7}}}, "arms.a"), ({"arms": {"a": {"method.nope": 1}}}, "arms.a"),
     ({"test": [{"dir": "x"}]}, "test[0]"), ({"kind": "other"}, "kind"), ({"base": "missing.yaml"}, "base"),
-    ({"code": "main"}, "code"),
+    ({"code": "main"}, "code"), ({"reading": {"why": "x"}}, "reading"),
+    ({"reading": {"levels": 1}}, "reading"),
 ])
 def test_a_bad_definition_is_one_line_naming_the_field(tmp_path, change, field):
     path = _experiment(tmp_path, **change)
@@ -163,8 +165,33 @@ def test_results_give_mean_spread_and_paired_gains(tmp_path, monkeypatch):
     # gains 3, 2, 4 points: mean 3, sd 1, standard error 0.577
     assert ("smoothing vs baseline, label smoothing alone: +3.00 ± 1.00 points over 3 paired seeds (a gain"
             in text)
-    assert "the paper reports +2.0 points, ours has the same sign as it" in text
+    # the 95 % t interval over 3 seeds: 3 -+ 4.303 / sqrt(3) = 0.52 to 5.48, which holds the paper's +2
+    assert "per seed +3.00, +2.00, +4.00; 95 % interval +0.52 to +5.48)" in text
+    assert "the paper reports +2.0 points, inside our interval" in text
     assert "No runs are recorded yet" not in text
+    assert "Test set: " not in text  # these records give no n_test
+
+
+def test_results_read_intensity_resolution_and_the_setting(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    setting = {"setting": "a tiny   synthetic\nset.", "levels": False}
+    exp = _experiment(tmp_path, arms={"baseline": {}, "both": {}}, seeds=[0, 1], reading=setting)
+    for seed, (b, s) in enumerate([(0.5, 0.75), (0.5, 0.5)]):
+        for arm, acc, rho in (("baseline", b, 0.5 + seed / 10), ("both", s, 0.9)):
+            add_record(tmp_path / "results" / "tiny.json", dict(
+                _record(arm, seed, acc), n_test=40, intensity={"spearman_mean": rho, "mean_abs_step": 0.1}))
+    text = render([read_experiment(exp, check_configs=False)], tmp_path / "results")
+    assert "| both | 0, 1 | 0.900 ± 0.000 | 0.100 ± 0.000 |" in text
+    # rho gains 0.4 and 0.3: mean 0.35, sd 0.0707, 12.706 x 0.05 = 0.635
+    assert "- both vs baseline, smoothing and unlabelled data (the method): +0.350 ± 0.071 over 2" in text
+    assert "95 % interval -0.285 to +0.985)" in text
+    assert "Test set: 40 faces, one face = 2.50 points" in text  # sqrt(.5625 * .4375 / 40) = 7.84 %
+    assert "binomial standard error of one model's accuracy near 56 % is 7.84 points." in text
+    assert "Where this setting differs from the paper's: a tiny synthetic set." in text
+    assert "Levels:" not in text
+    exp = _experiment(tmp_path, arms={"baseline": {}, "both": {}}, seeds=[0, 1], reading={"levels": True})
+    assert "- Levels: our baseline 50.00 %" in render([read_experiment(exp, check_configs=False)],
+                                                      tmp_path / "results")
 
 
 def test_crossdb_results_show_other_test_sets_and_twin_runs(tmp_path, monkeypatch):
@@ -180,7 +207,7 @@ def test_crossdb_results_show_other_test_sets_and_twin_runs(tmp_path, monkeypatc
     assert "| no_unlabelled (trained as ablation:smoothing) | 0 | syn:test | 40.00 | 30.00 | 60.00 |" in text
     assert "unlabelled_target vs no_unlabelled" in text and "+5.00 points from one seed" in text
     # +5 against the paper's +11; the records' confident counts fall from 10 to 5, and the reading says so
-    assert "differs by -6.00 points" in text and "a selection that shrinks from the first round" in text
+    assert "(ours -6.00 points from it)" in text and "the selection shrinks from the first round" in text
     grown = dict(_record("unlabelled_target", 1, 0.5), confident_per_round=[5, 10])
     add_record(tmp_path / "results" / "tiny.json", dict(_record("no_unlabelled", 1, 0.4)))
     (tmp_path / "results" / "tiny.json").write_text(json.dumps(
@@ -194,6 +221,11 @@ def test_verdict_and_mean_sd_known_answers():
     assert "not distinguishable from seed noise" in verdict([1.0, -1.0, 0.5])
     assert "a loss" in verdict([-3.0, -3.5, -2.5])
     assert "one seed" in verdict([2.0])
+    # 4 seeds: t(0.975, 3) = 3.182; 15 seeds: t(0.975, 14) = 2.145, which the approximation meets to 0.01
+    assert "95 % interval -0.60 to +4.60" in verdict([0.0, 2.0, 2.0, 4.0])  # sd (8/3)^0.5, half 2.598
+    gains = [1.0, 3.0] * 7 + [2.0]
+    lo, hi = interval(gains)
+    assert abs((hi - lo) / 2 / (statistics.stdev(gains) / 15 ** 0.5) - 2.145) < 0.01
 
 
 def test_a_stop_signal_to_the_runner_reaches_the_training_and_stops_the_runner(tmp_path):

@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,23 +62,58 @@ def by_arm(records: list[dict[str, Any]], arms: list[str]) -> dict[str, list[dic
     return out
 
 
-def paired_gain(arm: list[dict[str, Any]], ref: list[dict[str, Any]]) -> tuple[list[float], list[int]]:
-    """Test-accuracy gains in points, arm minus reference, over the seeds both have."""
-    ref_by_seed = {r["seed"]: r["test_accuracy"] for r in ref}
+def paired_gain(arm: list[dict[str, Any]], ref: list[dict[str, Any]],
+                value: Callable[[dict[str, Any]], float] = lambda r: 100 * r["test_accuracy"],
+                ) -> tuple[list[float], list[int]]:
+    """Arm minus reference over the seeds both have (default: test accuracy in points)."""
+    ref_by_seed = {r["seed"]: value(r) for r in ref}
     both = [r for r in arm if r["seed"] in ref_by_seed]
-    return [100 * (r["test_accuracy"] - ref_by_seed[r["seed"]]) for r in both], [r["seed"] for r in both]
+    return [value(r) - ref_by_seed[r["seed"]] for r in both], [r["seed"] for r in both]
 
 
-def verdict(gains: list[float]) -> str:
-    """Plain words for a paired gain: a sign only where it stands clear of the seeds' spread."""
+# Two-sided 95 % quantiles of Student's t for 1..10 degrees of freedom; beyond, 1.96 + 2.5/df is within 0.01.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def interval(gains: list[float]) -> tuple[float, float]:
+    """The 95 % t interval of the mean of paired gains (at least two)."""
     m, s = mean_sd(gains)
+    df = len(gains) - 1
+    half = (T975[df - 1] if df <= len(T975) else 1.96 + 2.5 / df) * s / len(gains) ** 0.5
+    return m - half, m + half
+
+
+def verdict(gains: list[float], unit: str = " points", digits: int = 2) -> str:
+    """Plain words for a paired gain: a sign only where the 95 % interval of its mean excludes 0."""
+    m, s = mean_sd(gains)
+    f = f"+.{digits}f"
     if len(gains) < 2:
-        return f"{m:+.2f} points from one seed: no spread to judge it by"
-    sem = s / len(gains) ** 0.5
-    clear = abs(m) > 2 * sem
-    word = ("a gain" if m > 0 else "a loss") if clear else "not distinguishable from seed noise"
-    return (f"{m:+.2f} ± {s:.2f} points over {len(gains)} paired seeds ({word}; 2 x standard error "
-            f"{2 * sem:.2f})")
+        return f"{m:{f}}{unit} from one seed: no spread to judge it by"
+    lo, hi = interval(gains)
+    word = ("a gain" if m > 0 else "a loss") if lo > 0 or hi < 0 else "not distinguishable from seed noise"
+    return (f"{m:{f}} ± {s:.{digits}f}{unit} over {len(gains)} paired seeds ({word}; per seed "
+            f"{', '.join(f'{g:{f}}' for g in gains)}; 95 % interval {lo:{f}} to {hi:{f}})")
+
+
+def against_paper(gains: list[float], paper: float) -> str:
+    """Where the paper's gain lies against ours: inside or outside our interval, or by sign for one seed."""
+    m = statistics.fmean(gains)
+    if len(gains) < 2:
+        agree = "the same sign as" if (m > 0) == (paper > 0) else "the opposite sign of"
+        return f"the paper reports {paper:+.1f} points, ours has {agree} it"
+    lo, hi = interval(gains)
+    where = "inside" if lo <= paper <= hi else ("above" if paper > hi else "below")
+    return f"the paper reports {paper:+.1f} points, {where} our interval"
+
+
+def resolution(records: list[dict[str, Any]]) -> str:
+    """How finely the test set measures: one face in points, and the binomial standard error at its mean."""
+    sizes = sorted({r["n_test"] for r in records if "n_test" in r})
+    if len(sizes) != 1:
+        return ""
+    n, p = sizes[0], statistics.fmean(r["test_accuracy"] for r in records)
+    return (f" Test set: {n} faces, one face = {100 / n:.2f} points; the binomial standard error of one "
+            f"model's accuracy near {100 * p:.0f} % is {100 * (p * (1 - p) / n) ** 0.5:.2f} points.")
 
 
 def arm_table(groups: dict[str, list[dict[str, Any]]], crossdb: bool) -> list[str]:
@@ -129,19 +165,28 @@ def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: 
     dates = sorted(r.get("date", "") for r in records)
     commits = sorted({r["commit"] for r in records})
     lines += [f"{len(records)} records, {dates[0]} to {dates[-1]}; machine: {'; '.join(machines)}; "
-              f"commit: {', '.join(commits)}. Means ± sample standard deviation over seeds.", ""]
+              f"commit: {', '.join(commits)}. Means ± sample standard deviation over seeds."
+              + resolution(records), ""]
     lines += arm_table(groups, crossdb) + [""]
     if any("intensity" in r for r in records):
         lines += ["Intensity (synthetic test sequences: Spearman's rho between the predicted probability of "
                   "the sequence's expression and the true intensity, mean over sequences; and the mean "
                   "absolute step of that probability between neighbouring frames):", "",
-                  "| arm | rho | mean step |", "| --- | --- | --- |"]
+                  "| arm | seeds | rho | mean step |", "| --- | --- | --- | --- |"]
         for arm, rows in groups.items():
-            got = [r["intensity"] for r in rows if "intensity" in r]
+            got = [r for r in rows if "intensity" in r]
             if got:
-                rho, _ = mean_sd([g["spearman_mean"] for g in got])
-                step, _ = mean_sd([g["mean_abs_step"] for g in got])
-                lines.append(f"| {arm} | {rho:.3f} | {step:.3f} |")
+                cells = [", ".join(str(r["seed"]) for r in got)]
+                for key in ("spearman_mean", "mean_abs_step"):
+                    m, sd = mean_sd([r["intensity"][key] for r in got])
+                    cells.append(f"{m:.3f} ± {sd:.3f}" if len(got) > 1 else f"{m:.3f}")
+                lines.append(f"| {arm} | {' | '.join(cells)} |")
+        lines += ["", "Intensity, paired by seed (rho, arm minus reference):", ""]
+        for arm, ref, _, words in COMPARISONS["ablation"]:
+            rows = {a: [r for r in groups.get(a, []) if "intensity" in r] for a in (arm, ref)}
+            gains, _ = paired_gain(rows[arm], rows[ref], lambda r: r["intensity"]["spearman_mean"])
+            if gains:
+                lines.append(f"- {arm} vs {ref}, {words}: {verdict(gains, unit='', digits=3)}.")
         lines.append("")
     lines += reading(exp, groups, crossdb)
     return lines
@@ -151,6 +196,12 @@ def shrinking(rows: list[dict[str, Any]]) -> bool:
     """Whether the confident count of the last round is below the first's, on average over seeds."""
     runs = [r["confident_per_round"] for r in rows if len(r["confident_per_round"]) > 1]
     return bool(runs) and statistics.fmean(c[-1] - c[0] for c in runs) < 0
+
+
+def _last_round(rows: list[dict[str, Any]], key: str) -> float:
+    """The mean over seeds of a per-round list's last value (thresholds: their mean over classes)."""
+    last = [r[key][-1] for r in rows if r.get(key)]
+    return statistics.fmean(statistics.fmean(v) if isinstance(v, list) else v for v in last) if last else 0.0
 
 
 def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]], crossdb: bool) -> list[str]:
@@ -164,27 +215,30 @@ def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]], crossdb: b
             continue
         line = f"- {arm} vs {ref}, {words}: {verdict(gains)}"
         if paper is not None:
-            m = statistics.fmean(gains)
-            agree = "the same sign as" if (m > 0) == (paper > 0) else "the opposite sign of"
-            line += f"; the paper reports {paper:+.1f} points, ours has {agree} it"
-            if abs(m - paper) > 1.0:
-                line += (f" and differs by {m - paper:+.2f} points. Likely reasons at this scale: a short "
-                         "CPU schedule (see the experiment's schedule) and MobileNetV2 (ImageNet) at 48 px "
-                         "instead of a fine-tuned VGG-Face")
+            line += "; " + against_paper(gains, paper)
+            if abs(statistics.fmean(gains) - paper) > 1.0:
+                line += f" (ours {statistics.fmean(gains) - paper:+.2f} points from it)"
                 if shrinking(groups[arm]):
-                    line += (", and a selection that shrinks from the first round to the last (the "
-                             "confident counts above)")
+                    line += ("; the selection shrinks from the first round to the last (the confident "
+                             "counts above)")
         if arm == "both_adaptive":
-            conf = [statistics.fmean(r["confident_per_round"][-1:] or [0]) for r in groups[arm]]
-            base = [statistics.fmean(r["confident_per_round"][-1:] or [0]) for r in groups[ref]]
-            line += (f"; confident samples in the last round: {statistics.fmean(conf):.0f} (adaptive) vs "
-                     f"{statistics.fmean(base):.0f} (fixed tau)")
+            ours, theirs = (_last_round(groups[a], "confident_per_round") for a in (arm, ref))
+            line += f"; confident samples in the last round: {ours:.0f} (adaptive) vs {theirs:.0f} (fixed)"
+            if any(r.get("thresholds_per_round") for r in groups[arm]):
+                line += (f", at a mean threshold over the classes of "
+                         f"{_last_round(groups[arm], 'thresholds_per_round'):.2f} against "
+                         f"{_last_round(groups[ref], 'thresholds_per_round'):.2f}")
         out.append(line + ".")
-    if not crossdb and "baseline" in groups:
+    if exp.compare_levels and "baseline" in groups:
         level = statistics.fmean(100 * r["test_accuracy"] for r in groups["baseline"])
         out.append(f"- Levels: our baseline {level:.2f} % against the paper's {PAPER['baseline']:.2f} % "
-                   f"(VGG-Face; proposed {PAPER['proposed']:.2f} %): at CPU scale compare gains, not levels.")
-    return out + [""] if len(out) > 2 else out + ["No comparison has both of its arms recorded yet.", ""]
+                   f"(VGG-Face; proposed {PAPER['proposed']:.2f} %): at this scale compare gains, not "
+                   "levels.")
+    if len(out) == 2:
+        return out + ["No comparison has both of its arms recorded yet.", ""]
+    if exp.setting:
+        out += ["", f"Where this setting differs from the paper's: {exp.setting}"]
+    return out + [""]
 
 
 def render(experiments: list[Experiment], results_dir: Path) -> str:

@@ -16,6 +16,9 @@
     intensity: {dir: shards/synthetic, splits: [test]}   # optional: the synthetic set's true intensity
     arms:                               # arm -> the overrides that make it
       baseline: {method.label_smoothing: false, method.self_training: false}
+    reading:                            # optional, for RESULTS.md's reading against the paper
+      setting: how this setting differs from the paper's (why its gains may differ), one paragraph
+      levels: true                      # whether the baseline's level is comparable with the paper's 69.57 %
 
 Relative paths are relative to the working directory (the repository root, as for the trainer). Every
 error names the file and the field, on one line.
@@ -35,7 +38,7 @@ from fer_dist.config import load_config
 from fer_dist.errors import FerDistError
 
 KEYS = {"name", "kind", "description", "base", "schedule", "env", "launch", "seeds", "shards", "test",
-        "intensity", "arms", "code"}
+        "intensity", "arms", "code", "reading"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -69,6 +72,8 @@ class Experiment:
     intensity: SetRef | None
     arms: dict[str, dict[str, Any]] = field(default_factory=dict)
     code: str | None = None
+    setting: str = ""
+    compare_levels: bool = False
 
     def overrides(self, arm: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
         """key=value overrides of one arm and seed: schedule < arm < the runner's run.* < extra."""
@@ -151,6 +156,11 @@ def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
     kind = tree.get("kind", "ablation")
     if kind not in ("ablation", "crossdb"):
         raise _fail(path, "kind", f"ablation or crossdb (got {kind!r})")
+    reading = _mapping(path, tree, "reading")
+    if set(reading) - {"setting", "levels"}:
+        raise _fail(path, "reading", "the keys are setting (text) and levels (true or false)")
+    if not isinstance(reading.get("setting", ""), str) or not isinstance(reading.get("levels", False), bool):
+        raise _fail(path, "reading", "setting is text, levels is true or false")
     exp = Experiment(
         path=path, name=name, kind=kind, description=str(tree.get("description", "")),
         base=Path(tree["base"]), schedule=_mapping(path, tree, "schedule"),
@@ -158,7 +168,8 @@ def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
         seeds=tuple(seeds), shards=tuple(shards),
         test=tuple(_set_ref(path, f"test[{i}]", t) for i, t in enumerate(tests)),
         intensity=_set_ref(path, "intensity", tree["intensity"]) if tree.get("intensity") else None,
-        arms=arms, code=code,
+        arms=arms, code=code, setting=" ".join(reading.get("setting", "").split()),
+        compare_levels=reading.get("levels", False),
     )
     if not exp.base.is_file():
         raise _fail(path, "base", f"{exp.base} not found")
