@@ -22,7 +22,8 @@ import yaml
 TOOLS = Path(__file__).resolve().parents[1] / "tools" / "experiments"
 sys.path.insert(0, str(TOOLS))
 from records import REQUIRED, add_record, read_records, recorded  # noqa: E402
-from report import interval, mean_sd, render, verdict  # noqa: E402
+from report import README_BEGIN, README_END, interval, mean_sd, render, verdict  # noqa: E402
+from report import main as report_main  # noqa: E402
 from run import code_checkout, environment  # noqa: E402
 from run import main as run_main  # noqa: E402
 from spec import read_experiment  # noqa: E402
@@ -214,6 +215,28 @@ def test_crossdb_results_show_other_test_sets_and_twin_runs(tmp_path, monkeypatc
         [r for r in read_records(tmp_path / "results" / "tiny.json") if r["arm"] != "unlabelled_target"]
         + [grown]))
     assert "shrinks" not in render([read_experiment(exp, check_configs=False)], tmp_path / "results")
+
+
+def test_report_rewrites_the_readme_block_only_and_refuses_a_readme_without_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exps").mkdir()
+    _experiment(tmp_path, "exps/tiny.yaml", arms={"baseline": {}, "smoothing": {}}, seeds=[0, 1])
+    for seed, (b, s) in enumerate([(0.50, 0.53), (0.52, 0.56)]):
+        add_record(tmp_path / "results" / "tiny.json", _record("baseline", seed, b))
+        add_record(tmp_path / "results" / "tiny.json", _record("smoothing", seed, s))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# head\n{README_BEGIN}\nold table\n{README_END}\ntail\n")
+    args = ["--experiments", "exps", "--results-dir", "results", "--out", "R.md", "--readme", str(readme)]
+    assert report_main(args) == 0
+    text = readme.read_text()
+    assert text.startswith(f"# head\n{README_BEGIN}\n| experiment") and text.endswith(f"{README_END}\ntail\n")
+    assert "old table" not in text and "| tiny (syn:test) | baseline | 2 | 51.00 ± 1.41 |" in text
+    # gains 3 and 4 points: mean 3.5, sd 0.707, 12.706 x 0.5 = 6.35
+    assert "| smoothing | 2 | 54.50 ± 2.12 | baseline | +3.50 (-2.85 to +9.85) | - |" in text
+    assert "4 records, 2026-12-01 00:00 UTC to 2026-12-01 00:00 UTC; machines: test; commits: abc." in text
+    readme.write_text("no block\n")
+    assert report_main(args) == 2 and readme.read_text() == "no block\n"
+    assert f"{readme}: expected one line" in capsys.readouterr().err
 
 
 def test_verdict_and_mean_sd_known_answers():

@@ -207,7 +207,7 @@ def _last_round(rows: list[dict[str, Any]], key: str) -> float:
 def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]], crossdb: bool) -> list[str]:
     """The reading against the paper: each comparison's paired gain, beside the paper's where it has one."""
     out = ["Reading (test accuracy, paired by seed):", ""]
-    for arm, ref, paper, words in COMPARISONS["crossdb" if crossdb else "ablation"]:
+    for arm, ref, paper, words in COMPARISONS[exp.kind]:
         if arm not in groups or ref not in groups:
             continue
         gains, _ = paired_gain(groups[arm], groups[ref])
@@ -263,22 +263,87 @@ def render(experiments: list[Experiment], results_dir: Path) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+README_BEGIN = "<!-- results: made by tools/experiments/report.py from docs/results/; do not edit by hand -->"
+README_END = "<!-- results end -->"
+
+
+def gain_cell(gains: list[float]) -> str:
+    if not gains:
+        return "-"
+    m = statistics.fmean(gains)
+    if len(gains) < 2:
+        return f"{m:+.2f} (1 seed)"
+    lo, hi = interval(gains)
+    return f"{m:+.2f} ({lo:+.2f} to {hi:+.2f})"
+
+
+def summary(experiments: list[Experiment], results_dir: Path) -> str:
+    """The README's table: each recorded arm's test accuracy and its paired gain over its reference."""
+    lines = ["| experiment (test set) | arm | seeds | test acc % | gain over | points (95 % interval) | "
+             "intensity rho |", "|" + " --- |" * 7]
+    every: list[dict[str, Any]] = []
+    for exp in experiments:
+        records = read_records(results_dir / f"{exp.name}.json")
+        if not records:
+            continue
+        every += records
+        groups = by_arm(records, list(exp.arms))
+        refs = {arm: ref for arm, ref, _, _ in COMPARISONS[exp.kind]}
+        first = True
+        for arm, rows in groups.items():
+            ref = refs.get(arm)
+            gains = paired_gain(rows, groups[ref])[0] if ref in groups else []
+            rho = [r["intensity"]["spearman_mean"] for r in rows if "intensity" in r]
+            lines.append("| " + " | ".join([
+                f"{exp.name} ({rows[0].get('test_set', '?')})" if first else "", arm, str(len(rows)),
+                pct([r["test_accuracy"] for r in rows]), ref if gains else "", gain_cell(gains),
+                (f"{mean_sd(rho)[0]:.3f}" if rho else "-")]) + " |")
+            first = False
+    if not every:
+        return "No experiment has a record yet (see Experiments below)."
+    dates = sorted(r.get("date", "") for r in every)
+    machines = "; ".join(sorted({r["machine"] for r in every}))
+    return "\n".join(lines + ["", f"{len(every)} records, {dates[0]} to {dates[-1]}; machines: {machines}; "
+                                  "commits: " + ", ".join(sorted({r["commit"] for r in every})) + "."])
+
+
+def replace_block(text: str, block: str, where: Path) -> str:
+    """`text` with what lies between the README's markers replaced by `block`."""
+    if not (text.count(README_BEGIN) == text.count(README_END) == 1
+            and text.index(README_BEGIN) < text.index(README_END)):
+        raise FerDistError(f"{where}: expected one line {README_BEGIN!r} and, after it, one {README_END!r}")
+    head, rest = text.split(README_BEGIN)
+    return head + README_BEGIN + "\n" + block + "\n" + README_END + rest.split(README_END, 1)[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--experiments", type=Path, default=Path("launch_configs/experiments"))
     p.add_argument("--results-dir", type=Path, default=Path("docs/results"))
     p.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
+    p.add_argument("--readme", type=Path, default=Path("README.md"),
+                   help="the file whose results block gets the summary table ('' for none)")
     args = p.parse_args(argv)
     try:
         files = sorted(args.experiments.glob("*.yaml"))
         if not files:
             raise FerDistError(f"{args.experiments}: no experiment definition (*.yaml)")
-        text = render([read_experiment(f, check_configs=False) for f in files], args.results_dir)
+        experiments = [read_experiment(f, check_configs=False) for f in files]
+        text = render(experiments, args.results_dir)
+        readme = None
+        if str(args.readme):
+            if not args.readme.is_file():
+                raise FerDistError(f"{args.readme}: not found (--readme '' writes no summary)")
+            block = summary(experiments, args.results_dir)
+            readme = replace_block(args.readme.read_text(), block, args.readme)
     except FerDistError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_text_atomic(args.out, text)
     print(f"wrote {args.out}")
+    if readme is not None:
+        write_text_atomic(args.readme, readme)
+        print(f"wrote the results block of {args.readme}")
     return 0
 
 
