@@ -1,12 +1,14 @@
 """docs/RESULTS.md from the records in docs/results/*.json and the definitions in launch_configs/experiments/.
 
     .venv/bin/python tools/experiments/report.py [--experiments launch_configs/experiments]
-        [--results-dir docs/results] [--out docs/RESULTS.md]
+        [--results-dir docs/results] [--out docs/RESULTS.md] [--readme README.md]
 
 Everything in the page is computed from the records: per arm the mean and spread (sample standard
 deviation over seeds) of test accuracy, macro-F1 and validation accuracy, the rounds and the confident /
-drawn unlabelled samples per round; gains against the experiment's reference arm paired by seed; the
-intensity metric where recorded; the reading against the paper's figures. With no record, it says so.
+drawn unlabelled samples per round; gains against the experiment's reference arm paired by seed, with the
+95 % t interval of their mean; the intensity metric where recorded; the reading against the paper's
+figures, with the experiment's own `reading.setting`. With no record, it says so. The README's results
+block (between its two markers) gets the summary table.
 """
 
 from __future__ import annotations
