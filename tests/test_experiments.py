@@ -237,6 +237,7 @@ def test_report_rewrites_the_readme_block_only_and_refuses_a_readme_without_it(t
     readme.write_text("no block\n")
     assert report_main(args) == 2 and readme.read_text() == "no block\n"
     assert f"{readme}: expected one line" in capsys.readouterr().err
+    assert report_main(args[:-1] + [""]) == 0 and readme.read_text() == "no block\n"  # --readme '': none
 
 
 def test_verdict_and_mean_sd_known_answers():

@@ -190,7 +190,7 @@ def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: 
             if gains:
                 lines.append(f"- {arm} vs {ref}, {words}: {verdict(gains, unit='', digits=3)}.")
         lines.append("")
-    lines += reading(exp, groups, crossdb)
+    lines += reading(exp, groups)
     return lines
 
 
@@ -206,7 +206,7 @@ def _last_round(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.fmean(statistics.fmean(v) if isinstance(v, list) else v for v in last) if last else 0.0
 
 
-def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]], crossdb: bool) -> list[str]:
+def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The reading against the paper: each comparison's paired gain, beside the paper's where it has one."""
     out = ["Reading (test accuracy, paired by seed):", ""]
     for arm, ref, paper, words in COMPARISONS[exp.kind]:
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiments", type=Path, default=Path("launch_configs/experiments"))
     p.add_argument("--results-dir", type=Path, default=Path("docs/results"))
     p.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
-    p.add_argument("--readme", type=Path, default=Path("README.md"),
+    p.add_argument("--readme", default="README.md",
                    help="the file whose results block gets the summary table ('' for none)")
     args = p.parse_args(argv)
     try:
@@ -332,20 +332,20 @@ def main(argv: list[str] | None = None) -> int:
             raise FerDistError(f"{args.experiments}: no experiment definition (*.yaml)")
         experiments = [read_experiment(f, check_configs=False) for f in files]
         text = render(experiments, args.results_dir)
-        readme = None
-        if str(args.readme):
-            if not args.readme.is_file():
-                raise FerDistError(f"{args.readme}: not found (--readme '' writes no summary)")
+        readme, readme_path = None, Path(args.readme)
+        if args.readme:
+            if not readme_path.is_file():
+                raise FerDistError(f"{readme_path}: not found (--readme '' writes no summary)")
             block = summary(experiments, args.results_dir)
-            readme = replace_block(args.readme.read_text(), block, args.readme)
+            readme = replace_block(readme_path.read_text(), block, readme_path)
     except FerDistError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     write_text_atomic(args.out, text)
     print(f"wrote {args.out}")
     if readme is not None:
-        write_text_atomic(args.readme, readme)
-        print(f"wrote the results block of {args.readme}")
+        write_text_atomic(readme_path, readme)
+        print(f"wrote the results block of {readme_path}")
     return 0
 
 
