@@ -240,6 +240,19 @@ def test_report_rewrites_the_readme_block_only_and_refuses_a_readme_without_it(t
     assert report_main(args[:-1] + [""]) == 0 and readme.read_text() == "no block\n"  # --readme '': none
 
 
+def test_results_show_warmups_that_ran_their_whole_budget(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exp = _experiment(tmp_path, arms={"baseline": {"method.warmup_epochs": 3}, "both": {}}, seeds=[0, 1])
+    curves = {("baseline", 0): [0.5, 0.6, 0.62], ("baseline", 1): [0.5, 0.55], ("both", 0): [0.4, 0.5, 0.6]}
+    for (arm, seed), curve in curves.items():
+        record = dict(_record(arm, seed, 0.5), val_per_warmup_epoch=curve)
+        add_record(tmp_path / "results" / "tiny.json", record)
+    text = render([read_experiment(exp, check_configs=False)], tmp_path / "results")
+    # baseline seed 1 stopped early (2 of 3 epochs) and `both` has no budget of its own: one run is shown
+    assert "| baseline | 0 | 50.00 60.00 62.00 |" in text and "| 40.00 50.00 60.00 |" not in text
+    assert "validation accuracy moved by +12.00 ± 0.00 points (1 run;" in text
+
+
 def test_verdict_and_mean_sd_known_answers():
     assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)
     assert "not distinguishable from seed noise" in verdict([1.0, -1.0, 0.5])

@@ -67,6 +67,7 @@ def run_record(run_dir: Path) -> dict[str, Any]:
         "confident_per_round": [r["unlabelled/confident"] for r in rounds],
         "drawn_per_round": [r["unlabelled/drawn"] for r in rounds],
         "val_per_round": [r["val/acc"] for r in rounds],
+        "val_per_warmup_epoch": warm,
     }
     if any("unlabelled/thresholds" in r for r in rounds):
         out["thresholds_per_round"] = [r.get("unlabelled/thresholds") for r in rounds]

@@ -169,7 +169,7 @@ def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: 
     lines += [f"{len(records)} records, {dates[0]} to {dates[-1]}; machine: {'; '.join(machines)}; "
               f"commit: {', '.join(commits)}. Means ± sample standard deviation over seeds."
               + resolution(records), ""]
-    lines += arm_table(groups, crossdb) + [""]
+    lines += arm_table(groups, crossdb) + [""] + warmup_curves(exp, groups)
     if any("intensity" in r for r in records):
         lines += ["Intensity (synthetic test sequences: Spearman's rho between the predicted probability of "
                   "the sequence's expression and the true intensity, mean over sequences; and the mean "
@@ -192,6 +192,27 @@ def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: 
         lines.append("")
     lines += reading(exp, groups)
     return lines
+
+
+def warmup_curves(exp: Experiment, groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Validation accuracy per epoch of the warm-ups that ran their whole budget of 3 epochs or more: was
+    the model still learning when the budget stopped it?"""
+    def ran_whole_budget(arm: str, record: dict[str, Any]) -> bool:
+        budget = {**exp.schedule, **exp.arms.get(arm, {})}.get("method.warmup_epochs")
+        curve = record.get("val_per_warmup_epoch") or []
+        return isinstance(budget, int) and budget >= 3 and len(curve) == budget
+
+    rows = [(arm, r) for arm, rs in groups.items() for r in rs if ran_whole_budget(arm, r)]
+    if not rows:
+        return []
+    lines = ["Validation accuracy per warm-up epoch, of the runs whose warm-up ran its whole budget (where "
+             "the record has it):", "", "| arm | seed | val acc % per warm-up epoch |", "| --- | --- | --- |"]
+    lines += [f"| {arm} | {r['seed']} | {' '.join(f'{100 * v:.2f}' for v in r['val_per_warmup_epoch'])} |"
+              for arm, r in rows]
+    m, sd = mean_sd([100 * (r["val_per_warmup_epoch"][-1] - r["val_per_warmup_epoch"][-3]) for _, r in rows])
+    runs = f"{len(rows)} run" + ("s" if len(rows) > 1 else "")
+    return lines + ["", f"Over their last two epochs validation accuracy moved by {m:+.2f} ± {sd:.2f} points "
+                    f"({runs}; above 0: still learning when the budget ended the warm-up).", ""]
 
 
 def shrinking(rows: list[dict[str, Any]]) -> bool:
