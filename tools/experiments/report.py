@@ -108,6 +108,14 @@ def against_paper(gains: list[float], paper: float) -> str:
     return f"the paper reports {paper:+.1f} points, {where} our interval"
 
 
+def provenance(records: list[dict[str, Any]]) -> str:
+    """How many records, when, on which machines, with which training code."""
+    dates = sorted(r.get("date", "") for r in records)
+    return (f"{len(records)} records, {dates[0]} to {dates[-1]}; machines: "
+            f"{'; '.join(sorted({r['machine'] for r in records}))}; commits: "
+            f"{', '.join(sorted({r['commit'] for r in records}))}.")
+
+
 def resolution(records: list[dict[str, Any]]) -> str:
     """How finely the test set measures: one face in points, and the binomial standard error at its mean."""
     sizes = sorted({r["n_test"] for r in records if "n_test" in r})
@@ -163,12 +171,7 @@ def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: 
     if not records:
         return lines + ["No runs of this experiment are recorded yet.", ""]
     groups = by_arm(records, list(exp.arms))
-    machines = sorted({r["machine"] for r in records})
-    dates = sorted(r.get("date", "") for r in records)
-    commits = sorted({r["commit"] for r in records})
-    lines += [f"{len(records)} records, {dates[0]} to {dates[-1]}; machine: {'; '.join(machines)}; "
-              f"commit: {', '.join(commits)}. Means ± sample standard deviation over seeds."
-              + resolution(records), ""]
+    lines += [f"{provenance(records)} Means ± sample standard deviation over seeds.{resolution(records)}", ""]
     lines += arm_table(groups, crossdb) + [""] + warmup_curves(exp, groups)
     if any("intensity" in r for r in records):
         lines += ["Intensity (synthetic test sequences: Spearman's rho between the predicted probability of "
@@ -324,10 +327,7 @@ def summary(experiments: list[Experiment], results_dir: Path) -> str:
             first = False
     if not every:
         return "No experiment has a record yet (see Experiments below)."
-    dates = sorted(r.get("date", "") for r in every)
-    machines = "; ".join(sorted({r["machine"] for r in every}))
-    return "\n".join(lines + ["", f"{len(every)} records, {dates[0]} to {dates[-1]}; machines: {machines}; "
-                                  "commits: " + ", ".join(sorted({r["commit"] for r in every})) + "."])
+    return "\n".join(lines + ["", provenance(every)])
 
 
 def replace_block(text: str, block: str, where: Path) -> str:
