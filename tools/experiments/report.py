@@ -113,7 +113,7 @@ def provenance(records: list[dict[str, Any]]) -> str:
     dates = sorted(r.get("date", "") for r in records)
     return (f"{len(records)} records, {dates[0]} to {dates[-1]}; machines: "
             f"{'; '.join(sorted({r['machine'] for r in records}))}; commits: "
-            f"{', '.join(sorted({r['commit'] for r in records}))}.")
+            f"{', '.join(sorted({r['commit'][:7] for r in records}))}.")
 
 
 def resolution(records: list[dict[str, Any]]) -> str:
