@@ -232,7 +232,9 @@ def test_report_rewrites_the_readme_block_only_and_refuses_a_readme_without_it(t
     assert text.startswith(f"# head\n{README_BEGIN}\n| experiment") and text.endswith(f"{README_END}\ntail\n")
     assert "old table" not in text and "| tiny (syn:test) | baseline | 2 | 51.00 ± 1.41 |" in text
     # gains 3 and 4 points: mean 3.5, sd 0.707, 12.706 x 0.5 = 6.35
-    assert "| smoothing | 2 | 54.50 ± 2.12 | baseline | +3.50 (-2.85 to +9.85) | - |" in text
+    # the paper's +2 for smoothing lies inside that interval
+    assert "| smoothing | 2 | 54.50 ± 2.12 | baseline | +3.50 (-2.85 to +9.85) | +2.0 (inside ours) | - |" \
+        in text
     assert "4 records, 2026-12-01 00:00 UTC to 2026-12-01 00:00 UTC; machines: test; commits: abc." in text
     readme.write_text("no block\n")
     assert report_main(args) == 2 and readme.read_text() == "no block\n"

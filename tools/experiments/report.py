@@ -97,15 +97,19 @@ def verdict(gains: list[float], unit: str = " points", digits: int = 2) -> str:
             f"{', '.join(f'{g:{f}}' for g in gains)}; 95 % interval {lo:{f}} to {hi:{f}})")
 
 
+def paper_side(gains: list[float], paper: float) -> str:
+    """Where the paper's gain lies against ours: inside, above or below our interval (two seeds or more)."""
+    lo, hi = interval(gains)
+    return "inside" if lo <= paper <= hi else ("above" if paper > hi else "below")
+
+
 def against_paper(gains: list[float], paper: float) -> str:
     """Where the paper's gain lies against ours: inside or outside our interval, or by sign for one seed."""
     m = statistics.fmean(gains)
     if len(gains) < 2:
         agree = "the same sign as" if (m > 0) == (paper > 0) else "the opposite sign of"
         return f"the paper reports {paper:+.1f} points, ours has {agree} it"
-    lo, hi = interval(gains)
-    where = "inside" if lo <= paper <= hi else ("above" if paper > hi else "below")
-    return f"the paper reports {paper:+.1f} points, {where} our interval"
+    return f"the paper reports {paper:+.1f} points, {paper_side(gains, paper)} our interval"
 
 
 def provenance(records: list[dict[str, Any]]) -> str:
@@ -306,7 +310,7 @@ def gain_cell(gains: list[float]) -> str:
 def summary(experiments: list[Experiment], results_dir: Path) -> str:
     """The README's table: each recorded arm's test accuracy and its paired gain over its reference."""
     lines = ["| experiment (test set) | arm | seeds | test acc % | gain over | points (95 % interval) | "
-             "intensity rho |", "|" + " --- |" * 7]
+             "the paper's gain | intensity rho |", "|" + " --- |" * 8]
     every: list[dict[str, Any]] = []
     for exp in experiments:
         records = read_records(results_dir / f"{exp.name}.json")
@@ -314,15 +318,17 @@ def summary(experiments: list[Experiment], results_dir: Path) -> str:
             continue
         every += records
         groups = by_arm(records, list(exp.arms))
-        refs = {arm: ref for arm, ref, _, _ in COMPARISONS[exp.kind]}
+        refs = {arm: (ref, paper) for arm, ref, paper, _ in COMPARISONS[exp.kind]}
         first = True
         for arm, rows in groups.items():
-            ref = refs.get(arm)
+            ref, paper = refs.get(arm, (None, None))
             gains = paired_gain(rows, groups[ref])[0] if ref in groups else []
+            side = f" ({paper_side(gains, paper)} ours)" if paper is not None and len(gains) > 1 else ""
             rho = [r["intensity"]["spearman_mean"] for r in rows if "intensity" in r]
             lines.append("| " + " | ".join([
                 f"{exp.name} ({rows[0].get('test_set', '?')})" if first else "", arm, str(len(rows)),
                 pct([r["test_accuracy"] for r in rows]), ref if gains else "", gain_cell(gains),
+                f"{paper:+.1f}{side}" if paper is not None and gains else "-",
                 (f"{mean_sd(rho)[0]:.3f}" if rho else "-")]) + " |")
             first = False
     if not every:
