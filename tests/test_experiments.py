@@ -216,7 +216,8 @@ def test_crossdb_results_show_other_test_sets_and_twin_runs(tmp_path, monkeypatc
     (tmp_path / "results" / "tiny.json").write_text(json.dumps(
         [r for r in read_records(tmp_path / "results" / "tiny.json") if r["arm"] != "unlabelled_target"]
         + [grown]))
-    assert "shrinks" not in render([read_experiment(exp, check_configs=False)], tmp_path / "results")
+    text = render([read_experiment(exp, check_configs=False)], tmp_path / "results")
+    assert "shrinks" not in text and "| no_unlabelled (seed 0 trained as ablation:smoothing) | 0, 1 |" in text
 
 
 def test_report_rewrites_the_readme_block_only_and_refuses_a_readme_without_it(tmp_path, monkeypatch, capsys):

@@ -142,7 +142,10 @@ def arm_table(groups: dict[str, list[dict[str, Any]]], crossdb: bool) -> list[st
         conf = [r["confident_per_round"] for r in rows]
         drawn = [r["drawn_per_round"] for r in rows]
         twins = sorted({r["trained_for"] for r in rows if "trained_for" in r})
-        cells = [arm + (f" (trained as {', '.join(twins)})" if twins else ""),
+        # a twin is tested only where its run is still on disk; seeds trained again are not "trained as" it
+        some = [str(r["seed"]) for r in rows if "trained_for" in r]
+        which = f"seed{'s' if len(some) > 1 else ''} {', '.join(some)} " if len(some) < len(rows) else ""
+        cells = [arm + (f" ({which}trained as {', '.join(twins)})" if twins else ""),
                  ", ".join(str(r["seed"]) for r in rows)]
         if crossdb:
             cells.append(", ".join(sorted({r.get("test_set", "?") for r in rows})))
