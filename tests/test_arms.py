@@ -93,7 +93,7 @@ def test_warm_up_does_not_depend_on_the_unlabelled_set(tmp_path: Path):
         "data": {"labelled": ref("main", "train"), "val": ref("main", "val"), "test": ref("main", "test"),
                  "num_workers": 1},
         "model": {"backbone": "small_cnn", "pretrained": False, "trainable": "all"},
-        "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 1, "tau": 0.3},
+        "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 0, "tau": 0.3},
         "optim": {"lr": 0.002, "batch_size": 16},
         "run": {"dir": str(tmp_path / "runs"), "debug": True, "progress": False, "num_processes": 2},
     }
