@@ -115,7 +115,7 @@ def against_paper(gains: list[float], paper: float) -> str:
 def provenance(records: list[dict[str, Any]]) -> str:
     """How many records, when, on which machines, with which training code."""
     dates = sorted(r.get("date", "") for r in records)
-    return (f"{len(records)} records, {dates[0]} to {dates[-1]}; machines: "
+    return (f"{len(records)} record{'s' * (len(records) != 1)}, {dates[0]} to {dates[-1]}; machines: "
             f"{'; '.join(sorted({r['machine'] for r in records}))}; commits: "
             f"{', '.join(sorted({r['commit'][:7] for r in records}))}.")
 
