@@ -1,7 +1,7 @@
 """`python -m fer_dist.launch [accelerate launch options] -m fer_dist.train ...`: Accelerate's launcher with
 clean stops and one-line errors.
 
-It is `accelerate launch` itself (Accelerate's own `launch_command`, in this process), with three changes:
+It is `accelerate launch` itself (Accelerate's own `launch_command`, in this process), with four changes:
 - Stop signals (SIGTERM, SIGUSR1, SIGINT) are forwarded to the ranks as stop requests, and the launcher
   is not torn down by them: torch's elastic agent would turn SIGTERM or SIGINT into a `SignalException`
   traceback and exit 1, and it has no handler at all for SIGUSR1 (the default kills it). The agent is told to
@@ -9,7 +9,9 @@ It is `accelerate launch` itself (Accelerate's own `launch_command`, in this pro
 - A second SIGINT kills the ranks at once.
 - A failed launch prints one line: the error a rank reported through the status directory
   (`FER_DIST_STATUS_DIR`, one JSON file per rank), or which rank failed with which code; never torch's
-  `ChildFailedError` traceback. The exit code is the rank's (2 for a config or data error).
+  `ChildFailedError` traceback. The exit code is the rank's (2 for a config or data error). A failed
+  rendezvous is one line too.
+- A SLURM requeue the main rank asks for (`requeue`) is done here, once the ranks of every node have ended.
 
 Exit codes: 0 when the ranks finished or stopped with a checkpoint after SIGTERM/SIGUSR1; 130 after SIGINT
 (checkpointed once, at once the second time); a failing rank's code otherwise. `fer-dist train` checks the
@@ -34,8 +36,10 @@ from typing import Any
 
 from fer_dist.config import TrainConfig, read_yaml
 from fer_dist.errors import FerDistError
+from fer_dist.files import write_text_atomic
 
 STATUS_ENV = "FER_DIST_STATUS_DIR"
+REQUEUE_REQUEST = "requeue.json"  # in the status directory: the main rank asks its launcher to requeue
 # The launcher's agent keeps these (their default kills the ranks, which is what a hang-up should do).
 AGENT_SIGNALS = "SIGHUP,SIGQUIT"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -78,10 +82,25 @@ def requeue_due(run: Any) -> bool:
 
 
 def requeue(run: Any) -> None:
-    """Requeue the job (counted and limited in the run directory) and say what happened."""
+    """Requeue the job (counted and limited in the run directory) and say what happened.
+
+    A requeue ends every process of the job at once. Under this module's launcher the main rank only asks
+    for it (a file in the status directory) and the launcher requeues once its agent has passed the exit
+    barrier, that is once the ranks of every node have ended. Requeued by the rank, the job lost the head
+    node's launcher, which hosts the c10d rendezvous store, while another node's launcher still watched its
+    ranks end; that launcher then failed on the store with a traceback."""
+    request = {"run_dir": str(run.dir), "step": run.state.step, "limit": run.cfg.run.max_requeues}
+    status = os.environ.get(STATUS_ENV)
+    if status and Path(status).is_dir():
+        write_text_atomic(Path(status) / REQUEUE_REQUEST, json.dumps(request))
+    else:
+        _requeue(request)
+
+
+def _requeue(request: dict[str, Any]) -> None:
     from fer_dist import slurm
 
-    line = slurm.requeue(run.dir, step=run.state.step, limit=run.cfg.run.max_requeues)
+    line = slurm.requeue(Path(request["run_dir"]), step=int(request["step"]), limit=int(request["limit"]))
     print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
 
 
@@ -170,6 +189,7 @@ def run(argv: list[str]) -> int:
     """Run Accelerate's launcher with `argv` (the arguments of `accelerate launch`); returns the exit code."""
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousError
 
     args = launch_command_parser().parse_args(argv)
     os.environ.setdefault("PET_SIGNALS_TO_HANDLE", AGENT_SIGNALS)
@@ -187,9 +207,20 @@ def run(argv: list[str]) -> int:
         if forwarder.first and _reported(status) is None and _all_stopped(exc):
             return forwarder.exit_code(0)
         return _failure_code(exc, status)
+    except RendezvousError as exc:  # a node that never joined, or the head node's launcher gone
+        where = f"{args.main_process_ip}:{args.main_process_port}"
+        why = (f"cannot reach the rendezvous store at {where}, which the first node's launcher hosts (has it "
+               "ended? is the address right?)" if isinstance(exc, RendezvousConnectionError)
+               else f"the rendezvous at {where} failed: {exc}")
+        print(f"error: {why}; this node's ranks were stopped", file=sys.stderr, flush=True)
+        return 1
     finally:
         forwarder.close()
+        request = status / REQUEUE_REQUEST
+        request = json.loads(request.read_text()) if request.exists() else None
         shutil.rmtree(status, ignore_errors=True)
+        if request is not None:
+            _requeue(request)  # last: it ends this process too
 
 
 def _all_stopped(exc: BaseException) -> bool:

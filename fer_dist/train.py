@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.shutdown()
         stop.close()
         if requeue:
-            launch.requeue(run)  # last: it ends every process of the job
+            launch.requeue(run)  # last: the requeue ends every process of the job
 
 
 def ensure_synthetic_shards(out: Path) -> None:

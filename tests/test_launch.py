@@ -284,3 +284,74 @@ def test_rendered_scripts_carry_the_values_and_parse(tmp_path: Path, nodes: int)
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
     cpu = slurm.render(slurm.JobSpec(nodes=nodes, gpus_per_node=2, train_args=[], cpu=True))
     assert "#SBATCH --gpus-per-node" not in cpu and "PROCS_PER_NODE=${PROCS_PER_NODE:-2}" in cpu
+
+
+TWO_NODE_RANK = '''
+import os, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from fer_dist import launch
+out, case, rank = Path(sys.argv[1]), sys.argv[2], os.environ["RANK"]
+(out / f"rank-{rank}-started").write_text("")
+if case == "requeue" and rank == "0":  # the main rank, stopped by the time-limit warning, asks and ends
+    cfg = SimpleNamespace(run=SimpleNamespace(max_requeues=3))
+    launch.requeue(SimpleNamespace(dir=out, state=SimpleNamespace(step=12), cfg=cfg))
+elif case == "requeue":  # the other node's rank takes longer to end (its loader workers, its log)
+    time.sleep(3)
+    (out / "rank-1-ended").write_text("")
+else:
+    time.sleep(60)
+'''
+
+
+def start_two_nodes(tmp_path: Path, case: str) -> list[subprocess.Popen]:
+    """Two launchers meeting by c10d on this machine, as multi_node.sbatch starts them on two nodes."""
+    (tmp_path / "two_node_rank.py").write_text(TWO_NODE_RANK)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # scontrol records its arguments and whether the other node's rank had ended when it was called
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$* $(ls {tmp_path}/rank-1-ended 2>/dev/null)" '
+                                      f'>> {tmp_path}/scontrol.log\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(tmp_path),
+           "SLURM_JOB_ID": "77", "OMP_NUM_THREADS": "1"}
+    port = str(free_port())
+    nodes = []
+    for node in (0, 1):
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "fer_dist.launch", "--multi_gpu", "--num_machines", "2", "--num_processes",
+             "2", "--machine_rank", str(node), "--rdzv_backend", "c10d", "--main_process_ip", "127.0.0.1",
+             "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
+             "-m", "two_node_rank", str(tmp_path), case],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        time.sleep(3 if node == 0 else 0)  # the head hosts the store first, as in multi_node.sbatch
+    return nodes
+
+
+def test_a_requeue_waits_until_the_ranks_of_every_node_have_ended(tmp_path: Path) -> None:
+    """The main rank's requeue is done by the head's launcher after the other node's rank has ended. Done by
+    the rank, as before, it could end the head's rendezvous store under the other node's launcher, which
+    then failed with a traceback (tests/test_slurm.py's requeue, now and then)."""
+    nodes = start_two_nodes(tmp_path, "requeue")
+    outputs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert "Traceback" not in "".join(outputs), outputs
+    calls = (tmp_path / "scontrol.log").read_text().splitlines()
+    assert calls == [f"requeue 77 {tmp_path}/rank-1-ended"], (calls, outputs)
+    assert "requeued job 77 (1 of at most 3)" in outputs[0]
+    assert slurm.read_requeues(tmp_path)["requeues"][0]["step"] == 12
+
+
+def test_the_head_node_gone_is_one_line_on_the_other_node(tmp_path: Path) -> None:
+    head, other = start_two_nodes(tmp_path, "head-dies")
+    deadline = time.monotonic() + TIMEOUT
+    while not (tmp_path / "rank-1-started").exists():
+        assert time.monotonic() < deadline and other.poll() is None, other.communicate()[0]
+        time.sleep(0.2)
+    for proc in [*psutil.Process(head.pid).children(recursive=True), psutil.Process(head.pid)]:
+        proc.kill()
+    head.communicate(timeout=TIMEOUT)
+    output = other.communicate(timeout=TIMEOUT)[0]
+    assert other.returncode == 1, output
+    assert "error: cannot reach the rendezvous store at 127.0.0.1:" in output.splitlines()[-1], output
+    assert "Traceback" not in output, output
