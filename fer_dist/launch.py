@@ -216,8 +216,8 @@ def run(argv: list[str]) -> int:
         return 1
     finally:
         forwarder.close()
-        request = status / REQUEUE_REQUEST
-        request = json.loads(request.read_text()) if request.exists() else None
+        asked = status / REQUEUE_REQUEST
+        request = json.loads(asked.read_text()) if asked.exists() else None
         shutil.rmtree(status, ignore_errors=True)
         if request is not None:
             _requeue(request)  # last: it ends this process too
