@@ -208,7 +208,7 @@ def run(argv: list[str]) -> int:
             return forwarder.exit_code(0)
         return _failure_code(exc, status)
     except RendezvousError as exc:  # a node that never joined, or the head node's launcher gone
-        where = f"{args.main_process_ip}:{args.main_process_port}"
+        where = f"{args.main_process_ip or '127.0.0.1'}:{args.main_process_port}"
         why = (f"cannot reach the rendezvous store at {where}, which the first node's launcher hosts (has it "
                "ended? is the address right?)" if isinstance(exc, RendezvousConnectionError)
                else f"the rendezvous at {where} failed: {exc}")
