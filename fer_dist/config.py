@@ -27,6 +27,9 @@ class ShardsRef(_Section):
     splits: list[str] = Field(min_length=1, description="split names inside it, e.g. [train]")
     folds: list[int] | None = Field(None, min_length=1, description="keep only these fold ids (shards made "
                                     "with --folds K; `fer-dist cv` sets them); None: every sample")
+    share: float | None = Field(None, gt=0.0, le=1.0, description="keep this share of each class (label -1 "
+                                "counts as a class), the ids of smallest hash of (data.subset_seed, id): "
+                                "shares of one split are nested (X_l at 0.1 lies inside X_u's 0.4)")
 
     @field_validator("folds")
     @classmethod
@@ -44,8 +47,11 @@ class DataConfig(_Section):
                                         description="X_u: samples of these splits not in X_l, labels hidden")
     val: list[ShardsRef] = Field(default_factory=list, description="validation (labelled)")
     test: list[ShardsRef] = Field(default_factory=list, description="test (labelled); may be empty")
+    subset_seed: int | None = Field(None, description="seed of the `share` draws; None: run.seed (each "
+                                    "seed its own labelled subset)")
     num_workers: int = Field(1, ge=0, description="DataLoader workers per process")
-    augment: bool = Field(True, description="METHOD.md section 6 augmentation on training batches")
+    augment: bool = Field(True, description="augment training faces: random flip, rotation within "
+                          "10 degrees, small shift and zoom (the paper's)")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="a damaged sample (its manifest digest, its label): raise stops the run naming "
         "it; skip leaves it out and counts it in the log")
@@ -74,25 +80,58 @@ def model_spec_fields(model: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in model.items() if k not in TRAINING_ONLY_MODEL_KEYS}
 
 
+def pseudo_target_mode(text: str) -> tuple[str, float | None]:
+    """`soft`, `hard` or `sharpen:T` (T > 0) -> (kind, T or None); ValueError otherwise."""
+    kind, _, temp = text.partition(":")
+    if kind in ("soft", "hard") and not temp:
+        return kind, None
+    if kind == "sharpen":
+        try:
+            t = float(temp)
+        except ValueError:
+            t = -1.0
+        if t > 0:
+            return kind, t
+    raise ValueError("expected soft, hard or sharpen:T with a temperature T > 0")
+
+
 class MethodConfig(_Section):
     """METHOD.md sections 1-4; the switches make each arm of the ablation a config."""
 
     label_smoothing: bool = Field(True, description="two-sided label smoothing of the labelled targets")
-    eps: float = Field(0.1, gt=0.0, lt=1.0, description="smoothing epsilon (section 1)")
-    warmup_epochs: int = Field(30, ge=0, description="most warm-up epochs (section 2)")
+    eps: float = Field(0.1, gt=0.0, lt=1.0, description="smoothing epsilon of the label smoothing")
+    warmup_epochs: int = Field(30, ge=0, description="most warm-up epochs")
     warmup_patience: int = Field(3, ge=1, description="end warm-up after N epochs without better val acc")
     self_training: bool = Field(True, description="run self-training rounds after the warm-up")
     use_unlabelled: bool = Field(True, description="swap confident unlabelled samples into each round")
-    tau: float = Field(0.7, gt=0.0, lt=1.0, description="confidence threshold for unlabelled samples (3.2)")
+    tau: float = Field(0.7, gt=0.0, lt=1.0, description="confidence threshold for unlabelled samples")
     threshold: Literal["fixed", "class_adaptive"] = Field(
         "fixed", description="fixed: tau (the paper); class_adaptive: per class, the mean confidence of the "
         "correctly predicted labelled samples of the pass (tau where none)")
-    alpha_rule: bool = Field(True, description="rewrite labelled targets with the alpha rule (3.3)")
-    alpha: float = Field(0.7, gt=0.0, lt=1.0, description="alpha of the labelled-target rule (3.3)")
-    replace_fraction: float = Field(0.1, ge=0.0, le=1.0, description="r: share of X_l swapped (3.4)")
-    stop_window: int = Field(5, ge=1, description="T of the moving-average stopping rule (4)")
+    threshold_floor: float | None = Field(None, gt=0.0, lt=1.0, description="class_adaptive: no class "
+                                          "threshold below this (Ada-CM floors its margin); None: no floor")
+    pseudo_targets: str = Field("soft", description="target of a confident unlabelled sample: soft (its "
+                                "prediction, the paper), hard (one-hot argmax) or sharpen:T (p^(1/T), "
+                                "renormalised)")
+    unlabelled_augment: Literal["none", "trivialaugment", "randaugment"] = Field(
+        "none", description="strong augmentation (torchvision's) on top of ours for the unlabelled samples "
+        "of a round; none: the same augmentation as labelled ones (the paper)")
+    alpha_rule: bool = Field(True, description="rewrite labelled targets with the alpha rule")
+    alpha: float = Field(0.7, gt=0.0, lt=1.0, description="alpha of the labelled-target rule")
+    replace_fraction: float = Field(0.1, ge=0.0, le=1.0, description="r: share of X_l swapped for confident "
+                                    "unlabelled samples each round")
+    stop_window: int = Field(5, ge=1, description="T of the moving-average stopping rule")
+    stop_rule: Literal["moving_average", "none"] = Field(
+        "moving_average", description="moving_average: stop when it falls (the paper); none: run max_rounds "
+        "(budget-matched arms), the round the rule would have stopped at still recorded")
     max_rounds: int = Field(50, ge=0, description="most self-training rounds")
-    epochs_per_round: int = Field(1, ge=1, description="training epochs per round (3.5: one)")
+    epochs_per_round: int = Field(1, ge=1, description="training epochs per round (the paper: one)")
+
+    @field_validator("pseudo_targets")
+    @classmethod
+    def _pseudo_mode(cls, mode: str) -> str:
+        pseudo_target_mode(mode)  # ValueError says what is wrong
+        return mode
 
 
 class OptimConfig(_Section):
@@ -136,6 +175,9 @@ class RunConfig(_Section):
                                     "output is not a terminal (a SLURM log)")
     max_requeues: int = Field(20, ge=0, description="SLURM: most requeues on the time-limit signal (SIGUSR1)")
     stop_after_rounds: int | None = Field(None, ge=0, description="exit, checkpointed, after N rounds")
+    warmup_from: str | None = Field(None, description="a run folder whose finished warm-up this run starts "
+                                    "its rounds from (its data, model, optim, seed and warm-up keys must be "
+                                    "this run's), where this run has no checkpoint of its own")
 
 
 class TrainConfig(_Section):
@@ -194,7 +236,21 @@ def _resolve_key(key: str) -> str:
         return matches[0]
     if len(matches) > 1:
         raise FerDistError(f"config: {key!r} is ambiguous ({', '.join(matches)}); use the full key")
-    raise FerDistError(f"config: unknown key {key!r}")
+    raise FerDistError(f"config: unknown key {key!r}{did_you_mean(key)}")
+
+
+def did_you_mean(key: str) -> str:
+    """`; did you mean 'method.tau'?` for a mistyped key (a dotted path or a bare leaf name), or ''."""
+    import difflib
+
+    pool = {p: p for p in LEAVES}
+    parent, _, _ = key.rpartition(".")
+    if parent:  # a shard entry's own keys: data.labelled.0.dirr -> data.labelled.0.dir
+        pool.update({f"{parent}.{f}": f"{parent}.{f}" for f in ShardsRef.model_fields})
+    else:
+        pool.update({p.rsplit(".", 1)[-1]: p for p in LEAVES})
+    close = difflib.get_close_matches(key, list(pool), n=1, cutoff=0.6)
+    return f"; did you mean {pool[close[0]]!r}?" if close else ""
 
 
 def _set(tree: dict[str, Any], path: str, value: Any) -> None:
@@ -234,7 +290,7 @@ def _one_line(err: ValidationError, source: str) -> str:
     loc = ".".join(str(p) for p in first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = f"unknown key{did_you_mean(loc)}"
     elif "input" in first and not isinstance(first["input"], dict):
         msg += f" (got {first['input']!r})"
     more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""

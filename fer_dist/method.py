@@ -4,7 +4,9 @@ Map to /work/shared/METHOD.md:
   section 1   smooth_labels                       two-sided label smoothing
   Notation    soft_cross_entropy                  L = -sum_k q(k|x) log p(k|x)
   3.2         select_confident, confident_unlabelled   U_t = {x in X_u : max_k p_t(k|x) > tau}
-  beyond      class_thresholds                    per-class tau from the labelled predictions (Ada-CM)
+  beyond      class_thresholds                    per-class tau from labelled predictions (Ada-CM), floored
+  beyond      pseudo_targets                      soft (the paper), hard or sharpened targets of U_t
+  diagnostic  selection_quality                   U_t per predicted class and its precision on hidden labels
   3.3         alpha_target, rewrite_targets       new targets: p for U_t, p or f for X_l (alpha rule)
   3.4         compose_round, round_members        swap a random fraction r of X_l for samples of U_t
   section 4   moving_average, should_stop         stop when the T-round moving average of Acc falls
@@ -97,15 +99,17 @@ def select_confident(probs: torch.Tensor, tau: Threshold) -> torch.Tensor:
     return top.values > tau
 
 
-def class_thresholds(probs: torch.Tensor, labels: torch.Tensor, *, tau: float, mode: str = "fixed"
-                     ) -> torch.Tensor:
+def class_thresholds(probs: torch.Tensor, labels: torch.Tensor, *, tau: float, mode: str = "fixed",
+                     floor: float | None = None) -> torch.Tensor:
     """Float [K]: the confidence threshold of each predicted class for this round's selection.
 
     mode "fixed": tau for every class (METHOD.md 3.2, the paper). mode "class_adaptive" (a step beyond the
     paper, after Ada-CM, CVPR 2022): for class k, the mean of max_j p(j|x) over the labelled rows of the same
     prediction pass that are predicted correctly as k (argmax p == y == k); a class with no correctly
     predicted labelled row falls back to tau. Unlabelled rows (label -1) never enter the means. The means
-    are taken in float64 over the rows in their given order, so every process gets the same value.
+    are taken in float64 over the rows in their given order, so every process gets the same value. With
+    `floor`, no adaptive threshold is below it (unfloored, a hard class's mean fell to 0.32 on FER2013 and let
+    near-chance predictions in).
     """
     _check_probs(probs, rows=labels.shape[0] if labels.dim() == 1 else None)
     _check_labels(labels, probs.shape[1], allow_unlabelled=True)
@@ -122,7 +126,56 @@ def class_thresholds(probs: torch.Tensor, labels: torch.Tensor, *, tau: float, m
         count = torch.bincount(y[right], minlength=k)
         total = torch.zeros(k, dtype=torch.float64).index_add_(0, y[right], top.values[right])
         out = torch.where(count > 0, total / count.clamp(min=1), out)
+    if floor is not None:
+        out = out.clamp(min=floor)
     return out.float()
+
+
+def pseudo_targets(probs: torch.Tensor, kind: str = "soft", temperature: float | None = None) -> torch.Tensor:
+    """The targets [M, K] a confident unlabelled sample gets from its prediction p [M, K].
+
+    soft: p itself (METHOD.md 3.3, the paper). hard: the one-hot of argmax p (pseudo-labelling as FixMatch
+    does). sharpen: p^(1/T) renormalised (MixMatch's sharpening; T < 1 sharpens, T = 1 is soft).
+    """
+    _check_probs(probs)
+    if kind == "soft":
+        return probs.clone()
+    if kind == "hard":
+        return F.one_hot(probs.argmax(dim=1), probs.shape[1]).to(probs.dtype)
+    if kind == "sharpen":
+        if temperature is None or temperature <= 0:
+            raise ValueError(f"sharpen needs a temperature > 0, got {temperature}")
+        # in log space: p^(1/T) underflows for small T and small p
+        return torch.softmax(torch.log(probs.double().clamp(min=1e-30)) / temperature, dim=1).to(probs.dtype)
+    raise ValueError(f"kind must be 'soft', 'hard' or 'sharpen', got {kind!r}")
+
+
+class SelectionQuality(NamedTuple):
+    """U_t seen against labels the method never saw: per predicted class, and overall."""
+
+    count: list[int]                 # [K] confident samples per predicted class
+    correct: list[int]               # [K] of them whose hidden label is the predicted class
+    precision: float | None          # correct / count over every class with a hidden label; None: none
+
+    def per_class(self) -> list[float | None]:
+        """[K] precision per predicted class; None where no sample of it was selected."""
+        return [c / n if n else None for c, n in zip(self.correct, self.count, strict=True)]
+
+
+def selection_quality(probs: torch.Tensor, hidden: torch.Tensor, confident: torch.Tensor) -> SelectionQuality:
+    """How good U_t's pseudo-labels are: `hidden` [M] the true labels (-1 where unknown, e.g. a truly
+    unlabelled folder), `confident` [M] the U_t mask. A diagnostic only: nothing the method decides
+    reads it."""
+    _check_probs(probs, rows=confident.shape[0])
+    k = probs.shape[1]
+    pred = probs.argmax(dim=1).cpu()[confident.cpu()]
+    true = hidden.cpu().long()[confident.cpu()]
+    count = torch.bincount(pred, minlength=k)
+    known = true >= 0
+    correct = torch.bincount(pred[known & (pred == true)], minlength=k)
+    n_known = int(known.sum())
+    precision = float(correct.sum()) / n_known if n_known else None
+    return SelectionQuality(count.tolist(), correct.tolist(), precision)
 
 
 def confident_unlabelled(probs: torch.Tensor, labels: torch.Tensor, tau: Threshold) -> torch.Tensor:
@@ -154,11 +207,13 @@ def rewrite_targets(
     *,
     tau: Threshold,
     alpha: float | None,
+    pseudo: tuple[str, float | None] = ("soft", None),
 ) -> Rewrite:
     """New targets q_{t+1} from predictions p_t (METHOD.md 3.3); labels -1 mark unlabelled rows.
 
     Unlabelled: p where max p > tau (the predicted class's tau where tau is [K]), otherwise the current
-    row. Labelled: with alpha None (the rule off) the current row; else p where max p > alpha (strictly)
+    row; `pseudo` = (kind, temperature) of pseudo_targets turns p into a hard or sharpened target.
+    Labelled: with alpha None (the rule off) the current row; else p where max p > alpha (strictly)
     and argmax p == y, otherwise f = alpha_target.
     argmax ties resolve to the first maximal class (torch.argmax), so a tie involving y counts as y only
     when y is the lowest tied index.
@@ -171,7 +226,7 @@ def rewrite_targets(
     confident = confident_unlabelled(probs, labels, tau)
     targets = current.clone()
     new_rows = probs.to(current.dtype)
-    targets[confident] = new_rows[confident]
+    targets[confident] = pseudo_targets(new_rows[confident], *pseudo)
     if alpha is None:
         none = torch.zeros_like(labelled)
         return Rewrite(targets, confident, none, none.clone())

@@ -6,9 +6,11 @@ directory an id offset; the offsets are saved in checkpoints and checked on resu
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from fer_dist.config import DataConfig, ShardsRef
@@ -16,6 +18,7 @@ from fer_dist.data.integrity import checked_labels
 from fer_dist.data.shardread import read_samples
 from fer_dist.data.shardset import RunShard, ShardSet
 from fer_dist.errors import FerDistError
+from fer_dist.hashing import GOLDEN, mix64
 
 
 @dataclass
@@ -79,6 +82,30 @@ def fold_mask(num_ids: int, shards: list[RunShard], ref: ShardsRef,
     return keep
 
 
+def share_mask(mask: torch.Tensor, labels: torch.Tensor, local_ids: torch.Tensor, share: float,
+               seed: int) -> torch.Tensor:
+    """The `share` of `mask`'s ids kept, class by class (-1 a class of its own): per class the
+    floor(share * n + 0.5) ids of smallest hash of (seed, id within its shard folder). Ranking by a keyed
+    hash makes shares nested (0.1 inside 0.4) and independent of the other folders a config names."""
+    key = int.from_bytes(hashlib.sha256(f"fer-dist/share/{seed}".encode()).digest()[:8], "big")
+    rank = mix64(local_ids.numpy().astype(np.uint64) * GOLDEN ^ np.uint64(key))
+    keep = torch.zeros_like(mask)
+    for cls in torch.unique(labels[mask]).tolist():
+        ids = torch.nonzero(mask & (labels == cls)).flatten()
+        n = int(share * ids.numel() + 0.5)
+        order = np.lexsort((ids.numpy(), rank[ids.numpy()]))  # by hash, then by id
+        keep[ids[torch.from_numpy(order[:n])]] = True
+    return keep
+
+
+def _local_ids(num_ids: int, shardset: ShardSet) -> torch.Tensor:
+    """Each run id's id within its shard folder (run id - the folder's offset)."""
+    local = torch.arange(num_ids)
+    for entry in shardset.offsets:
+        local[entry["offset"]: entry["offset"] + entry["num_ids"]] -= entry["offset"]
+    return local
+
+
 def _unique(shards: list[RunShard]) -> list[RunShard]:
     seen, out = set(), []
     for s in shards:
@@ -88,8 +115,9 @@ def _unique(shards: list[RunShard]) -> list[RunShard]:
     return out
 
 
-def load_run_data(cfg: DataConfig) -> RunData:
-    """Open every shard directory the config names and build the masks (reads only `.cls` members)."""
+def load_run_data(cfg: DataConfig, seed: int = 0) -> RunData:
+    """Open every shard directory the config names and build the masks (reads only `.cls` members);
+    `seed` draws the `share` subsets where data.subset_seed is None."""
     entries = _entries(cfg)
     shardset = ShardSet([(ref.dir, ref.splits) for _, ref in entries])
     parts: dict[str, list[RunShard]] = {"labelled": [], "unlabelled": [], "val": [], "test": []}
@@ -104,6 +132,10 @@ def load_run_data(cfg: DataConfig) -> RunData:
         mask = _mask(n, shardset.shards(i))
         if ref.folds is not None:
             mask &= fold_mask(n, shardset.shards(i), ref, checked.damaged)
+        if ref.share is not None:
+            subset_seed = seed if cfg.subset_seed is None else cfg.subset_seed
+            mask = share_mask(mask & ~checked.damaged, labels, _local_ids(n, shardset), ref.share,
+                              subset_seed)
         named[part] |= mask
     labelled = named["labelled"] & has_label
     unlabelled = named["unlabelled"] & ~labelled & ~checked.damaged

@@ -47,6 +47,8 @@ class State:
     bad_epochs: int = 0                     # warm-up epochs without a better validation accuracy
     history: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str = ""
+    rule_stop_round: int | None = None      # the round METHOD.md 4's rule stopped (or, with stop_rule none,
+                                            # would have stopped) at
     nonfinite_steps: int = 0                # optimiser steps skipped for a non-finite gradient
     skipped_in_epoch: int = 0               # of them in the current epoch (left out of its mean loss)
 
@@ -83,7 +85,7 @@ def build_run(cfg: TrainConfig, acc, stop: dist.StopRequest | None = None) -> Ru
         # Each process gets its share of the cores: oversubscribed OpenMP threads made CPU steps ~15x slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
     torch.manual_seed(cfg.run.seed)  # same initial head on every process (DDP also broadcasts it)
-    data = load_run_data(cfg.data)  # before anything is written: bad data leaves no run folder behind
+    data = load_run_data(cfg.data, cfg.run.seed)  # before anything is written: no run folder left on bad data
     created = first_missing(run_dir) if acc.is_main_process else None
     with removed_on_error(created):
         return _build(cfg, acc, stop, run_dir, data)
@@ -117,7 +119,8 @@ def _build(cfg: TrainConfig, acc, stop: dist.StopRequest | None, run_dir: Path, 
     run = Run(cfg, acc, run_dir, data, model, optimizer, scheduler, State(targets=targets), log,
               stop or dist.StopRequest(),
               Progress(enabled=acc.is_main_process and cfg.run.progress, every_s=cfg.run.progress_every_s))
-    if not resume_from(run) and acc.is_main_process and (run_dir / "best").exists():
+    resumed = resume_from(run) or (cfg.run.warmup_from is not None and start_from_warmup(run))
+    if not resumed and acc.is_main_process and (run_dir / "best").exists():
         shutil.rmtree(run_dir / "best")  # an earlier run's model must never be tested as this one's
     if acc.is_main_process:
         dump_config(cfg, run_dir / "config.yaml")
@@ -137,10 +140,80 @@ def resume_from(run: Run) -> bool:
         MetricsLog.truncate(run.log.path, 0) if run.acc.is_main_process else None
         return False
     saved, _ = checkpoint.load_checkpoint(path, None)
-    if saved["offsets"] != run.data.shardset.offsets:
-        raise FerDistError(f"{path}: its shard directories or their sizes differ from this config's data")
     if saved["state"]["step_in_epoch"]:
         check_mid_epoch(path, saved, run)
+    restore(run, path, saved)
+    st = run.state
+    run.log.say(f"resumed from {path} (phase {st.phase}, round {st.round}, step {st.step})")
+    return True
+
+
+# What a warm-up depends on: an arm may start its rounds from another run's warm-up only where these agree.
+WARMUP_KEYS = ("data", "model", "optim", "method.label_smoothing", "method.eps", "method.warmup_epochs",
+               "method.warmup_patience", "run.seed", "run.mixed_precision")
+
+
+def warmup_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The WARMUP_KEYS leaves of a config dict, flat (`optim.lr`: value): equal identities, equal warm-ups."""
+    def leaves(tree: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {k: v for name, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{name}").items()}
+
+    out: dict[str, Any] = {}
+    for key in WARMUP_KEYS:
+        section, _, leaf = key.partition(".")
+        part = config.get(section, {})
+        out.update(leaves({leaf: part.get(leaf)} if leaf else part, section))
+    out.pop("model.sync_bn", None)  # how the network is trained across processes, not what it learns
+    return out
+
+
+def _differing_key(was: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first warm-up key whose value differs between two config dicts, with both values; else None."""
+    a, b = warmup_identity(was), warmup_identity(now)
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            return f"{name} (warm-up {a.get(name)!r}, this run {b.get(name)!r})"
+    return None
+
+
+def start_from_warmup(run: Run) -> bool:
+    """A run without checkpoints of its own starts its rounds from `run.warmup_from`'s finished warm-up: its
+    last checkpoint (the best warm-up model, the optimiser, RNG, history), its best/ and its log up to there.
+    Arms of one seed then share one warm-up exactly (resume is exact) and it is trained once."""
+    source = Path(run.cfg.run.warmup_from)
+    path = checkpoint.latest_checkpoint(source)
+    if path is None:
+        raise FerDistError(f"run.warmup_from: {source} holds no checkpoint (train its warm-up first)")
+    saved, _ = checkpoint.load_checkpoint(path, None)
+    st = saved["state"]
+    if st["phase"] == "warmup" or st["round"] or st["step_in_epoch"]:
+        raise FerDistError(f"run.warmup_from: {path} is not the end of a warm-up (phase {st['phase']}, "
+                           f"round {st['round']})")
+    differ = _differing_key(saved["config"], run.cfg.to_dict())
+    if differ is not None:
+        raise FerDistError(f"run.warmup_from: {source} trained another warm-up: {differ}")
+    if run.acc.is_main_process:
+        if (run.dir / "best").exists():
+            shutil.rmtree(run.dir / "best")  # an earlier attempt's, never a result of this run
+        if (source / "best").is_dir():
+            shutil.copytree(source / "best", run.dir / "best")
+        # the same inode the log appends to: its writes go on after the warm-up's records
+        run.log.path.write_bytes((source / "metrics.jsonl").read_bytes()[: saved["metrics_offset"]])
+    run.acc.wait_for_everyone()
+    restore(run, path, saved)
+    m = run.cfg.method
+    run.state.phase = "rounds" if m.self_training and m.max_rounds > 0 else "done"
+    run.state.stop_reason = ""
+    run.log.say(f"rounds start from the warm-up of {source} ({path.name}, best val {run.state.best_acc:.4f})")
+    return True
+
+
+def restore(run: Run, path: Path, saved: dict[str, Any]) -> None:
+    """Load a checkpoint's model, optimiser, state and RNG into the run (resume and warm-up start)."""
+    if saved["offsets"] != run.data.shardset.offsets:
+        raise FerDistError(f"{path}: its shard directories or their sizes differ from this config's data")
     run.net.load_state_dict(saved["model"])
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
@@ -154,9 +227,6 @@ def resume_from(run: Run) -> bool:
     restore_process_rng(run, path, saved["world_size"])
     if run.acc.is_main_process:
         MetricsLog.truncate(run.log.path, saved["metrics_offset"])
-    st = run.state
-    run.log.say(f"resumed from {path} (phase {st.phase}, round {st.round}, step {st.step})")
-    return True
 
 
 def restore_process_rng(run: Run, path: Path, saved_world: int) -> None:

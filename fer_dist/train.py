@@ -25,8 +25,9 @@ from fer_dist.config import (
     keys_help,
     load_config,
     overrides_name_data,
+    pseudo_target_mode,
 )
-from fer_dist.data.augment import eval_transform, train_transform
+from fer_dist.data.augment import eval_transform, strong_augment, train_transform
 from fer_dist.data.stream import close_loader_workers, exhaustive_loader, train_loader
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_text_atomic
@@ -63,8 +64,13 @@ def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
         st.epoch_loss += float(pending)
         pending.zero_()
 
+    strong = cfg.method.unlabelled_augment if st.phase == "rounds" else "none"
     with run.progress.task(name, total=stream.steps, completed=st.step_in_epoch) as bar:
-        for images, targets, _ids in stream:
+        for images, targets, ids in stream:
+            if strong != "none":
+                rows = run.data.unlabelled[ids]
+                images[rows] = strong_augment(images[rows], ids[rows], strong, seed=cfg.run.seed,
+                                              epoch=st.epochs_started)
             loss = train_step(run, images, targets)
             pending.add_(torch.where(torch.isfinite(loss), loss, 0.0).double())
             st.step += 1
@@ -233,9 +239,13 @@ def rewrite_and_draw(run: Run, ids: torch.Tensor, probs: torch.Tensor) -> dict[s
     """
     m, st, data = run.cfg.method, run.state, run.data
     labels = data.method_labels()[ids]
-    taus = method.class_thresholds(probs, labels, tau=m.tau, mode=m.threshold)
+    taus = method.class_thresholds(probs, labels, tau=m.tau, mode=m.threshold, floor=m.threshold_floor)
     rw = method.rewrite_targets(probs, labels, st.targets[ids], tau=m.tau if m.threshold == "fixed" else taus,
-                                alpha=m.alpha if m.alpha_rule else None)
+                                alpha=m.alpha if m.alpha_rule else None,
+                                pseudo=pseudo_target_mode(m.pseudo_targets))
+    # the labels X_u's shards carry (hidden from the method): how good the selection was, for the record
+    quality = method.selection_quality(probs, torch.where(data.unlabelled[ids], data.labels[ids], -1),
+                                       rw.confident)
     st.targets[ids] = rw.targets
     if run.cfg.run.debug:
         dist.check_same_everywhere(run.acc, st.targets, f"target table after round {st.round + 1}")
@@ -255,6 +265,9 @@ def rewrite_and_draw(run: Run, ids: torch.Tensor, probs: torch.Tensor) -> dict[s
         "unlabelled/class_hist": torch.bincount(added_classes, minlength=NUM_CLASSES).tolist(),
         "unlabelled/mean_conf": mean_conf,
         "unlabelled/thresholds": taus.tolist(),
+        "unlabelled/confident_per_class": quality.count,
+        "unlabelled/precision": quality.precision,
+        "unlabelled/precision_per_class": quality.per_class(),
         "labelled/reset": int(rw.reset.sum()),
         "labelled/kept": int(rw.kept.sum()),
         "labelled/removed": int(draw.removed.numel()),
@@ -281,7 +294,9 @@ def self_train(run: Run) -> None:
         improved = validate(run, "round", st.round, stats)
         st.history[-1]["selection"] = selection
         accs = [h["val/acc"] for h in st.history if h["kind"] == "round"]
-        if method.should_stop(accs, m.stop_window):
+        if st.rule_stop_round is None and method.should_stop(accs, m.stop_window):
+            st.rule_stop_round = st.round
+        if m.stop_rule == "moving_average" and st.rule_stop_round is not None:
             st.stop_reason = f"moving average of {m.stop_window} rounds fell"
             st.phase = "done"
         elif st.round >= m.max_rounds:
@@ -308,10 +323,17 @@ def finish(run: Run) -> dict[str, Any]:
     test_acc = accuracy(run, run.data.test_shards, run.data.test, "test") if run.data.test.any() else None
     warm = [h["val/acc"] for h in st.history if h["kind"] == "warmup"]
     best = best_entry(st.history, st.best_acc)
+    m = run.cfg.method
     summary = {
         "run": str(run.dir), "processes": run.acc.num_processes,
         "warmup_epochs": st.epoch, "warmup_best_val": round(max(warm), 4) if warm else None,
+        # "patience": the paper's rule ended the warm-up; "cap": warmup_epochs did, the model still learning
+        "warmup_end": "patience" if st.bad_epochs >= m.warmup_patience else "cap" if warm else None,
         "rounds": st.round, "stop_reason": st.stop_reason or "warm-up only",
+        "rule_stop_round": st.rule_stop_round,
+        "labelled_per_class": torch.bincount(run.data.labels[run.data.labelled],
+                                             minlength=NUM_CLASSES).tolist(),
+        "unlabelled_samples": int(run.data.unlabelled.sum()), "val_samples": int(run.data.val.sum()),
         "best": f"{best['kind']} {best['index']}" if best else None,
         "best_val": round(st.best_acc, 4), "best_model": str(run.dir / "best") if best else None,
         "test_acc_of_best": round(test_acc, 4) if test_acc is not None else None,

@@ -32,6 +32,7 @@ import cv2
 import numpy as np
 import torch
 
+from fer_dist.data.plan import sample_seeds
 from fer_dist.errors import FerDistError
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -144,3 +145,28 @@ def train_transform(
 def eval_transform(spec: InputSpec) -> Transform:
     """Resize and channel match: nothing random."""
     return FaceTransform(spec, None)
+
+
+STRONG = ("trivialaugment", "randaugment")
+
+
+def strong_augment(images: torch.Tensor, ids: torch.Tensor, kind: str, *, seed: int, epoch: int
+                   ) -> torch.Tensor:
+    """uint8 faces [N, C, H, W] (already through train_transform) under torchvision's TrivialAugmentWide or
+    RandAugment (FixMatch's strong view), each face seeded by (seed, epoch, id) as the weak view is.
+
+    torchvision here, unlike train_transform: these are its published policies (a reimplementation would
+    drift from them), and they touch only the unlabelled share of a round's batch, on the main process.
+    """
+    if kind not in STRONG:
+        raise FerDistError(f"method.unlabelled_augment: {kind!r} is not one of {', '.join(STRONG)}")
+    from torchvision.transforms import v2  # only the arms that use it pay for the import
+
+    policy = v2.TrivialAugmentWide() if kind == "trivialaugment" else v2.RandAugment()
+    out = images.clone()
+    seeds = sample_seeds(seed ^ 0x5EED, epoch, ids.numpy())  # another key than the weak view's seeds
+    with torch.random.fork_rng(devices=[]):  # the run's own generator (dropout) is left as it was
+        for i, face_seed in enumerate(seeds.tolist()):
+            torch.manual_seed(face_seed)
+            out[i] = policy(images[i])
+    return out

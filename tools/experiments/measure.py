@@ -71,6 +71,18 @@ def run_record(run_dir: Path) -> dict[str, Any]:
     }
     if any("unlabelled/thresholds" in r for r in rounds):
         out["thresholds_per_round"] = [r.get("unlabelled/thresholds") for r in rounds]
+    # the selection seen against X_u's hidden labels, and the run's own stopping facts (where logged)
+    per_round = {"precision_per_round": "unlabelled/precision",
+                 "precision_per_class_per_round": "unlabelled/precision_per_class",
+                 "confident_per_class_per_round": "unlabelled/confident_per_class",
+                 "drawn_per_class_per_round": "unlabelled/class_hist", "reset_per_round": "labelled/reset"}
+    for name, key in per_round.items():
+        if any(key in r for r in rounds):
+            out[name] = [r.get(key) for r in rounds]
+    for key in ("warmup_end", "rule_stop_round", "best", "labelled_per_class", "unlabelled_samples",
+                "val_samples"):
+        if key in summary:
+            out[key] = summary[key]
     return out
 
 

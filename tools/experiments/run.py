@@ -41,6 +41,7 @@ from spec import Experiment, read_experiment  # noqa: E402
 from fer_dist.config import load_config  # noqa: E402
 from fer_dist.errors import FerDistError  # noqa: E402
 from fer_dist.files import write_text_atomic  # noqa: E402
+from fer_dist.run_state import warmup_identity  # noqa: E402
 
 WALL_FILE = "experiment_wall.json"  # beside the run: training seconds summed over the runner's attempts
 PLACE_KEYS = ("name", "dir", "resume", "progress")  # run.* keys that place a run, not what it trains
@@ -185,6 +186,41 @@ def recorded_twin(exp: Experiment, arm: str, seed: int, results: Path, extra: li
     return None
 
 
+def warmup_runs(exp: Experiment, arms: list[str], seed: int, runs_dir: Path, extra: list[str]
+                ) -> dict[str, Path]:
+    """With shared_warmup: arm -> the run folder of the warm-up it starts from (`warmup-<arm>-s<seed>`,
+    named after the first arm of the experiment with that warm-up); {} without."""
+    if not exp.shared_warmup:
+        return {}
+    out, seen = {}, {}
+    for arm in exp.arms:  # the file's order: a warm-up's name does not depend on --arms
+        ident = warmup_identity(load_config(exp.base, exp.overrides(arm, seed, Path("runs/check"),
+                                                                    extra)).to_dict())
+        key = json.dumps(ident, sort_keys=True)
+        seen.setdefault(key, runs_dir / exp.name / f"warmup-{arm}-s{seed}")
+        if arm in arms:
+            out[arm] = seen[key]
+    return out
+
+
+def train_warmup(exp: Experiment, arm: str, seed: int, run_dir: Path, extra: list[str],
+                 env: dict[str, str]) -> None:
+    """Train the shared warm-up of `arm`'s seed where it has not finished (resumable like any run)."""
+    if (run_dir / "summary.json").exists():
+        return
+    cmd = train_command(exp, arm, seed, run_dir, [*extra, "method.self_training=false"])
+    print(f"{exp.name}: the warm-up of seed {seed} (shared)\n$ " + shlex.join(cmd), flush=True)
+    tick = time.monotonic()
+    try:
+        code = run_child(cmd, env)
+    finally:
+        add_wall(run_dir, time.monotonic() - tick)
+    if code:
+        raise FerDistError(f"{exp.name}: the warm-up of seed {seed} ({run_dir}): training exited {code}")
+    if not (run_dir / "summary.json").exists():
+        raise Stopped(f"{run_dir}: the warm-up stopped before its end; rerun to continue")
+
+
 def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_dir: Path, results: Path,
                    extra: list[str], dry_run: bool = False) -> int:
     """Every (seed, arm) not yet recorded: train, test, record. Returns the exit code."""
@@ -197,11 +233,14 @@ def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_d
         if not dry_run and run_child(cmd, env):
             raise FerDistError(f"{exp.path}: shards: `{' '.join(cmd)}` failed")
     for seed in seeds:
+        warmups = warmup_runs(exp, arms, seed, runs_dir, extra)
         for arm in arms:
             if (arm, seed) in recorded(read_records(results)):
                 print(f"{exp.name}: {arm} seed {seed}: recorded, skipped", flush=True)
                 continue
-            twin = recorded_twin(exp, arm, seed, results, extra)
+            warm = warmups.get(arm)
+            arm_extra = extra if warm is None else [*extra, f"run.warmup_from={warm}"]
+            twin = recorded_twin(exp, arm, seed, results, arm_extra)
             if twin is not None:
                 print(f"{exp.name}: {arm} seed {seed}: trained as {twin['experiment']} {twin['arm']} "
                       f"({twin['run_dir']}); testing its model", flush=True)
@@ -213,7 +252,9 @@ def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_d
                           f"({record['test_set']}) -> {results}", flush=True)
                 continue
             run_dir = runs_dir / exp.name / f"{arm}-s{seed}"
-            cmd = train_command(exp, arm, seed, run_dir, extra)
+            if warm is not None and not dry_run:
+                train_warmup(exp, arm, seed, warm, extra, env)
+            cmd = train_command(exp, arm, seed, run_dir, arm_extra)
             print(f"{exp.name}: {arm} seed {seed}\n$ " + shlex.join(cmd), flush=True)
             if dry_run:
                 continue
@@ -228,6 +269,9 @@ def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_d
             if not (run_dir / "summary.json").exists():  # the trainer stopped on a request of its own
                 raise Stopped(f"{run_dir}: the training stopped before its end; rerun to continue")
             record = make_record(exp, arm, seed, run_dir, wall, trained_at)
+            if warm is not None:  # its warm-up's time is the warm-up run's, shared by the arms of the seed
+                record.update(warmup_run=str(warm),
+                              warmup_wall_s=round(json.loads((warm / WALL_FILE).read_text())["seconds"], 1))
             add_record(results, record)
             print(f"{exp.name}: {arm} seed {seed}: test accuracy {record['test_accuracy']:.4f} "
                   f"({record['test_set']}), macro-F1 {record['macro_f1']:.4f}, {wall:.0f} s -> {results}",

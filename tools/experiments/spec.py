@@ -7,6 +7,9 @@
     schedule: {method.warmup_epochs: 3}  # overrides every arm gets (the schedule, the machine's settings)
     env: {TORCH_HOME: ../shared/torch_home}
     launch: {}                          # one process; or {accelerate_config: launch_configs/accelerate/...}
+    shared_warmup: true                 # optional: each seed's warm-up trained once (warmup-<arm>-s<seed>)
+                                        # and every arm with that warm-up starts its rounds from it
+                                        # (run.warmup_from); arms whose warm-up keys differ get their own
     code: cb96b42                       # optional: train with the fer_dist of this commit (every arm and seed
                                         # of an experiment on one code, however main moves between sessions)
     seeds: [0, 1, 2]
@@ -38,7 +41,7 @@ from fer_dist.config import load_config
 from fer_dist.errors import FerDistError
 
 KEYS = {"name", "kind", "description", "base", "schedule", "env", "launch", "seeds", "shards", "test",
-        "intensity", "arms", "code", "reading"}
+        "intensity", "arms", "code", "reading", "shared_warmup"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -74,6 +77,7 @@ class Experiment:
     code: str | None = None
     setting: str = ""
     compare_levels: bool = False
+    shared_warmup: bool = False
 
     def overrides(self, arm: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
         """key=value overrides of one arm and seed: schedule < arm < the runner's run.* < extra."""
@@ -153,6 +157,9 @@ def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
     code = tree.get("code")
     if code is not None and not (isinstance(code, str) and re.fullmatch(r"[0-9a-f]{7,40}", code)):
         raise _fail(path, "code", "a commit's hash (7 to 40 hex digits)")
+    shared_warmup = tree.get("shared_warmup", False)
+    if not isinstance(shared_warmup, bool):
+        raise _fail(path, "shared_warmup", "true or false")
     kind = tree.get("kind", "ablation")
     if kind not in ("ablation", "crossdb"):
         raise _fail(path, "kind", f"ablation or crossdb (got {kind!r})")
@@ -169,7 +176,7 @@ def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
         test=tuple(_set_ref(path, f"test[{i}]", t) for i, t in enumerate(tests)),
         intensity=_set_ref(path, "intensity", tree["intensity"]) if tree.get("intensity") else None,
         arms=arms, code=code, setting=" ".join(reading.get("setting", "").split()),
-        compare_levels=reading.get("levels", False),
+        compare_levels=reading.get("levels", False), shared_warmup=shared_warmup,
     )
     if not exp.base.is_file():
         raise _fail(path, "base", f"{exp.base} not found")
