@@ -1,396 +1,242 @@
-"""Checkpoints: what one holds, the atomic save protocol, keep the last k + best, and loading for a resume.
+"""A run's state and its checkpoints: `State` (what a resume needs besides model and optimiser), `Run` (what
+`fit` works with), `save` (the one writer of checkpoints) and `resume` (where a run starts: its latest
+checkpoint, another run's finished warm-up, or the beginning).
 
-Layout under <run_dir>/checkpoints/:
-  <tag>/state.pt          the trainer's named entries (model, optimizer, table, round, history, config, ...)
-  <tag>/rng-rank<R>.pt    process R's RNG states (python, numpy, torch CPU, torch CUDA), restored by a resume
-                          on as many processes; samples and augmentations never depend on them (keyed seeds)
-  <tag>/meta.json         human-readable: tag, round, step, world size, best metric, time, version
-  best/                   a copy (hard links) of the best tag's files
-  index.json              the kept tags in save order: the explicit ordering pruning and resume use
-  latest                  the newest complete tag, one line of text (not a symlink: shared filesystems)
-  .tmp-*                  work in progress; anything with this prefix is a crash leftover, removed at the
-                          next save and never read
-
-Everything is loaded with torch.load(weights_only=True): a checkpoint cannot run code. So a state may hold
-only tensors, numbers, strings, bytes, None, dtypes, devices and dicts/lists/tuples of those; save checks
-that before writing anything.
+The files themselves (layout, atomic save protocol, keep last k + best, loading, RNG capture) are
+`fer_dist.checkpoint_files`: that module knows nothing of a run, this one nothing of the files' protocol.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import pickle
-import random
-import re
 import shutil
-import time
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
-from accelerate import Accelerator
 
-from fer_dist import __version__
-from fer_dist.dist import any_process
+from fer_dist import checkpoint_files, dist, numerics
+from fer_dist.config import TrainConfig, dump_config
+from fer_dist.data.runset import RunData
 from fer_dist.errors import FerDistError
-from fer_dist.files import TMP_PREFIX, WRITE_ERRNOS, fsync_dir, write_text_atomic
-
-logger = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-STATE = "state.pt"
-META = "meta.json"
-INDEX = "index.json"
-LATEST = "latest"
-BEST = "best"
-TMP = TMP_PREFIX
-INDEX_FORMAT = "fer-dist-checkpoints/1"
-_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
-# Exact types: numpy scalars subclass float (np.float64) and NamedTuples subclass tuple, and torch.load
-# refuses both. Tensors (and Parameters) by isinstance.
-_PLAIN = {int, float, bool, complex, str, bytes, bytearray, type(None), torch.dtype, torch.device, torch.Size}
-_MAPPINGS = {dict, OrderedDict}
-_SEQUENCES = {list, tuple, set}
-T = TypeVar("T")
+from fer_dist.files import removed_on_error
+from fer_dist.hashing import derive_seed
+from fer_dist.metrics import MetricsLog
+from fer_dist.progress import Progress
 
 
-def rng_file(rank: int) -> str:
-    """The name of process `rank`'s RNG file inside a checkpoint directory."""
-    return f"rng-rank{rank}.pt"
+@dataclass
+class State:
+    """Everything about the run's progress that a resume needs besides model and optimiser."""
+
+    targets: torch.Tensor                   # [num_ids, K]: q, the one global target table
+    phase: str = "warmup"                   # warmup | rounds | done
+    epoch: int = 0                          # warm-up epochs finished
+    round: int = 0                          # rounds finished
+    epochs_started: int = 0                 # every epoch so far: seeds the stream of the next one
+    step: int = 0                           # optimiser steps
+    step_in_epoch: int = 0                  # batches of the current epoch already trained (mid-epoch resume)
+    epoch_loss: float = 0.0                 # this process's loss sum over those batches
+    include: torch.Tensor | None = None     # the current round's training set, once composed
+    round_stats: dict[str, Any] = field(default_factory=dict)  # what compose() found for the current round
+    round_epoch: int = 0                    # epochs of the current round finished (epochs_per_round > 1)
+    best_acc: float = -1.0
+    bad_epochs: int = 0                     # warm-up epochs without a better validation accuracy
+    history: list[dict[str, Any]] = field(default_factory=list)
+    stop_reason: str = ""
+    rule_stop_round: int | None = None      # the round METHOD.md 4's rule stopped (or, with stop_rule none,
+                                            # would have stopped) at
+    nonfinite_steps: int = 0                # optimiser steps skipped for a non-finite gradient
+    skipped_in_epoch: int = 0               # of them in the current epoch (left out of its mean loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
-# ---------------------------------------------------------------- RNG states
+@dataclass
+class Run:
+    """What `fit` works with; built once by `build_run`."""
+
+    cfg: TrainConfig
+    acc: Any  # accelerate.Accelerator
+    dir: Path
+    data: RunData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    state: State
+    log: MetricsLog
+    stop: dist.StopRequest
+    progress: Progress
+    created: Path | None = None  # the run folder this launch made: removed if its set-up fails
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The model without its DDP wrapper: prediction and export run on it."""
+        return self.acc.unwrap_model(self.model)
 
 
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states (python, numpy, torch CPU, CUDA if any) as weights_only-loadable data."""
-    np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "python": random.getstate(),  # (version, tuple of 625 ints, gauss float or None)
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": np_state["state"]["key"].tolist(),  # plain ints: numpy arrays need unsafe unpickling
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def resume(run: Run) -> None:
+    """Where the run starts: the checkpoint `run.resume` names, else `run.warmup_from`'s warm-up, else the
+    beginning (an earlier run's best/ removed); then its config.yaml. A failure removes the run folder this
+    launch made (`Run.created`)."""
+    acc = run.acc
+    with removed_on_error(run.created):
+        resumed = resume_from(run) or (run.cfg.run.warmup_from is not None and start_from_warmup(run))
+        if not resumed and acc.is_main_process and (run.dir / "best").exists():
+            shutil.rmtree(run.dir / "best")  # an earlier run's model must never be tested as this one's
+        if acc.is_main_process:
+            dump_config(run.cfg, run.dir / "config.yaml")
+    if run.data.skipped:  # logged here: the log was just cut to the checkpoint's offset
+        run.log.say(f"data.on_error=skip: left out {len(run.data.skipped)} damaged sample(s) or shard(s), "
+                    f"the first: {run.data.skipped[0]}")
+        run.log.write("data", run.state.step, {"data/skipped": len(run.data.skipped)})
+    acc.wait_for_everyone()
 
 
-def restore_rng(state: dict[str, Any]) -> None:
-    """Put back RNG states from capture_rng (CUDA states for as many devices as both sides have)."""
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state({
-        "bit_generator": n["bit_generator"],
-        "state": {"key": np.asarray(n["key"], dtype=np.uint32), "pos": n["pos"]},
-        "has_gauss": n["has_gauss"],
-        "gauss": n["gauss"],
-    })
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
-
-
-# ---------------------------------------------------------------- small file helpers
-
-
-def _check_tag(tag: str) -> None:
-    """FerDistError unless tag is a plain directory name that cannot collide with the layout's own files."""
-    if not _TAG.match(tag) or tag in (BEST, LATEST, INDEX):
-        raise FerDistError(f"checkpoint tag: {tag!r} must be letters, digits, '.', '_', '-' and not "
-                           f"'{BEST}', '{LATEST}' or '{INDEX}'")
-
-
-def _check_loadable(obj: Any, where: str = "state") -> None:
-    """FerDistError naming the entry if obj holds anything torch.load(weights_only=True) would refuse."""
-    kind = type(obj)
-    if kind in _MAPPINGS:
-        for key, value in obj.items():
-            if type(key) not in (str, int):
-                raise FerDistError(f"checkpoint: {where} has a key of type {type(key).__name__}")
-            _check_loadable(value, f"{where}[{key!r}]")
-    elif kind in _SEQUENCES:
-        for i, value in enumerate(obj):
-            _check_loadable(value, f"{where}[{i}]")
-    elif kind not in _PLAIN and not isinstance(obj, torch.Tensor):
-        raise FerDistError(f"checkpoint: {where} is a {type(obj).__module__}.{type(obj).__qualname__}; a "
-                           "checkpoint holds only tensors, numbers, strings, None and lists/dicts of them")
-
-
-def _save_torch(obj: Any, path: Path) -> None:
-    """torch.save, flushed to disk."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _remove(path: Path) -> None:
-    """Delete a file or directory tree if present."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def _swap_in(src: Path, dest: Path) -> None:
-    """Move directory src to dest, replacing an existing dest; a crash leaves only .tmp- leftovers."""
-    aside = dest.parent / f"{TMP}old-{dest.name}"
-    if dest.exists():
-        os.rename(dest, aside)
-    os.rename(src, dest)
-    fsync_dir(dest.parent)
-    _remove(aside)
-
-
-def _read_index(root: Path) -> dict[str, Any]:
-    """The checkpoints index ({'tags': [...], 'best': tag | None}); empty when there is none yet."""
-    path = root / INDEX
-    if not path.exists():
-        return {"format": INDEX_FORMAT, "tags": [], "best": None}
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(index.get("tags"), list):
-            raise ValueError("no list of tags")
-    except (OSError, ValueError, AttributeError) as e:
-        raise FerDistError(f"{path}: not a readable checkpoint index ({e})") from None
-    return index
-
-
-# ---------------------------------------------------------------- saving
-
-
-def _agreed(accelerator: Accelerator, step: Callable[[], T], *, main_only: bool) -> T | None:
-    """Run one save step, then agree across processes whether it failed; if so every rank raises.
-
-    The agreement is a collective, so it is also the barrier between steps, and a failure on one rank
-    (a full disk, a non-shared run_dir) cannot leave the others waiting at a barrier forever.
-    """
-    error: BaseException | None = None
-    result = None
-    if not main_only or accelerator.is_main_process:
-        try:
-            result = step()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks are told
-            error = e
-    if any_process(accelerator, error is not None):
-        if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:  # a full disk: one line, no traceback
-            where = f" ({error.filename})" if error.filename else ""
-            raise FerDistError(f"checkpoint: cannot write it: {error.strerror or error}{where}; the previous "
-                               "checkpoint is intact (resume=auto continues from it)") from None
-        if error is not None:
-            raise error
-        raise FerDistError("checkpoint: saving failed on another process (see its error)")
-    return result
-
-
-def _prepare(root: Path, tmp: Path, state: dict[str, Any]) -> None:
-    """Main process: check the state, clear crash leftovers, create the temporary directory."""
-    _check_loadable(state)
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(f"{TMP}*"):
-        _remove(leftover)
-    tmp.mkdir()
-
-
-def _appears(check: Callable[[], bool], seconds: float = 30.0) -> bool:
-    """Poll check() for a while: a network filesystem may show another node's new entries late."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
+def resume_from(run: Run) -> bool:
+    """Load the checkpoint `run.resume` names (auto: the latest), checking that it fits this run."""
+    how = run.cfg.run.resume
+    latest = checkpoint_files.latest_checkpoint
+    path = None if how == "never" else latest(run.dir) if how == "auto" else Path(how)
+    if path is None:
+        MetricsLog.truncate(run.log.path, 0) if run.acc.is_main_process else None
+        return False
+    saved, _ = checkpoint_files.load_checkpoint(path, None)
+    if saved["state"]["step_in_epoch"]:
+        check_mid_epoch(path, saved, run)
+    restore(run, path, saved)
+    st = run.state
+    run.log.say(f"resumed from {path} (phase {st.phase}, round {st.round}, step {st.step})")
     return True
 
 
-def _write_rng(tmp: Path, rank: int) -> None:
-    """Every process: its RNG states into the temporary directory."""
-    if not _appears(tmp.is_dir):
-        raise FerDistError(f"checkpoint: rank {rank} cannot see {tmp}; run_dir must be on a filesystem "
-                           "shared by every node")
-    _save_torch(capture_rng(), tmp / rng_file(rank))
+# What a warm-up depends on: an arm may start its rounds from another run's warm-up only where these agree.
+WARMUP_KEYS = ("data", "model", "optim", "method.label_smoothing", "method.eps", "method.warmup_epochs",
+               "method.warmup_patience", "run.seed", "run.mixed_precision")
 
 
-def _plain(value: Any) -> Any:
-    """A JSON-friendly form of a meta value (0-d tensors become numbers)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+def warmup_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The WARMUP_KEYS leaves of a config dict, flat (`optim.lr`: value): equal identities, equal warm-ups."""
+    def leaves(tree: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {k: v for name, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{name}").items()}
+
+    out: dict[str, Any] = {}
+    for key in WARMUP_KEYS:
+        section, _, leaf = key.partition(".")
+        part = config.get(section, {})
+        out.update(leaves({leaf: part.get(leaf)} if leaf else part, section))
+    out.pop("model.sync_bn", None)  # how the network is trained across processes, not what it learns
+    return out
 
 
-def _meta(tag: str, state: dict[str, Any], world: int, extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """meta.json's content: round, step, best_metric from `extra`, else from the state's entries so named."""
-    meta = {
-        "tag": tag,
-        "round": _plain(state.get("round")),
-        "step": _plain(state.get("step")),
-        "world_size": world,
-        "best_metric": _plain(state.get("best_metric")),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "fer_dist_version": __version__,
-        "entries": sorted(map(str, state)),
-    }
-    meta.update({key: _plain(value) for key, value in (extra or {}).items()})
-    return meta
-
-
-def _link_or_copy_dir(src: Path, dest: Path) -> None:
-    """dest as a new directory holding src's files, hard-linked where the filesystem allows."""
-    dest.mkdir()
-    for f in src.iterdir():
-        try:
-            os.link(f, dest / f.name)
-        except OSError:
-            shutil.copy2(f, dest / f.name)
-    fsync_dir(dest)
-
-
-def _publish(root: Path, tmp: Path, tag: str, state: dict[str, Any], meta: dict[str, Any], keep_last: int,
-             is_best: bool) -> None:
-    """Main process: write state and meta, rename into place, update best, index and latest, prune."""
-    index = _read_index(root)  # first: a bad index stops the save before anything moves
-
-    def missing() -> list[int]:
-        return [r for r in range(meta["world_size"]) if not (tmp / rng_file(r)).is_file()]
-
-    if not _appears(lambda: not missing()):
-        raise FerDistError(f"checkpoint: {tmp} lacks the RNG files of ranks {missing()}")
-    _save_torch(state, tmp / STATE)
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    with open(tmp / META, "rb") as f:
-        os.fsync(f.fileno())
-    fsync_dir(tmp)
-    _swap_in(tmp, root / tag)
-    tags = [t for t in index["tags"] if t != tag] + [tag]
-    kept, pruned = tags[-keep_last:], tags[:-keep_last]
-    if is_best:
-        staged = root / f"{TMP}{BEST}"
-        _link_or_copy_dir(root / tag, staged)
-        _swap_in(staged, root / BEST)
-        index["best"] = tag
-    index.update(format=INDEX_FORMAT, tags=kept)
-    write_text_atomic(root / INDEX, json.dumps(index, indent=2) + "\n")
-    write_text_atomic(root / LATEST, tag + "\n")
-    # After index and latest no longer name them: a crash here leaves stray directories, never a
-    # pointer to a deleted one. best/ holds its own links, so pruning its tag keeps it whole.
-    for old in pruned:
-        _remove(root / old)
-
-
-def save_checkpoint(
-    accelerator: Accelerator,
-    run_dir: Path,
-    tag: str,
-    state: dict[str, Any],
-    *,
-    keep_last: int = 3,
-    is_best: bool = False,
-    meta: Mapping[str, Any] | None = None,
-) -> Path:
-    """Save `state` (read on the main process only) and every process's RNG under checkpoints/<tag>.
-
-    Collective. Every rank writes its RNG file into checkpoints/.tmp-<tag>; the main process then
-    writes state.pt and meta.json, renames the directory into place, updates best/ (if is_best),
-    index.json and latest, and prunes to the last keep_last tags in save order (re-saving a tag moves
-    it to the end). `meta` adds or overrides meta.json fields (round, step, best_metric, ...; JSON
-    values). Returns checkpoints/<tag> on every rank, once it is complete.
-    """
-    _check_tag(tag)
-    if keep_last < 1:
-        raise FerDistError(f"checkpoint keep_last: must be at least 1, got {keep_last}")
-    root = Path(run_dir) / CHECKPOINTS
-    tmp = root / f"{TMP}{tag}"
-    world = accelerator.num_processes
-    try:
-        _agreed(accelerator, lambda: _prepare(root, tmp, state), main_only=True)
-        _agreed(accelerator, lambda: _write_rng(tmp, accelerator.process_index), main_only=False)
-        _agreed(accelerator, lambda: _publish(root, tmp, tag, state, _meta(tag, state, world, meta),
-                                              keep_last, is_best), main_only=True)
-    except Exception:
-        if accelerator.is_main_process:  # no partial checkpoint left behind (latest still names the last)
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root / tag
-
-
-# ---------------------------------------------------------------- loading
-
-
-def _complete(path: Path) -> bool:
-    """Whether a checkpoint directory holds its state and meta files."""
-    return (path / STATE).is_file() and (path / META).is_file()
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory of a run (per `latest`, then index.json), or None."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return None
-    candidates = []
-    if (root / LATEST).is_file():
-        candidates.append((root / LATEST).read_text(encoding="utf-8").strip())
-    candidates += reversed(_read_index(root)["tags"])
-    for tag in candidates:
-        if _TAG.match(tag) and _complete(root / tag):
-            return root / tag
+def _differing_key(was: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """The first warm-up key whose value differs between two config dicts, with both values; else None."""
+    a, b = warmup_identity(was), warmup_identity(now)
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            return f"{name} (warm-up {a.get(name)!r}, this run {b.get(name)!r})"
     return None
 
 
-def _load(path: Path) -> Any:
-    """torch.load with weights_only=True onto the CPU; FerDistError naming the file on any failure."""
-    if not path.is_file():
-        raise FerDistError(f"{path}: checkpoint file is missing")
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        what = f"it pickles {found.group(1)}" if found else "more than tensors and plain data"
-        raise FerDistError(f"{path}: not a loadable fer-dist checkpoint (weights_only refused it: "
-                           f"{what})") from None
-    except Exception as e:  # noqa: BLE001 - a truncated zip, a bad header, ...: all mean a bad file
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FerDistError(f"{path}: not a loadable fer-dist checkpoint ({first_line})") from None
+def start_from_warmup(run: Run) -> bool:
+    """A run without checkpoints of its own starts its rounds from `run.warmup_from`'s finished warm-up: its
+    last checkpoint (the best warm-up model, the optimiser, RNG, history), its best/ and its log up to there.
+    Arms of one seed then share one warm-up exactly (resume is exact) and it is trained once."""
+    source = Path(run.cfg.run.warmup_from)
+    path = checkpoint_files.latest_checkpoint(source)
+    if path is None:
+        raise FerDistError(f"run.warmup_from: {source} holds no checkpoint (train its warm-up first)")
+    saved, _ = checkpoint_files.load_checkpoint(path, None)
+    st = saved["state"]
+    if st["phase"] == "warmup" or st["round"] or st["step_in_epoch"]:
+        raise FerDistError(f"run.warmup_from: {path} is not the end of a warm-up (phase {st['phase']}, "
+                           f"round {st['round']})")
+    differ = _differing_key(saved["config"], run.cfg.to_dict())
+    if differ is not None:
+        raise FerDistError(f"run.warmup_from: {source} trained another warm-up: {differ}")
+    if run.acc.is_main_process:
+        if (run.dir / "best").exists():
+            shutil.rmtree(run.dir / "best")  # an earlier attempt's, never a result of this run
+        if (source / "best").is_dir():
+            shutil.copytree(source / "best", run.dir / "best")
+        # the same inode the log appends to: its writes go on after the warm-up's records
+        run.log.path.write_bytes((source / "metrics.jsonl").read_bytes()[: saved["metrics_offset"]])
+    run.acc.wait_for_everyone()
+    restore(run, path, saved)
+    m = run.cfg.method
+    run.state.phase = "rounds" if m.self_training and m.max_rounds > 0 else "done"
+    run.state.stop_reason = ""
+    run.log.say(f"rounds start from the warm-up of {source} ({path.name}, best val {run.state.best_acc:.4f})")
+    return True
 
 
-def read_meta(path: Path) -> dict[str, Any]:
-    """A checkpoint directory's meta.json."""
-    file = Path(path) / META
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise FerDistError(f"{file}: not a readable checkpoint meta file ({e})") from None
+def restore(run: Run, path: Path, saved: dict[str, Any]) -> None:
+    """Load a checkpoint's model, optimiser, state and RNG into the run (resume and warm-up start)."""
+    if saved["offsets"] != run.data.shardset.offsets:
+        raise FerDistError(f"{path}: its shard directories or their sizes differ from this config's data")
+    run.net.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler") is not None and run.acc.scaler is not None:
+        run.acc.scaler.load_state_dict(saved["scaler"])
+    run.state = State(**saved["state"])
+    # Every process starts from the epoch's loss so far, a total that does not depend on the number of
+    # processes (save); train_epoch's mean sums the processes' and divides by their number.
+    losses = saved.get("epoch_losses")  # before elastic resume: one running sum per process
+    run.state.epoch_loss = sum(losses) / len(losses) if losses else float(saved["epoch_loss"])
+    restore_process_rng(run, path, saved["world_size"])
+    if run.acc.is_main_process:
+        MetricsLog.truncate(run.log.path, saved["metrics_offset"])
 
 
-def load_checkpoint(path: Path, rank: int | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(state, process `rank`'s RNG states) from a checkpoint directory; RNG None when `rank` is None or
-    the rank has no file."""
-    path = Path(path)
-    state = _load(path / STATE)
-    if not isinstance(state, dict):
-        raise FerDistError(f"{path / STATE}: holds a {type(state).__name__}, not a dict of named entries")
-    if rank is None:
-        return state, None
-    if not (path / rng_file(rank)).exists():
-        world = read_meta(path).get("world_size") if (path / META).is_file() else "?"
-        logger.warning("%s has no RNG state for rank %d (saved by %s processes): this rank's RNG is not "
-                       "restored", path, rank, world)
-        return state, None
-    return state, load_rng(path, rank)
+def restore_process_rng(run: Run, path: Path, saved_world: int) -> None:
+    """Each process's RNG (dropout masks: which samples and augmentations come from keyed seeds, not from
+    it) as saved on the same number of processes; on another number, drawn afresh from (seed, rank, step)."""
+    rank = run.acc.process_index
+    if saved_world == run.acc.num_processes:
+        checkpoint_files.restore_rng(checkpoint_files.load_rng(path, rank))
+        return
+    torch.manual_seed(derive_seed(run.cfg.run.seed, rank, 1, run.state.step))
+    run.log.say(f"{path} was saved on {saved_world} processes, resumed on {run.acc.num_processes}: the same "
+                "samples in every global batch; dropout masks and per-process batch statistics differ")
 
 
-def load_rng(path: Path, rank: int) -> dict[str, Any]:
-    """Process `rank`'s RNG states from a checkpoint directory (FerDistError if it has none)."""
-    return _load(Path(path) / rng_file(rank))
+def check_mid_epoch(path: Path, saved: dict[str, Any], run: Run) -> None:
+    """A mid-epoch position means the same global batches under the same seed and global batch size (on any
+    number of processes and loader workers)."""
+    was, now = saved["config"], run.cfg.to_dict()
+    same = {
+        "optim.batch_size": (was["optim"]["batch_size"], now["optim"]["batch_size"]),
+        "run.seed": (was["run"]["seed"], now["run"]["seed"]),
+    }
+    for what, (before, after) in same.items():
+        if before != after:
+            raise FerDistError(f"{path}: saved mid-epoch with {what} = {before}, now {after}; resume with "
+                               "the same value or from a warm-up/round checkpoint (resume=<its path>)")
+
+
+def save(run: Run, tag: str, *, is_best: bool = False) -> None:
+    """A checkpoint of everything (all processes take part; the main one writes the shared files)."""
+    numerics.check_finite_weights(run.net, f"checkpoint {tag}")  # same weights everywhere: all raise alike
+    # the epoch's loss so far, summed over its steps' global batches (the processes' sums over their number):
+    # the same on any number of processes, so a resume on another ends with the same mean
+    total = dist.all_sum(run.acc, float(run.state.epoch_loss)) / run.acc.num_processes
+    state = {
+        "epoch_loss": float(total),
+        "model": run.net.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.acc.scaler.state_dict() if run.acc.scaler is not None else None,
+        "state": run.state.to_dict(),
+        "offsets": run.data.shardset.offsets,
+        "world_size": run.acc.num_processes,
+        "metrics_offset": run.log.offset(),
+        "config": run.cfg.to_dict(),
+    }
+    meta = {"round": run.state.round, "step": run.state.step, "best_metric": run.state.best_acc,
+            "phase": run.state.phase}
+    checkpoint_files.save_checkpoint(run.acc, run.dir, tag, state, keep_last=run.cfg.run.keep_last,
+                                     is_best=is_best, meta=meta)

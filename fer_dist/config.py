@@ -60,7 +60,8 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The network: backbone, head and what is trained."""
 
-    backbone: str = Field("vggface", description="vggface, small_cnn, resnet18/34/50, mobilenet_v2, ...")
+    backbone: str = Field("vggface", description="vggface, dlib_resnet (face-pretrained, fer-dist[face]), "
+                          "small_cnn, resnet18/34/50, mobilenet_v2, ...")
     pretrained: bool = Field(True, description="start from the backbone's pretrained weights")
     weights: str | None = Field(None, description="local weights file (required for vggface when pretrained)")
     trainable: str = Field("last_block", description="all | head | last_block | last_n_blocks:N")

@@ -301,7 +301,9 @@ class StopRequest:
         if signum == signal.SIGINT and self._requested == "SIGINT":
             print("interrupted again: exiting without a checkpoint", file=sys.stderr, flush=True)
             os._exit(130)
-        self._requested = signal.Signals(signum).name
+        # The first request names the stop: after a Ctrl-C a rank also gets the launcher's forwarded
+        # SIGUSR1, which must not turn the user's interrupt into a SLURM time-limit warning (and a requeue).
+        self._requested = self._requested or signal.Signals(signum).name
 
     @property
     def requested(self) -> bool:
@@ -312,7 +314,7 @@ class StopRequest:
 
     @property
     def signal_name(self) -> str | None:
-        """The name of the signal that asked to stop (the last one), "launcher gone", or None."""
+        """The name of the signal that asked to stop (the first one), "launcher gone", or None."""
         return self._requested
 
     def close(self) -> None:

@@ -37,8 +37,13 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def replace_dir(tmp: Path, out: Path) -> None:
-    """Put the finished folder `tmp` at `out`, replacing an earlier one: readers see the old or the new."""
+    """Put the finished folder `tmp` at `out`, replacing an earlier one: readers see the old or the new.
+
+    The caller has checked that `out` is its own earlier output (`fer_dist.outputs` does it for commands);
+    a file or a link there is never replaced."""
     tmp, out = Path(tmp), Path(out)
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise FerDistError(f"{out}: exists and is not a folder; not replacing it")
     if not out.exists():
         os.rename(tmp, out)
         return

@@ -1,5 +1,6 @@
-"""splitmix64's finaliser over uint64 arrays: the one stateless integer hash that keys per-id draws
-(a round's ranking of ids, each sample's augmentation seed), the same on every platform and process."""
+"""The project's integer hashing, the same on every platform and process: splitmix64's finaliser over uint64
+arrays (the one stateless hash that keys per-id draws: a round's ranking of ids, each sample's augmentation
+seed) and `derive_seed` (one seed from a few integers: an epoch's order, a rank's RNG)."""
 
 from __future__ import annotations
 
@@ -15,3 +16,9 @@ def mix64(x: np.ndarray) -> np.ndarray:
     for shift, mult in zip((30, 27), _MULTIPLIERS, strict=True):
         x = (x ^ (x >> np.uint64(shift))) * mult
     return x ^ (x >> np.uint64(31))
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, rank, ...), stable across platforms and Python runs."""
+    state = np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])

@@ -124,9 +124,6 @@ class _Forwarder:
             if self.interrupts > 1:
                 self._send(signal.SIGKILL)
                 raise _Interrupted()
-            # A rank in this process group got the terminal's SIGINT already; SIGUSR1 is the same request
-            # and never counts as a second Ctrl-C there.
-            sig = signal.SIGUSR1
         print(f"fer-dist launch: {signal.Signals(signum).name}: asking the ranks to checkpoint and stop",
               file=sys.stderr, flush=True)
         self._send(sig)
@@ -135,9 +132,15 @@ class _Forwarder:
     def _send(sig: signal.Signals) -> None:
         import psutil  # an Accelerate dependency
 
+        group = os.getpgrp()
         for child in psutil.Process().children():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(sig)
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                # A rank in this process group got the terminal's Ctrl-C already: SIGUSR1 is the same
+                # request and never counts as a second Ctrl-C there. Torch's agent starts its ranks in
+                # sessions of their own, which the terminal's SIGINT does not reach: they get the SIGINT,
+                # so they stop saying so (and a SLURM job is not requeued for a Ctrl-C).
+                same = os.getpgid(child.pid) == group
+                child.send_signal(signal.SIGUSR1 if sig == signal.SIGINT and same else sig)
 
     def close(self) -> None:
         for sig, previous in self._previous.items():
@@ -241,48 +244,88 @@ def check_training(config: Path | None, overrides: list[str], *, dry_run: bool =
     """Everything a launch would refuse, found in this one process: the config, the overrides, every shard
     folder (manifests and labels), a resume path, a weights file. Raises FerDistError; writes nothing but
     the quick start's synthetic shards where they are missing (as the trainer would; a dry run leaves them
-    missing and unchecked)."""
+    missing and unchecked). `launcher_args` adds the checks that depend on the number of processes."""
     from fer_dist.config import load_config, overrides_name_data
-    from fer_dist.run_data import load_run_data
-    from fer_dist.train import QUICKSTART, ensure_synthetic_shards
 
-    cfg = load_config(config or QUICKSTART, overrides)
-    if config is None and not overrides_name_data(overrides):
-        shards = Path(cfg.data.labelled[0].dir)
-        if dry_run and not (shards / "manifest.json").exists():
-            return cfg
-        ensure_synthetic_shards(shards)
-    for key, value in (("model.weights", cfg.model.weights),
-                       ("run.resume", None if cfg.run.resume in ("auto", "never") else cfg.run.resume)):
-        if value is not None and not Path(value).exists():
-            raise FerDistError(f"{key}: {value} does not exist")
+    if config is not None:  # a bad config or key is answered before torch loads
+        cfg = load_config(config, overrides)
+    from fer_dist.data.runset import load_run_data
+    from fer_dist.quickstart import QUICKSTART, ensure_synthetic_shards
+
+    if config is None:
+        cfg = load_config(QUICKSTART, overrides)
+        if not overrides_name_data(overrides):
+            shards = Path(cfg.data.labelled[0].dir)
+            if dry_run and not (shards / "manifest.json").exists():
+                return cfg
+            ensure_synthetic_shards(shards)
+    if cfg.model.weights is not None and not Path(cfg.model.weights).exists():
+        raise FerDistError(f"model.weights: {cfg.model.weights} does not exist")
+    if cfg.run.resume not in ("auto", "never"):
+        check_resume(Path(cfg.run.resume))
     load_run_data(cfg.data)
     return cfg
 
 
-def launcher_args(cfg: TrainConfig, processes: int | None, accelerate_config: Path | None) -> list[str]:
-    """The `accelerate launch` options for this run, checked against `run.num_processes`."""
+def check_resume(path: Path) -> None:
+    """`run.resume` names a checkpoint folder (`runs/<name>/checkpoints/<tag>`) whose meta.json reads."""
+    from fer_dist.checkpoint_files import META, STATE
+
+    where = "a checkpoint folder, runs/<name>/checkpoints/<tag>"
+    if not path.exists():
+        raise FerDistError(f"run.resume: {path} does not exist (name {where}, or auto)")
+    if not path.is_dir():
+        hint = f"; name its folder, {path.parent}" if path.name == STATE else ""
+        raise FerDistError(f"run.resume: {path} is a file, not {where}{hint}")
+    if not (path / STATE).is_file() or not (path / META).is_file():
+        raise FerDistError(f"run.resume: {path} is not {where} (it has no {STATE} and {META})")
+    try:
+        json.loads((path / META).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise FerDistError(f"run.resume: {path / META} is not a readable checkpoint meta file") from None
+
+
+def check_processes(processes: int | None, accelerate_config: Path | None) -> None:
+    """The launch options alone, checked before anything is loaded."""
     if processes is not None and accelerate_config is not None:
         raise FerDistError("--processes and --accelerate-config: give one of them")
+    if processes is not None and processes < 1:
+        raise FerDistError(f"--processes: expected 1 or more, got {processes}")
+
+
+def check_world(cfg: TrainConfig, count: int, *, cpu: bool) -> None:
+    """What the ranks would refuse once started, given `count` processes (on CPUs when `cpu`)."""
+    wanted = cfg.run.num_processes
+    if wanted is not None and wanted != count:
+        raise FerDistError(f"run.num_processes: the config asks for {wanted} processes but the launch would "
+                           f"start {count}; launch {wanted} or leave run.num_processes unset")
+    if cfg.optim.batch_size % count:
+        raise FerDistError(f"optim.batch_size: {cfg.optim.batch_size} does not split evenly over {count} "
+                           f"processes (each takes batch_size / {count}); use a multiple of {count}")
+    if cfg.model.sync_bn and count > 1 and cpu:
+        raise FerDistError("model.sync_bn: SyncBatchNorm needs GPUs; this run is on the CPU (set false)")
+
+
+def launcher_args(cfg: TrainConfig, processes: int | None, accelerate_config: Path | None) -> list[str]:
+    """The `accelerate launch` options for this run, checked against the config (`check_world`)."""
+    check_processes(processes, accelerate_config)
     if accelerate_config is not None:
         launch = read_yaml(accelerate_config)
         count = int(launch.get("num_processes", 1))
         args = ["--config_file", str(accelerate_config)]
         if int(launch.get("num_machines", 1)) == 1 and "main_process_port" not in launch:
             args += ["--main_process_port", str(free_port())]
+        cpu = bool(launch.get("use_cpu")) or launch.get("distributed_type") == "MULTI_CPU" or not _gpu_count()
     else:
-        count = processes or cfg.run.num_processes or _gpu_count() or 1
-        if count < 1:
-            raise FerDistError(f"--processes: expected at least 1, got {count}")
+        gpus = _gpu_count() if processes is None and cfg.run.num_processes is None else None
+        count = processes if processes is not None else cfg.run.num_processes or gpus or 1
         # the values Accelerate would otherwise warn about taking defaults for
         args = ["--num_processes", str(count), "--num_machines", "1", "--dynamo_backend", "no",
                 "--mixed_precision", cfg.run.mixed_precision or "no"]
         # the multi-GPU launcher also starts N CPU ranks where there is no GPU (the trainer makes them gloo)
         args += ["--multi_gpu", "--main_process_port", str(free_port())] if count > 1 else []
-    wanted = cfg.run.num_processes
-    if wanted is not None and wanted != count:
-        raise FerDistError(f"run.num_processes: the config asks for {wanted} processes but the launch would "
-                           f"start {count}; launch {wanted} or leave run.num_processes unset")
+        cpu = not (gpus if gpus is not None else _gpu_count())
+    check_world(cfg, count, cpu=cpu)
     return args
 
 

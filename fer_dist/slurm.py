@@ -19,9 +19,9 @@ from typing import Any
 
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_text_atomic
+from fer_dist.resources import resource_path
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = REPO / "tools" / "slurm"
+SCRIPTS = resource_path("slurm")  # tools/slurm/'s templates, shipped in the package
 REQUEUES = "requeues.json"
 
 
@@ -108,6 +108,9 @@ def render(spec: JobSpec) -> str:
         name, sep, _ = line.partition("PROCS_PER_NODE=${PROCS_PER_NODE:-")
         if sep and name in ("", "export ") and spec.cpu:
             line = f"{name}PROCS_PER_NODE=${{PROCS_PER_NODE:-{spec.gpus_per_node}}}"
+        if "(#SBATCH below: " in line:  # the header's note of the GPU request: the rendered value
+            head, _, _ = line.partition("(#SBATCH below: ")
+            line = f"{head}(#SBATCH below: {'none, CPU ranks' if spec.cpu else spec.gpus_per_node})"
         if line.strip() == "# fer-dist: training arguments":
             line = f"[ $# -gt 0 ] || set -- {shlex.join(spec.train_args)}"
         out.append(line)
@@ -120,9 +123,22 @@ def render(spec: JobSpec) -> str:
 
 def submit(script: str, directory: Path) -> str:
     """Write the rendered script into `directory` and submit it with sbatch; returns the job id."""
+    if directory.exists() and not directory.is_dir():
+        raise FerDistError(f"--script-dir {directory}: is a file, not a folder")
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"fer-dist-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
-    write_text_atomic(path, script)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    tmp = directory / f".tmp-fer-dist-{stamp}-{os.getpid()}.sbatch"
+    write_text_atomic(tmp, script)
+    try:
+        for n in range(1000):  # a new name each time: never replaces an earlier script (or anyone's file)
+            path = directory / f"fer-dist-{stamp}{f'-{n}' if n else ''}.sbatch"
+            try:
+                os.link(tmp, path)  # complete, and only where nothing is
+                break
+            except FileExistsError:
+                continue
+    finally:
+        tmp.unlink(missing_ok=True)
     try:
         result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     except FileNotFoundError:

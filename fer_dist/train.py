@@ -1,10 +1,10 @@
 """`accelerate launch -m fer_dist.train --config <yaml> [key=value ...]`: warm-up, then self-training rounds.
 
-Reads top to bottom: `main` parses and builds, `fit` runs the warm-up epochs (METHOD.md section 2) and the
-rounds (section 3: predict -> gather -> rewrite -> compose -> train -> validate) until the stopping rule
+Reads top to bottom: `main` parses, builds, resumes; `fit` runs the warm-up epochs (METHOD.md section 2) and
+the rounds (section 3: predict -> gather -> rewrite -> compose -> train -> validate) until the stopping rule
 (section 4), then tests the best model. The math is in `fer_dist.method`, the process plumbing in
-`fer_dist.dist`, the run's objects, state, resume and saves in `fer_dist.run_state`, the checkpoint files in
-`fer_dist.checkpoint`: this module only orchestrates.
+`fer_dist.dist`, the run's objects in `fer_dist.run_state`, its state, saves and resume in
+`fer_dist.checkpoint` (the files in `fer_dist.checkpoint_files`): this module only orchestrates.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fer_dist import dist, launch, method, numerics
+from fer_dist.checkpoint import Run, resume, save
 from fer_dist.classes import NUM_CLASSES
 from fer_dist.config import (
     keys_help,
@@ -32,10 +33,8 @@ from fer_dist.data.stream import close_loader_workers, exhaustive_loader, train_
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_text_atomic
 from fer_dist.models import export_model, load_exported, preprocessing_of
-from fer_dist.run_state import Run, build_run, save
-
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "launch_configs" / "train" / "quickstart_synthetic.yaml"
+from fer_dist.quickstart import QUICKSTART, ensure_synthetic_shards
+from fer_dist.run_state import build_run
 
 
 class StopRun(Exception):
@@ -390,7 +389,7 @@ def parse_args(argv: list[str] | None) -> tuple[Path | None, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse, build, fit, clean up; expected errors become one line and exit code 2."""
+    """Parse, build, resume, fit, clean up; expected errors become one line and exit code 2."""
     stop = dist.StopRequest()  # first: a stop asked for during the set-up is honoured at the first step
     run, requeue = None, False
     try:
@@ -402,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                                     expected_processes=cfg.run.num_processes,
                                     timeout_s=cfg.run.collective_timeout_s)
         run = build_run(cfg, acc, stop)
+        resume(run)
         fit(run)
         return 0
     except FerDistError as e:
@@ -418,18 +418,6 @@ def main(argv: list[str] | None = None) -> int:
         stop.close()
         if requeue:
             launch.requeue(run)  # last: the requeue ends every process of the job
-
-
-def ensure_synthetic_shards(out: Path) -> None:
-    """The quick start (no --config, no data override) shards the synthetic set first where it is missing."""
-    if (out / "manifest.json").exists():
-        return
-    if dist.is_main_launch_process():
-        print(f"{out} is missing: sharding the built-in synthetic data set first", file=sys.stderr)
-        from fer_dist.data.pack import pack
-
-        pack("synthetic", [], out)
-    dist.wait_for_file(out / "manifest.json")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from shard_fixtures import fixture_include, fixture_label, fixture_targets, pixel_value
 
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
-from fer_dist.data.shardset import ShardSet
+from fer_dist.data.runset import ShardSet
 from fer_dist.data.stream import exhaustive_loader, train_loader
 
 SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))

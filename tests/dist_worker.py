@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fer_dist import checkpoint, dist
+from fer_dist import checkpoint_files as checkpoint
+from fer_dist import dist
 from fer_dist.errors import FerDistError
 
 
@@ -146,25 +146,13 @@ class Launch:
         return "\n".join(f.read_text(errors="replace")[-3000:] for f in sorted(self.out.glob("*.log")))
 
 
-_PORTS: set[int] = set()
-
-
-def _free_port() -> int:
-    """A free TCP port on localhost, never the same twice in one test session (launches run at once)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _PORTS:
-            _PORTS.add(port)
-            return port
-
-
 def start(scenario: str, out: Path, launcher: str = "env") -> Launch:
     """Start 2 ranks of `scenario` writing into out, by torchrun or by setting torchrun's variables."""
+    from train_fixtures import free_port  # here: the ranks running this file need none of its imports
+
     out.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     script = [str(Path(__file__).resolve()), scenario, str(out)]
     if launcher == "torchrun":
         commands = {"launcher": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -10,6 +10,7 @@ FER_DIST_FAULT=<kind>[:<arg>] and FER_DIST_FAULT_RANK=<global rank> (default 0) 
   fill-before-save:TAG   fill the run folder's filesystem (a file of zeros up to ENOSPC), then save TAG
   fill-before-export     the same before the first export of the best model
   nan-at-steps:A,B,...   the loss of these training steps (1-based, counted per process) is NaN
+  val-accs:A,B,...       the validation accuracies of the first validations (warm-up epochs, then rounds)
 The process really dies (SIGKILL: no handler, no finally) or really computes a NaN; only the moment is
 chosen here. Runs as a script so `accelerate launch tests/fault_inject.py ...` injects into every rank.
 """
@@ -26,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from fer_dist import checkpoint, dist, method, train  # noqa: E402
+from fer_dist import checkpoint_files as checkpoint  # noqa: E402
+from fer_dist import dist, method, train  # noqa: E402
 
 
 def die() -> None:
@@ -117,6 +119,14 @@ def install(kind: str, arg: str) -> None:
             return save(obj, f, *a, **k)
 
         torch.save = torn
+    elif kind == "val-accs":  # not a fault: values that make the stopping rule's decision known
+        scripted, measure = [float(a) for a in arg.split(",")], train.accuracy
+
+        def scripted_accuracy(run, shards, mask, name):
+            real = measure(run, shards, mask, name)  # the collectives still happen, in the same order
+            return scripted.pop(0) if name == "validate" and scripted else real
+
+        train.accuracy = scripted_accuracy
     else:
         raise SystemExit(f"fault_inject: unknown fault {kind!r}")
 

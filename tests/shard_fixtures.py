@@ -160,3 +160,17 @@ def synthetic_dir(
                                   for i in ids])
             next_id += n
     return write_dir(out, splits, size=size, channels=channels)
+
+
+def damage_pngs(folder: Path, count: int) -> list[str]:
+    """Flip a byte in the PNG of the first `count` samples of `folder`'s first train shard; their keys."""
+    path = folder / "train-000000.tar"
+    data = bytearray(path.read_bytes())
+    keys = []
+    with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
+        for member in tar.getmembers():
+            if member.name.endswith(".png") and len(keys) < count:
+                data[member.offset_data + member.size // 2] ^= 0x10
+                keys.append(member.name.split(".")[0])
+    path.write_bytes(bytes(data))
+    return keys

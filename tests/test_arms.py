@@ -16,27 +16,19 @@ import pytest
 import torch
 import yaml
 from shard_fixtures import synthetic_dir
+from train_fixtures import train_command
 
-from fer_dist.checkpoint import load_checkpoint
+from fer_dist.checkpoint_files import load_checkpoint
 from fer_dist.config import DataConfig
 from fer_dist.data.augment import InputSpec, train_transform
 from fer_dist.data.pack import pack
-from fer_dist.data.shardset import ShardSet
+from fer_dist.data.runset import ShardSet, load_run_data
 from fer_dist.data.sources.base import SourceOptions
 from fer_dist.data.stream import train_loader
-from fer_dist.run_data import load_run_data
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))
-
-
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2)])
@@ -83,6 +75,7 @@ def test_ids_of_labelled_val_and_test_do_not_depend_on_the_unlabelled_folder(tmp
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("launch")  # 2-rank launches: one at a time (conftest.py)
 def test_warm_up_does_not_depend_on_the_unlabelled_set(tmp_path: Path):
     opts = SourceOptions(subjects=12, frames=5)
     pack("synthetic", [], tmp_path / "main", options=opts, samples_per_shard=40, workers=1, progress=False)
@@ -101,9 +94,7 @@ def test_warm_up_does_not_depend_on_the_unlabelled_set(tmp_path: Path):
     for name, unlabelled in arms.items():
         config = {**base, "data": {**base["data"], "unlabelled": unlabelled}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
-        cmd = [str(VENV_BIN / "accelerate"), "launch", "--config_file",
-               str(REPO / "launch_configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(_port()),
-               "-m", "fer_dist.train", "--config", str(tmp_path / f"{name}.yaml"), f"run.name={name}"]
+        cmd = train_command(tmp_path / f"{name}.yaml", 2, f"run.name={name}")
         result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     runs = [tmp_path / "runs" / name / "checkpoints" for name in arms]

@@ -11,22 +11,22 @@ the trainer run directly (`python -m fer_dist.train`).
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-from fault_fixtures import finished_tiny_run, run
+from train_fixtures import copy_workdir
 from typer.testing import CliRunner
 
+from fer_dist import train
 from fer_dist.cli import app
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    """Shards, a finished tiny run, and the broken files the rows name."""
-    w = finished_tiny_run(tmp_path_factory.mktemp("bad"))
+def work(tmp_path_factory, finished_run: Path) -> Path:
+    """Shards, a finished tiny run (a copy of the session's), and the broken files the rows name."""
+    w = copy_workdir(finished_run, tmp_path_factory.mktemp("bad") / "work")
     (w / "notyaml.yaml").write_text("data: [unclosed\n")
     (w / "list.yaml").write_text("- a\n- b\n")
     (w / "unknown.yaml").write_text((w / "config.yaml").read_text() + "colour: blue\n")
@@ -86,7 +86,8 @@ CLI_MATRIX = {
     "inspect not a shard folder": (["inspect", "{w}/empty-dir"], "no manifest"),
 }
 
-# the trainer run directly, as `accelerate launch -m fer_dist.train` runs it on every rank
+# the trainer's entry point, as `accelerate launch -m fer_dist.train` runs it on every rank; each error is
+# raised before any process group forms, so `train.main` runs in this process (no launch, no imports)
 MODULE_MATRIX = {
     "mistyped folder, no --config": (["data.labelled=" + ref("shards/nosuch", "train")],
                                      "shards/nosuch: no such shard folder"),
@@ -126,10 +127,10 @@ def test_cli_bad_input(work: Path, case: str, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("case", list(MODULE_MATRIX))
-def test_trainer_bad_input(work: Path, case: str) -> None:
+def test_trainer_bad_input(work: Path, case: str, monkeypatch, capsys) -> None:
     args, fragment = MODULE_MATRIX[case]
+    monkeypatch.chdir(work)
     before = tree(work)
-    done = run([sys.executable, "-m", "fer_dist.train", *fill(args, work)], work, timeout=120)
-    assert done.returncode == 2, done.stderr[-3000:]
-    one_line(done.stderr, fill([fragment], work)[0])
+    assert train.main(fill(args, work)) == 2
+    one_line(capsys.readouterr().err, fill([fragment], work)[0])
     assert tree(work) == before

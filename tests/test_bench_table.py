@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "bench"))
 from bench_table import one_size, random_round  # noqa: E402
+
+from fer_dist.dist import gathered_bytes  # noqa: E402
 
 BENCH = Path(__file__).resolve().parents[1] / "tools" / "bench" / "bench_table.py"
 STEPS = ("concat", "dedupe", "select", "rewrite", "draw")
@@ -21,15 +24,27 @@ def test_bench_table_reports_every_step_per_size(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(BENCH), "--ids", "3000", "5000", "--world", "3",
                            "--json", str(out)], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
-    assert [line.split()[0] for line in done.stdout.splitlines()] == ["3,000", "5,000"]
     report = json.loads(out.read_text())
     assert report["meta"]["world"] == 3 and [r["ids"] for r in report["results"]] == [3000, 5000]
-    for result in report["results"]:
-        run = result["runs"][0]
-        for step in STEPS:
-            assert run[step]["seconds"] >= 0 and run[step]["peak_rss_bytes"] >= run["start_rss_bytes"] > 0
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2
+    for line, result in zip(lines, report["results"], strict=True):
+        (run,) = result["runs"]
+        # the child's figures: the counts are seeded, the same as this process computes
+        expected = one_size(result["ids"], 3, labelled=0.1, confident=0.3)
+        assert (run["confident"], run["drawn"]) == (expected["confident"], expected["drawn"])
         assert run["table_bytes"] == result["ids"] * 7 * 4
-        assert 0 < run["drawn"] <= run["confident"]
+        assert run["gathered_bytes_per_process"] == gathered_bytes(-(-result["ids"] // 3), 7, 3)
+        assert run["total_seconds"] == pytest.approx(sum(run[step]["seconds"] for step in STEPS), abs=1e-4)
+        assert run["peak_rss_bytes"] == max(run[step]["peak_rss_bytes"] for step in STEPS)
+        for step in STEPS:
+            assert run[step]["peak_rss_bytes"] >= run["start_rss_bytes"] > 0
+        # the printed row is the JSON's run, figure for figure
+        steps = "  ".join(f"{step} {run[step]['seconds']:.3f}s" for step in STEPS)
+        gib = {k: f"{run[k] / 2**30:.2f}" for k in ("peak_rss_bytes", "start_rss_bytes")}
+        assert line.split() == (f"{result['ids']:,} ids {steps} total {run['total_seconds']:.3f}s peak RSS "
+                                f"{gib['peak_rss_bytes']} GiB (start {gib['start_rss_bytes']}) confident "
+                                f"{run['confident']:,} drawn {run['drawn']:,}").split()
 
 
 def test_the_random_round_is_a_padded_gather_of_every_id_once() -> None:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from fer_dist import __version__, checkpoint
-from fer_dist.checkpoint import (
+from fer_dist import __version__
+from fer_dist import checkpoint_files as checkpoint
+from fer_dist.checkpoint_files import (
     capture_rng,
     latest_checkpoint,
     load_checkpoint,

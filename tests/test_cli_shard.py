@@ -15,10 +15,13 @@ import cv2
 import numpy as np
 import pytest
 from layouts import make_ckplus, make_fer2013_csv, make_fer2013_folders, make_imagefolder, pixels, write_image
+from shard_fixtures import damage_pngs
 from typer.testing import CliRunner
 
 from fer_dist.cli import app
 from fer_dist.data.manifest import read_manifest
+from fer_dist.data.pack import pack
+from fer_dist.data.sources.base import SourceOptions
 
 runner = CliRunner()
 SMALL_SYNTHETIC = ["--dataset", "synthetic", "--subjects", "3", "--frames", "3", "--size", "32"]
@@ -245,3 +248,32 @@ def test_default_synthetic_command_needs_no_src_and_gives_16_shards_per_split(tm
     m = read_manifest(tmp_path / "synthetic")
     assert m.num_ids == 60 * 6 * 10 and [len(s.shards) for s in m.splits.values()] == [16, 16, 16]
     assert "warning" not in result.stderr
+
+
+def test_fer2013_without_publictest_warns_no_val_split(tmp_path: Path) -> None:
+    """Issue 14: a FER2013 source without PublicTest rows says that training needs another val split."""
+    rows = ((0, "Training"), (3, "Training"), (4, "PrivateTest"))
+    csv = make_fer2013_csv(tmp_path / "fer2013.csv", rows=rows)
+    result = run("shard", "--dataset", "fer2013", "--src", csv, "--out", tmp_path / "out", "--workers", "1",
+                 "--no-progress")
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: no val split (no PublicTest rows or files), only train, test: training "
+                        "needs data.val to name a split of this or another shard folder"], result.stderr
+
+
+def test_inspect_lists_the_problems_one_per_line(tmp_path: Path) -> None:
+    """Issue 14: a shard with many problems lists 20 of them, one a line, and ends in one error line."""
+    folder = pack("synthetic", [], tmp_path / "shards", options=SourceOptions(subjects=6, frames=3),
+                  samples_per_shard=40, workers=1, progress=False).out
+    keys = damage_pngs(folder, 25)
+    result = run("inspect", folder)
+    assert result.exit_code == 2
+    problems = [line for line in result.stdout.splitlines() if line.startswith("problem: ")]
+    assert len(problems) == 20 and keys[0] in problems[0] and "train-000000.tar" in problems[0]
+    last = result.stderr.strip().splitlines()
+    assert len(last) == 1 and last[0].startswith("error: ") and f"sample {keys[0]}" in last[0]
+    assert "(and 24 more problem(s): 19 listed above, 5 not shown (--problems lists them all))" in last[0]
+    everything = run("inspect", folder, "--problems")
+    listed = [line for line in everything.stdout.splitlines() if line.startswith("problem: ")]
+    assert len(listed) == 25 and all(any(k in line for line in listed) for k in keys)

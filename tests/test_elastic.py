@@ -17,24 +17,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_fixtures import make_shards, run, train_command, write_config
+from train_fixtures import launch_lock, run, train_command, write_config
 
-from fer_dist.checkpoint import latest_checkpoint, load_checkpoint
+from fer_dist.checkpoint_files import latest_checkpoint, load_checkpoint
 from fer_dist.models.backbones import BACKBONES
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launch")]  # 2-rank runs: one at a time
 TOLERANCE = 1e-4  # absolute, on weights, table entries and mean losses (of order 0.1 to 1)
 UNCOMPARED = ("time/", "gather/")  # wall-clock timings; bytes gathered, which grow with the processes
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
+def root(tmp_path_factory, small_shards: Path) -> Path:
     root = tmp_path_factory.mktemp("elastic")
     torch.manual_seed(0)
     trunk, _ = BACKBONES["small_cnn"].make(None)
     torch.save(trunk.state_dict(), root / "trunk.pt")
     model = {"pretrained": True, "weights": str(root / "trunk.pt"), "trainable": "head", "dropout": 0.0}
-    write_config(root, make_shards(root / "shards"), model=model,
+    write_config(root, small_shards, model=model,
                  method={"max_rounds": 2}, optim={"lr": 0.03},  # a frozen trunk: the head learns fast
                  run={"checkpoint_every_steps": 2, "debug": True})
     return root
@@ -45,11 +45,12 @@ def final_state(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(root: Path) -> dict[int, dict]:
+def reference(root: Path, tmp_path_factory) -> dict[int, dict]:
     """The uninterrupted run on 1 and on 2 processes."""
     out = {}
     for processes in (1, 2):
-        done = run(train_command(root / "config.yaml", processes, f"run.name=ref{processes}"), root)
+        with launch_lock(tmp_path_factory):  # a module fixture: set up before the tests' own lock
+            done = run(train_command(root / "config.yaml", processes, f"run.name=ref{processes}"), root)
         assert done.returncode == 0, done.stderr[-3000:]
         out[processes] = final_state(root / "runs" / f"ref{processes}")
     return out

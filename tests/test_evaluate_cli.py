@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,23 +18,23 @@ import pytest
 import torch
 import yaml
 from layouts import make_ck48
-from train_fixtures import tiny_training
+from train_fixtures import CPU_2PROC, copy_workdir, free_port, shared_folder, tiny_training
 from typer.testing import CliRunner
 
-from fer_dist.checkpoint import latest_checkpoint
+from fer_dist.checkpoint_files import latest_checkpoint
 from fer_dist.cli import app
 from fer_dist.data.manifest import read_manifest
 from fer_dist.data.pack import pack
+from fer_dist.data.runset import ShardSet
 from fer_dist.data.shardread import decode_png, read_samples
-from fer_dist.data.shardset import ShardSet
 from fer_dist.data.sources.base import SourceOptions
 from fer_dist.evaluate.infer import batch_probs
 from fer_dist.evaluate.load import load_model
 from fer_dist.metrics import read_metrics
 from fer_dist.models import ModelSpec, build_model, export_model
+from fer_dist.train import main as train_main
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 runner = CliRunner()
 
@@ -63,19 +62,31 @@ def train(root: Path, name: str, *overrides: str) -> Path:
     return root / "runs" / name
 
 
+@pytest.fixture(scope="session")
+def evaluate_runs(tmp_path_factory, synthetic_shards: Path) -> Path:
+    """Synthetic shards, a CK+48-like set without neutral, and two short runs differing in tau: trained once
+    per session, whichever xdist worker asks first (the 2-process tests run on the launch group's)."""
+
+    def build(root: Path) -> None:
+        (root / "shards").symlink_to(synthetic_shards)  # read only here
+        tiny_training(root, synthetic_shards, data={"num_workers": 0}, method={"max_rounds": 1},
+                      optim={"lr": 0.003})
+        pack("ckplus", [make_ck48(root / "ck48src")], root / "ck48", split=(0.0, 0.0, 1.0), workers=1,
+             progress=False)
+        train(root, "a")
+        train(root, "b", "method.tau=0.5", "method.warmup_epochs=1")
+
+    return shared_folder(tmp_path_factory, "evaluate-runs", build)
+
+
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    """Synthetic shards, a CK+48-like set without neutral, and two short runs differing in tau."""
-    root = tiny_training(tmp_path_factory.mktemp("evaluate"), data={"num_workers": 0},
-                         method={"max_rounds": 1}, optim={"lr": 0.003})
-    pack("ckplus", [make_ck48(root / "ck48src")], root / "ck48", split=(0.0, 0.0, 1.0), workers=1,
-         progress=False)
-    train(root, "a")
-    train(root, "b", "method.tau=0.5", "method.warmup_epochs=1")
-    return root
+def work(tmp_path_factory, evaluate_runs: Path) -> Path:
+    """This worker's copy of evaluate_runs: the tests write their outputs into it and check that nothing
+    else appears there."""
+    return copy_workdir(evaluate_runs, tmp_path_factory.mktemp("evaluate") / "work")
 
 
-def test_training_summary_names_the_best_model_and_a_rerun_says_it_is_finished(work: Path) -> None:
+def test_training_summary_names_the_best_model_and_a_rerun_says_it_is_finished(work: Path, capsys) -> None:
     summary = json.loads((work / "runs/a/summary.json").read_text())
     assert summary["best"].split()[0] in ("warmup", "round") and summary["best_model"].endswith("best")
     for key in ("best_val", "test_acc_of_best", "warmup_best_val"):
@@ -83,10 +94,11 @@ def test_training_summary_names_the_best_model_and_a_rerun_says_it_is_finished(w
     records = read_metrics(work / "runs/a/metrics.jsonl")
     test = [r for r in records if r["kind"] == "test"]
     assert len(test) == 1 and test[0]["test/acc"] == pytest.approx(summary["test_acc_of_best"], abs=1e-4)
-    again = subprocess.run([sys.executable, "-m", "fer_dist.train", "--config", str(work / "config.yaml"),
-                            "run.name=a"], cwd=work, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "has already finished" in again.stderr and "run.resume=never" in again.stderr
+    capsys.readouterr()
+    # the trainer's entry point in this process: a finished run is reported before any training
+    assert train_main(["--config", str(work / "config.yaml"), "run.name=a"]) == 0
+    again = capsys.readouterr().err
+    assert "has already finished" in again and "run.resume=never" in again, again[-2000:]
     assert json.loads((work / "runs/a/summary.json").read_text()) == summary
     assert len([r for r in read_metrics(work / "runs/a/metrics.jsonl") if r["kind"] == "test"]) == 1
 
@@ -138,16 +150,13 @@ def test_a_constant_model_scores_what_its_class_share_gives(work: Path) -> None:
 
 def on_two_processes(work: Path, *args: str | Path) -> None:
     """`accelerate launch` (2 gloo processes) `-m fer_dist.cli ARGS`."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    command = [str(VENV_BIN / "accelerate"), "launch", "--config_file",
-               str(REPO / "launch_configs/accelerate/cpu_2proc.yaml"), "--main_process_port", port, "-m",
-               "fer_dist.cli", *map(str, args)]
+    command = [str(VENV_BIN / "accelerate"), "launch", "--config_file", CPU_2PROC, "--main_process_port",
+               str(free_port()), "-m", "fer_dist.cli", *map(str, args)]
     result = subprocess.run(command, cwd=work, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.xdist_group("launch")  # 2 ranks: one launch at a time (conftest.py)
 def test_eval_on_two_gloo_processes_counts_each_sample_once(work: Path) -> None:
     ok(cli("eval", work / "runs/a", "--shards", work / "shards:test,val", "--out", work / "one"))
     on_two_processes(work, "eval", work / "runs/a", "--shards", work / "shards:test,val", "--out",
@@ -164,13 +173,23 @@ def test_intensity_draws_the_grid_and_scores_each_sequence(work: Path) -> None:
     out = ok(cli("intensity", work / "runs/a", "--shards", f"{work / 'shards'}:train,val,test"))
     report = json.loads((work / "runs/a/intensity/intensity.json").read_text())
     assert report["sequences"] == 12 * 6 and report["score_basis"] == "spearman_intensity"
-    assert -1 <= report["score"] <= 1 and f"{report['score']:.4f}" in out
     curve = report["curves"][0]
     assert curve["position"] == [0, 0.25, 0.5, 0.75, 1.0] and curve["intensity"] == curve["position"]
+    # the score, computed another way: the mean over sequences of Spearman's rho of intensity (5 distinct
+    # steps, ranks 1..5) and the probability (average ranks by counting), constant curves left out
+    rhos = []
+    for c in report["curves"]:
+        p = np.asarray(c["prob"])
+        ranks = np.array([(p < v).sum() + ((p == v).sum() + 1) / 2 for v in p])
+        if np.ptp(ranks) > 0:
+            rhos.append(np.corrcoef(np.arange(1, 6), ranks)[0, 1])
+    assert rhos and report["score"] == pytest.approx(np.mean(rhos), abs=1e-9)
+    assert f"{report['score']:.4f}" in out
     image = cv2.imread(str(work / "runs/a/intensity/intensity.png"))
     assert image is not None and image.shape[0] > 300 and image.shape[1] > 600
 
 
+@pytest.mark.xdist_group("launch")  # 2 ranks: one launch at a time (conftest.py)
 def test_intensity_and_predict_on_two_gloo_processes_match_one(work: Path) -> None:
     target = f"{work / 'shards'}:val,test"
     ok(cli("intensity", work / "runs/a", "--shards", target, "--out", work / "i1"))
@@ -219,6 +238,7 @@ def test_predict_gives_the_models_probabilities_and_reports_what_has_no_face(wor
     assert found["noise.png"]["status"] == "no face found" and found["noise.png"]["predicted"] is None
 
 
+@pytest.mark.xdist_group("launch")  # 2 ranks: one launch at a time (conftest.py)
 def test_export_onnx_from_the_best_model_and_from_a_checkpoint(work: Path) -> None:
     import onnxruntime
 
@@ -253,6 +273,7 @@ def test_compare_lists_what_differs_and_what_each_run_reached(work: Path) -> Non
     assert cv2.imread(str(work / "cmp/compare.png")) is not None
 
 
+@pytest.mark.xdist_group("launch")  # 2 ranks: one launch at a time (conftest.py)
 def test_cv_trains_every_fold_and_continues_where_it_stopped(work: Path) -> None:
     pack("synthetic", [], work / "folds", options=SourceOptions(subjects=6, frames=3), split=(1.0, 0.0, 0.0),
          folds=3, workers=1, progress=False)
@@ -288,7 +309,9 @@ BAD = {
     "missing split": (["eval", "{w}/runs/a", "--shards", "{w}/shards:nosplit"], "no split 'nosplit'"),
     "no test set": (["eval", "{w}/runs/a"], "Missing option"),
     "bad tta": (["eval", "{w}/runs/a", "--shards", "{w}/shards", "--tta", "x"], "--tta"),
-    "no sequences": (["intensity", "{w}/runs/a", "--shards", "{w}/ck48:test"], "no sequence"),
+    # its own --out: the run's intensity/ holds another set's result, which is refused first
+    "no sequences": (["intensity", "{w}/runs/a", "--shards", "{w}/ck48:test", "--out", "{w}/ck48-intensity"],
+                     "no sequence"),
     "predict out": (["predict", "{w}/runs/a", "{w}/shards", "--out", "{w}/x.txt"], ".csv or a .json"),
     "predict missing": (["predict", "{w}/runs/a", "{w}/nothing.png"], "no such file"),
     "predict no face": (["predict", "{w}/runs/a", "{w}/unreadable", "--out", "{w}/u.csv"],

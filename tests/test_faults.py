@@ -1,11 +1,13 @@
 """Faults injected for real into real training processes: a process SIGKILLed mid-epoch, mid-gather and
 mid-checkpoint, a hung one (SIGSTOP), a crash between a checkpoint's write and its rename, a torn state.pt,
-NaN losses, non-finite weights. Each run is tiny (fault_fixtures.py); the moment of the fault is chosen by
+NaN losses, non-finite weights. Each run is tiny (train_fixtures.py); the moment of the fault is chosen by
 tests/fault_inject.py, the fault itself (a signal, a NaN) is real.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -14,19 +16,19 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from fault_fixtures import (
+from shard_fixtures import damage_pngs
+from train_fixtures import (
     INJECT,
     env,
     free_port,
     kill_tree,
-    make_shards,
     ranks_of,
     run,
     train_command,
     write_config,
 )
 
-from fer_dist.checkpoint import LATEST, TMP, latest_checkpoint, load_checkpoint
+from fer_dist.checkpoint_files import LATEST, TMP, latest_checkpoint, load_checkpoint
 from fer_dist.errors import FerDistError
 
 pytestmark = pytest.mark.slow
@@ -35,9 +37,10 @@ AGENT_GRACE_S = 30  # torch's elastic agent: SIGTERM, then SIGKILL after this lo
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
+def root(tmp_path_factory, small_shards: Path) -> Path:
+    """The config of conftest's fault_references, with runs under a folder of this module's."""
     root = tmp_path_factory.mktemp("faults")
-    write_config(root, make_shards(root / "shards"))
+    write_config(root, small_shards)
     return root
 
 
@@ -58,22 +61,16 @@ def assert_same_end(a: dict, b: dict) -> None:
         assert torch.allclose(tensor.float(), b["model"][name].float(), atol=1e-5), name
 
 
-@pytest.fixture(scope="module")
-def reference(root: Path) -> dict[int, dict]:
-    """An uninterrupted run on 1 and on 2 processes: what every resumed run must end as."""
-    out = {}
-    for processes in (1, 2):
-        done = run(train_command(config(root), processes, f"run.name=ref{processes}"), root)
-        assert done.returncode == 0, done.stderr[-3000:]
-        out[processes] = final_state(root / "runs" / f"ref{processes}")
-    return out
+# the tests that start 2 ranks: one at a time on the machine (conftest.py)
+launches = pytest.mark.xdist_group("launch")
 
 
 # ---------------------------------------------------------------- a crash while a checkpoint is written
 
 
 @pytest.mark.parametrize("fault", ["kill-before-rename", "kill-mid-state"])
-def test_crash_while_checkpointing_keeps_the_previous_one_and_resumes(root: Path, reference, fault: str):
+def test_crash_while_checkpointing_keeps_the_previous_one_and_resumes(root: Path, fault_reference_1: Path,
+                                                                     fault: str):
     name = f"crash-{fault}"
     ckpts = root / "runs" / name / "checkpoints"
     done = run(train_command(config(root), 1, f"run.name={name}", inject=True), root,
@@ -91,12 +88,34 @@ def test_crash_while_checkpointing_keeps_the_previous_one_and_resumes(root: Path
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {ckpts / 'warmup-0001'}" in resumed.stderr
     assert not list(ckpts.glob(f"{TMP}*"))  # the leftover is cleared by the next save
-    assert_same_end(final_state(ckpts.parent), reference[1])
+    assert_same_end(final_state(ckpts.parent), final_state(fault_reference_1))
+
+
+# ---------------------------------------------------------------- damaged samples
+
+
+def test_damaged_samples_are_skipped_and_counted_or_named(tmp_path: Path, small_shards: Path) -> None:
+    """Issue 14: data.on_error=raise (the default) names the first damaged sample in one line; skip leaves
+    them out, says so and counts them in the metrics."""
+    shards = shutil.copytree(small_shards, tmp_path / "shards")
+    keys = damage_pngs(shards, 2)
+    cfg = write_config(tmp_path, shards, method={"warmup_epochs": 1, "self_training": False})
+    refused = run(train_command(cfg, 1, "run.name=raise"), tmp_path)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {shards / 'train-000000.tar'}: sample {keys[0]} differs from the manifest's digest (damaged "
+        "after sharding)")
+    skipped = run(train_command(cfg, 1, "run.name=skip", "data.on_error=skip"), tmp_path)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "data.on_error=skip: left out 2 damaged sample(s) or shard(s), the first: " in skipped.stderr
+    records = [json.loads(line) for line in (tmp_path / "runs/skip/metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("data/skipped") == 2 for r in records)
 
 
 # ---------------------------------------------------------------- numerical faults
 
 
+@launches
 def test_nonfinite_steps_are_skipped_then_the_run_stops(root: Path):
     name = "nan"
     done = run(train_command(config(root), 2, f"run.name={name}", "optim.max_nonfinite_steps=1", inject=True),
@@ -165,7 +184,9 @@ def launch_and_watch(cmd: list[str], root: Path, limit_s: float, **fault: str) -
     ("kill-in-gather:3", "warmup-0002"),           # the first round's (after 2 validations)
     ("kill-in-save:warmup-0002", "warmup-0001"),   # rank 0 is inside the save when rank 1 dies
 ])
-def test_a_killed_rank_ends_the_launch_and_auto_resumes(root: Path, reference, fault: str, resumed_from: str):
+@launches
+def test_a_killed_rank_ends_the_launch_and_auto_resumes(root: Path, fault_reference_2: Path, fault: str,
+                                                        resumed_from: str):
     name = f"killed-{fault.split(':')[0]}"
     cmd = train_command(config(root), 2, f"run.name={name}", "data.num_workers=1", inject=True)
     code, took, out = launch_and_watch(cmd, root, 60, FER_DIST_FAULT=fault, FER_DIST_FAULT_RANK="1")
@@ -177,9 +198,10 @@ def test_a_killed_rank_ends_the_launch_and_auto_resumes(root: Path, reference, f
     resumed = run(train_command(config(root), 2, f"run.name={name}", "data.num_workers=1"), root)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / resumed_from}" in resumed.stderr
-    assert_same_end(final_state(run_dir), reference[2])
+    assert_same_end(final_state(run_dir), final_state(fault_reference_2))
 
 
+@launches
 def test_a_hung_rank_times_out_the_others(root: Path):
     """SIGSTOP: alive, holding its sockets, never answering; only the collective timeout can tell."""
     cmd = train_command(config(root), 2, "run.name=hung", f"run.collective_timeout_s={TIMEOUT_S}",
@@ -193,6 +215,7 @@ def test_a_hung_rank_times_out_the_others(root: Path):
     assert TIMEOUT_S - 1 < took < TIMEOUT_S + AGENT_GRACE_S + 20, took
 
 
+@launches
 def test_fer_dist_launch_names_the_killed_rank(root: Path):
     """Through `python -m fer_dist.launch` (what `fer-dist train` runs): one line, the rank's signal."""
     cmd = [sys.executable, "-m", "fer_dist.launch", "--num_processes", "2", "--num_machines", "1",

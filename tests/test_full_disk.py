@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_fixtures import FER_DIST, make_shards, run, train_command, write_config
+from train_fixtures import FER_DIST, run, train_command, write_config
 
-from fer_dist.checkpoint import LATEST, TMP, latest_checkpoint
+from fer_dist.checkpoint_files import LATEST, TMP, latest_checkpoint
 from fer_dist.errors import FerDistError
 from fer_dist.models import ModelSpec, build_model, export_model
 
@@ -82,10 +82,11 @@ def test_sharding_onto_a_full_disk(mount, tmp_path: Path):
     assert sorted(p.name for p in fs.iterdir()) == ["shards"]  # no temporary folder left
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_checkpointing_onto_a_full_disk_keeps_the_previous_and_resumes(mount, tmp_path: Path, processes: int):
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=pytest.mark.xdist_group("launch"))])
+def test_checkpointing_onto_a_full_disk_keeps_the_previous_and_resumes(mount, tmp_path: Path,
+                                                                    small_shards: Path, processes: int):
     fs = mount("64m")
-    cfg = write_config(tmp_path, make_shards(tmp_path / "shards"), run={"dir": str(fs / "runs")})
+    cfg = write_config(tmp_path, small_shards, run={"dir": str(fs / "runs")})
     done = run(train_command(cfg, processes, "run.name=full", inject=True), tmp_path, timeout=120,
                FER_DIST_FAULT="fill-before-save:warmup-0002")
     message = "checkpoint: cannot write it: No space left on device"
@@ -103,9 +104,10 @@ def test_checkpointing_onto_a_full_disk_keeps_the_previous_and_resumes(mount, tm
     assert f"resumed from {ckpts / 'warmup-0001'}" in resumed.stderr
 
 
-def test_a_full_disk_at_the_best_export_ends_every_rank(mount, tmp_path: Path):
+@pytest.mark.xdist_group("launch")  # 2 ranks: one launch at a time on the machine (conftest.py)
+def test_a_full_disk_at_the_best_export_ends_every_rank(mount, tmp_path: Path, small_shards: Path):
     fs = mount("64m")
-    cfg = write_config(tmp_path, make_shards(tmp_path / "shards"), run={"dir": str(fs / "runs")})
+    cfg = write_config(tmp_path, small_shards, run={"dir": str(fs / "runs")})
     status = tmp_path / "status"  # each rank's one-line error lands here (fer_dist.launch's mechanism)
     status.mkdir()
     done = run(train_command(cfg, 2, "run.name=full", inject=True), tmp_path, timeout=120,

@@ -21,11 +21,11 @@ import torch
 from fer_dist.config import DataConfig
 from fer_dist.data.augment import InputSpec, eval_transform
 from fer_dist.data.pack import pack
+from fer_dist.data.runset import load_run_data
 from fer_dist.data.shards import verify_shards
 from fer_dist.data.sources.base import SourceOptions
 from fer_dist.data.stream import exhaustive_loader
 from fer_dist.errors import FerDistError
-from fer_dist.run_data import load_run_data
 
 CASES_PER_KIND = 50
 SPLITS = ("train", "val", "test")

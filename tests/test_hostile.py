@@ -1,7 +1,8 @@
 """Hostile files: a shard carrying a pickle member, a checkpoint, an RNG file, a weights file and a model
 export whose bytes are pickles that write a marker file when unpickled. Every reader is run for real (the
 trainer, `fer-dist train`, `inspect`, `eval`, load_exported, load_checkpoint): each refuses the file with
-one line, and the marker is never written.
+one line, and the marker is never written. The trainer and the commands run in this process through their
+entry points (`train.main`, the Typer app): every refusal comes before any process group would form.
 """
 
 from __future__ import annotations
@@ -11,24 +12,18 @@ import io
 import json
 import pickle
 import shutil
-import subprocess
 import tarfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
-from fault_fixtures import (
-    FER_DIST,
-    Touch,
-    check_payload,
-    finished_tiny_run,
-    payload,
-    run,
-    train_command,
-    write_config,
-)
+from train_fixtures import Touch, check_payload, copy_workdir, payload, write_config
+from typer.testing import CliRunner
 
-from fer_dist.checkpoint import load_checkpoint, rng_file
+from fer_dist import train
+from fer_dist.checkpoint_files import load_checkpoint, rng_file
+from fer_dist.cli import app
 from fer_dist.errors import FerDistError
 from fer_dist.models import load_exported
 from fer_dist.models.weights import read_state_file
@@ -37,9 +32,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    """Clean shards and a finished tiny run (best/ and checkpoints) to copy hostile variants from."""
-    root = finished_tiny_run(tmp_path_factory.mktemp("hostile"))
+def work(tmp_path_factory, finished_run: Path) -> Path:
+    """Clean shards and a finished tiny run (best/ and checkpoints; a copy of the session's) to copy hostile
+    variants from."""
+    root = copy_workdir(finished_run, tmp_path_factory.mktemp("hostile") / "work")
     check_payload(root)
     return root
 
@@ -93,7 +89,33 @@ def hostile_export(root: Path) -> Path:
     return out
 
 
-def one_line_exit_2(done: subprocess.CompletedProcess, *fragments: str) -> None:
+class Done(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def trainer(work: Path, capsys, monkeypatch):
+    """trainer(config, *overrides): `python -m fer_dist.train` on 1 process, run in this process."""
+    monkeypatch.chdir(work)
+
+    def run(config: Path, *overrides: str) -> Done:
+        capsys.readouterr()
+        code = train.main(["--config", str(config), "run.num_processes=1", *overrides])
+        out = capsys.readouterr()
+        return Done(code, out.out, out.err)
+
+    return run
+
+
+def command(*args: str | Path) -> Done:
+    """`fer-dist ARGS` through its Typer app in this process."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return Done(result.exit_code, result.stdout, result.stderr)
+
+
+def one_line_exit_2(done: Done, *fragments: str) -> None:
     assert done.returncode == 2, (done.returncode, done.stderr[-3000:])
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: "), done.stderr[-3000:]
@@ -110,50 +132,46 @@ def test_the_payloads_are_real(work: Path, tmp_path: Path):
 
 
 @pytest.mark.parametrize("ext", ["pyd", "pickle"])
-def test_a_pickle_member_in_a_shard_is_never_unpickled(work: Path, ext: str):
+def test_a_pickle_member_in_a_shard_is_never_unpickled(work: Path, trainer, ext: str):
     shards = hostile_shards(work, ext)
     cfg = write_config(work / f"cfg-{ext}", shards, method={"warmup_epochs": 1, "self_training": False})
-    trainer = run(train_command(cfg, 1, "run.name=evil-shard"), work)
-    one_line_exit_2(trainer, "train-000000.tar", f"00000005.{ext}")
-    launcher = run([FER_DIST, "train", "--config", str(cfg), "--dry-run"], work, timeout=120)
+    one_line_exit_2(trainer(cfg, "run.name=evil-shard"), "train-000000.tar", f"00000005.{ext}")
+    launcher = command("train", "--config", cfg, "--dry-run")
     one_line_exit_2(launcher, f"00000005.{ext}")
-    inspect = run([FER_DIST, "inspect", str(shards)], work, timeout=120)
+    inspect = command("inspect", shards)
     one_line_exit_2(inspect, "train-000000.tar")
     assert f"unexpected member '00000005.{ext}'" in inspect.stdout + inspect.stderr
-    evaluate = run([FER_DIST, "eval", str(work / "runs" / "good"), "--shards", f"{shards}:train",
-                    "--out", str(work / "eval-out")], work, timeout=120)
+    evaluate = command("eval", work / "runs/good", "--shards", f"{shards}:train", "--out", work / "eval-out")
     one_line_exit_2(evaluate, f"00000005.{ext}")
     assert not marker(work).exists()
     assert not (work / "eval-out").exists() and not (cfg.parent / "runs").exists()
 
 
 @pytest.mark.parametrize("file", ["state.pt", rng_file(0)])
-def test_a_pickled_checkpoint_is_refused_by_every_reader(work: Path, file: str):
+def test_a_pickled_checkpoint_is_refused_by_every_reader(work: Path, trainer, file: str):
     ckpt = hostile_checkpoint(work, file)
     with pytest.raises(FerDistError, match="weights_only refused it"):
         load_checkpoint(ckpt, 0)
-    resume = run(train_command(work / "config.yaml", 1, "run.name=resumed-evil", f"run.resume={ckpt}"), work)
+    resume = trainer(work / "config.yaml", "run.name=resumed-evil", f"run.resume={ckpt}")
     one_line_exit_2(resume, str(ckpt / file))
     if file == "state.pt":
-        evaluate = run([FER_DIST, "eval", str(ckpt), "--shards", str(work / "shards"),
-                        "--out", str(work / "eval-ckpt")], work, timeout=120)
+        evaluate = command("eval", ckpt, "--shards", work / "shards", "--out", work / "eval-ckpt")
         one_line_exit_2(evaluate, "weights_only refused it")
     assert not marker(work).exists()
     assert not (work / "runs" / "resumed-evil").exists()
 
 
-def test_a_pickled_export_and_weights_file_are_refused(work: Path):
+def test_a_pickled_export_and_weights_file_are_refused(work: Path, trainer):
     export = hostile_export(work)
     with pytest.raises(FerDistError, match="model.safetensors"):
         load_exported(export)
-    evaluate = run([FER_DIST, "eval", str(export), "--shards", str(work / "shards"),
-                    "--out", str(work / "eval-export")], work, timeout=120)
+    evaluate = command("eval", export, "--shards", work / "shards", "--out", work / "eval-export")
     one_line_exit_2(evaluate, "model.safetensors")
     weights = work / "evil-weights.pt"
     torch.save({"w": Touch(marker(work))}, weights)
     with pytest.raises(FerDistError, match="not a readable weights file"):
         read_state_file(weights)
-    trainer = run(train_command(work / "config.yaml", 1, "run.name=evil-weights", "model.pretrained=true",
-                                f"model.weights={weights}"), work)
-    assert trainer.returncode == 2 and "evil-weights.pt" in trainer.stderr, trainer.stderr[-3000:]
+    done = trainer(work / "config.yaml", "run.name=evil-weights", "model.pretrained=true",
+                   f"model.weights={weights}")
+    assert done.returncode == 2 and "evil-weights.pt" in done.stderr, done.stderr[-3000:]
     assert not marker(work).exists()

@@ -15,36 +15,48 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from train_fixtures import tiny_training
+from train_fixtures import free_port, tiny_training
 from typer.testing import CliRunner
 
-from fer_dist import slurm
-from fer_dist.checkpoint import latest_checkpoint, load_checkpoint
+from fer_dist import slurm, train
+from fer_dist.checkpoint_files import latest_checkpoint, load_checkpoint
 from fer_dist.cli import app
 from fer_dist.config import describe_keys
-from fer_dist.launch import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 TIMEOUT = 240
 
 
+# real launches: slow, and one at a time on the machine (conftest.py)
+LAUNCHES = (pytest.mark.slow, pytest.mark.xdist_group("launch"))
+
+
+def launches(test):
+    for mark in LAUNCHES:
+        test = mark(test)
+    return test
+
+
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny synthetic shards and a config over them (as tests/test_train.py), without run.num_processes."""
-    return tiny_training(tmp_path_factory.mktemp("launch"), run={"keep_last": 20})
+def workdir(tmp_path_factory: pytest.TempPathFactory, synthetic_shards: Path) -> Path:
+    """The session's tiny synthetic shards and a config over them (as tests/test_train.py), without
+    run.num_processes."""
+    return tiny_training(tmp_path_factory.mktemp("launch"), synthetic_shards, run={"keep_last": 20})
 
 
 # ---------------------------------------------------------------- fer-dist train: checks, help, command
 
 
-def test_help_lists_every_config_key_with_default_and_doc() -> None:
+def test_help_lists_every_config_key_with_default_and_doc(monkeypatch, capsys) -> None:
     cli = CliRunner().invoke(app, ["train", "--help"], terminal_width=200)
-    module = subprocess.run([sys.executable, "-m", "fer_dist.train", "--help"], capture_output=True,
-                            text=True, timeout=120, env={**os.environ, "COLUMNS": "200"})
-    assert cli.exit_code == 0 and module.returncode == 0, module.stderr
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit) as module:  # `python -m fer_dist.train --help`, in this process
+        train.main(["--help"])
+    assert cli.exit_code == 0 and module.value.code == 0
+    module_help = capsys.readouterr().out
     for key, default, doc in describe_keys():
-        for text in (cli.output, module.stdout):
+        for text in (cli.output, module_help):
             line = next((ln for ln in text.splitlines() if f"{key} = {default}" in ln), None)
             assert line is not None and doc[:30] in line, (key, text[-500:])
 
@@ -140,7 +152,7 @@ def assert_stopped_at_a_step(run_dir: Path) -> None:
     assert state["world_size"] == 2 and state["state"]["step_in_epoch"] > 0
 
 
-@pytest.mark.slow
+@launches
 @pytest.mark.parametrize(("target", "signame", "code"), [
     ("launcher", "SIGTERM", 0), ("group", "SIGUSR1", 0), ("step", "SIGTERM", 0), ("group", "SIGINT", 130),
     ("bare-ranks", "SIGTERM", 0),
@@ -163,7 +175,7 @@ def test_stop_signal_checkpoints_and_exits_with_its_code(workdir: Path, target: 
         assert " step " in line and "/" in line and "loss " in line and "img/s" in line and "left " in line
 
 
-@pytest.mark.slow
+@launches
 def test_second_sigint_exits_at_once(workdir: Path) -> None:
     proc = run_to_checkpoint(workdir, launch_cmd(workdir, "twice"), "twice")
     os.killpg(proc.pid, signal.SIGINT)
@@ -181,7 +193,7 @@ def test_second_sigint_exits_at_once(workdir: Path) -> None:
     assert not [p for p in psutil.process_iter(["cmdline"]) if "run.name=twice" in (p.info["cmdline"] or [])]
 
 
-@pytest.mark.slow
+@launches
 def test_a_config_error_is_one_line_under_the_launcher(workdir: Path) -> None:
     result = subprocess.run(launch_cmd(workdir, "err", "method.tau=3"), cwd=workdir, capture_output=True,
                             text=True, timeout=TIMEOUT)
@@ -192,7 +204,7 @@ def test_a_config_error_is_one_line_under_the_launcher(workdir: Path) -> None:
     assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr
 
 
-@pytest.mark.slow
+@launches
 def test_bare_accelerate_launch_prints_the_error_once_and_returns_1(workdir: Path) -> None:
     """What the README says the launcher itself does: rank 0 alone prints the line, torch adds its report."""
     result = subprocess.run(launch_cmd(workdir, "bare-err", "method.tau=3", bare=True), cwd=workdir,
@@ -202,7 +214,7 @@ def test_bare_accelerate_launch_prints_the_error_once_and_returns_1(workdir: Pat
     assert "ChildFailedError" in result.stderr
 
 
-@pytest.mark.slow
+@launches
 def test_ranks_of_a_bare_launcher_killed_by_sigusr1_checkpoint_and_end(workdir: Path) -> None:
     """torch's launcher has no SIGUSR1 handler and dies of it; its ranks see it gone and stop cleanly."""
     proc = run_to_checkpoint(workdir, launch_cmd(workdir, "orphans", bare=True), "orphans")
@@ -215,7 +227,7 @@ def test_ranks_of_a_bare_launcher_killed_by_sigusr1_checkpoint_and_end(workdir: 
     assert_stopped_at_a_step(workdir / "runs" / "orphans")
 
 
-@pytest.mark.slow
+@launches
 def test_one_process_sigint_checkpoints_and_returns_130(workdir: Path) -> None:
     cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(workdir / "config.yaml"), "run.name=one"]
     proc = run_to_checkpoint(workdir, cmd, "one")
@@ -225,7 +237,7 @@ def test_one_process_sigint_checkpoints_and_returns_130(workdir: Path) -> None:
     assert latest_checkpoint(workdir / "runs" / "one").name.startswith("step-")
 
 
-@pytest.mark.slow
+@launches
 @pytest.mark.parametrize(("presses", "code"), [(0, 0), (2, 130)])
 def test_one_process_sigterm_and_a_double_sigint(workdir: Path, tmp_path: Path, presses: int,
                                                  code: int) -> None:
@@ -328,6 +340,7 @@ def start_two_nodes(tmp_path: Path, case: str) -> list[subprocess.Popen]:
     return nodes
 
 
+@launches
 def test_a_requeue_waits_until_the_ranks_of_every_node_have_ended(tmp_path: Path) -> None:
     """The main rank's requeue is done by the head's launcher after the other node's rank has ended. Done by
     the rank, as before, it could end the head's rendezvous store under the other node's launcher, which
@@ -342,6 +355,7 @@ def test_a_requeue_waits_until_the_ranks_of_every_node_have_ended(tmp_path: Path
     assert slurm.read_requeues(tmp_path)["requeues"][0]["step"] == 12
 
 
+@launches
 def test_the_head_node_gone_is_one_line_on_the_other_node(tmp_path: Path) -> None:
     head, other = start_two_nodes(tmp_path, "head-dies")
     deadline = time.monotonic() + TIMEOUT

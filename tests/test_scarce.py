@@ -16,9 +16,9 @@ from fer_dist import method
 from fer_dist.config import MethodConfig, load_config, pseudo_target_mode
 from fer_dist.data.augment import strong_augment
 from fer_dist.data.pack import pack
+from fer_dist.data.runset import load_run_data, share_mask
 from fer_dist.data.sources.base import SourceOptions
 from fer_dist.errors import FerDistError
-from fer_dist.run_data import load_run_data, share_mask
 
 # ---------------------------------------------------------------- shares
 

@@ -22,7 +22,7 @@ import pytest
 from fer_dist.classes import CLASSES
 from fer_dist.data.faces import align_face
 from fer_dist.data.manifest import MANIFEST, read_manifest
-from fer_dist.data.pack import _shuffle_key, pack, source_fingerprint
+from fer_dist.data.pack import MIN_AUTO_SHARD, MIN_SHARDS, _shuffle_key, pack, source_fingerprint
 from fer_dist.data.shards import SplitWriter, dump_json, sample_bytes, sample_digest, verify_shards
 from fer_dist.data.sources import (
     SOURCES,
@@ -468,3 +468,19 @@ def test_manifest_that_is_not_json_or_absent(tmp_path: Path) -> None:
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(FerDistError, match="manifest.json: not valid JSON"):
         read_manifest(tmp_path)
+
+
+def test_the_shard_count_warning_only_where_loader_workers_would_share(tmp_path: Path) -> None:
+    """Issue 14: tiny splits get no warning; a split with enough samples for MIN_SHARDS shards but fewer
+    shards does, and says how to get more."""
+    small = pack("synthetic", [], tmp_path / "small", options=SourceOptions(subjects=3, frames=3),
+                 workers=1, progress=False)
+    assert min(len(s.shards) for s in small.manifest.splits.values()) < MIN_SHARDS
+    assert small.warnings == []  # tiny splits: their few shards are the default's choice, read in ms
+    big = pack("synthetic", [], tmp_path / "big", options=SourceOptions(subjects=30, frames=2, image_size=16),
+               size=16, samples_per_shard=MIN_SHARDS * MIN_AUTO_SHARD, workers=1, progress=False)
+    train = big.manifest.splits["train"]
+    assert train.count >= MIN_SHARDS * MIN_AUTO_SHARD and len(train.shards) < MIN_SHARDS
+    assert [w for w in big.warnings if "'train'" in w] == [
+        f"split 'train' has {len(train.shards)} shard(s), fewer than {MIN_SHARDS}: loader workers will share "
+        "shards (a smaller --samples-per-shard gives more)"]

@@ -22,14 +22,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from train_fixtures import tiny_training
+from train_fixtures import REFERENCE_SECTIONS, free_port, tiny_training
 
 from fer_dist import slurm
-from fer_dist.checkpoint import latest_checkpoint, load_checkpoint
-from fer_dist.launch import free_port
+from fer_dist.checkpoint_files import latest_checkpoint, load_checkpoint
 from fer_dist.metrics import read_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launch")]
 REPO = Path(__file__).resolve().parents[1]
 FER_DIST = Path(sys.executable).parent / "fer-dist"
 DAEMONS = ("munged", "slurmctld", "slurmd")
@@ -163,16 +162,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny synthetic shards, a config over them, and an uninterrupted 2-process run as the reference."""
-    return tiny_training(tmp_path_factory.mktemp("slurmrun"),
-                         run={"keep_last": 20, "progress": True, "progress_every_s": 1.0})
+def workdir(tmp_path_factory: pytest.TempPathFactory, synthetic_shards: Path) -> Path:
+    """The reference's config over the session's shards, with the plain progress line every second."""
+    return tiny_training(tmp_path_factory.mktemp("slurmrun"), synthetic_shards,
+                         run={**REFERENCE_SECTIONS["run"], "progress": True, "progress_every_s": 1.0})
 
 
 @pytest.fixture(scope="module")
-def reference(workdir: Path) -> Path:
-    train(workdir, "reference")
-    return workdir / "runs" / "reference"
+def reference(train_reference: Path) -> Path:
+    """The uninterrupted 2-process run (conftest's; the same training: progress lines change nothing)."""
+    return train_reference
 
 
 def train(workdir: Path, name: str) -> subprocess.CompletedProcess:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import tarfile
@@ -23,11 +22,11 @@ from shard_fixtures import (
     pixel_value,
     synthetic_dir,
 )
+from train_fixtures import free_port
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
-from fer_dist.data.integrity import checked_labels
-from fer_dist.data.shardset import ShardSet, read_labels
+from fer_dist.data.runset import ShardSet, checked_labels, read_labels
 from fer_dist.data.stream import (
     INLINE_BATCH,
     close_loader_workers,
@@ -376,18 +375,12 @@ def test_exhaustive_without_mask_reads_everything_in_rgb(tmp_path):
 # two real processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_real_ranks_take_equal_steps(shard_dir, tmp_path):
     out = tmp_path / "result.json"
     worker = Path(__file__).with_name("dist_stream_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(worker), str(shard_dir), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -587,7 +580,7 @@ _KILLED_TRAINER = """
 import json, os, signal, sys
 import psutil, torch
 from fer_dist.data.augment import InputSpec, eval_transform
-from fer_dist.data.shardset import ShardSet
+from fer_dist.data.runset import ShardSet
 from fer_dist.data.stream import train_loader
 
 def main():

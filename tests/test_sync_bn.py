@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from train_fixtures import tiny_training
 
@@ -16,8 +17,8 @@ from fer_dist.models import ModelSpec, build_model
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_sync_bn_is_a_training_option_not_part_of_the_model(tmp_path: Path) -> None:
-    root = tiny_training(tmp_path)
+def test_sync_bn_is_a_training_option_not_part_of_the_model(tmp_path: Path, synthetic_shards: Path) -> None:
+    root = tiny_training(tmp_path, synthetic_shards)
     cfg = load_config(root / "config.yaml", ["model.sync_bn=true"])
     fields = model_spec_fields(cfg.model.model_dump())
     assert cfg.model.sync_bn is True and "sync_bn" not in fields
@@ -29,8 +30,10 @@ def test_sync_bn_is_a_training_option_not_part_of_the_model(tmp_path: Path) -> N
     assert {k: v.shape for k, v in synced.state_dict().items()} == plain
 
 
-def test_sync_bn_on_two_cpu_processes_is_refused_in_one_line(tmp_path: Path) -> None:
-    root = tiny_training(tmp_path)
+@pytest.mark.slow
+@pytest.mark.xdist_group("launch")
+def test_sync_bn_on_two_cpu_processes_is_refused_in_one_line(tmp_path: Path, synthetic_shards: Path) -> None:
+    root = tiny_training(tmp_path, synthetic_shards)
     cmd = [sys.executable, "-m", "fer_dist.launch", "--config_file",
            str(REPO / "launch_configs/accelerate/cpu_2proc.yaml"), "--main_process_port", "0",
            "-m", "fer_dist.train", "--config", str(root / "config.yaml"), "model.sync_bn=true"]

@@ -1,16 +1,15 @@
 """The trainer end to end with real processes: 2 gloo ranks via `accelerate launch`, 1 via `python -m`.
 
-One uninterrupted 2-process run is the reference; the other tests compare against it: world-size
-invariance of a round's selection and draw, a SIGKILLed run resumed, a SIGTERMed run stopped and resumed.
+One uninterrupted 2-process run is the reference (conftest's train_reference, shared with
+tests/test_slurm.py); the other tests compare against it: world-size invariance of a round's selection and
+draw, a SIGKILLed run resumed, a SIGTERMed run stopped and resumed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,46 +17,31 @@ import psutil
 import pytest
 import torch
 import yaml
-from train_fixtures import tiny_training
+from train_fixtures import REFERENCE_SECTIONS, env, tiny_training, train_command, trained
 
-from fer_dist.checkpoint import latest_checkpoint, load_checkpoint
-from fer_dist.method import should_stop
+from fer_dist.checkpoint_files import latest_checkpoint, load_checkpoint
+from fer_dist.classes import NUM_CLASSES
+from fer_dist.data.manifest import read_manifest
+from fer_dist.dist import gathered_bytes
 from fer_dist.metrics import read_metrics
 from fer_dist.models import load_exported
 
-pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launch")]
 TIMEOUT = 240
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A small synthetic shard folder and a config over it (warm-up 2 epochs, 3 rounds)."""
-    return tiny_training(tmp_path_factory.mktemp("train"), run={"debug": True, "keep_last": 20})
+def workdir(tmp_path_factory, synthetic_shards: Path) -> Path:
+    """The reference's config (warm-up 2 epochs, 3 rounds), with runs under a folder of this module's."""
+    return tiny_training(tmp_path_factory.mktemp("train"), synthetic_shards, **REFERENCE_SECTIONS)
 
 
-def command(workdir: Path, name: str, processes: int, *overrides: str) -> list[str]:
-    args = ["--config", str(workdir / "config.yaml"), f"run.name={name}", f"run.num_processes={processes}",
-            *overrides]
-    if processes == 1:
-        return [sys.executable, "-m", "fer_dist.train", *args]
-    return [str(VENV_BIN / "accelerate"), "launch", "--config_file",
-            str(REPO / "launch_configs/accelerate/cpu_2proc.yaml"), "--main_process_port", str(free_port()),
-            "-m", "fer_dist.train", *args]
+def command(workdir: Path, name: str, processes: int, *overrides: str, inject: bool = False) -> list[str]:
+    return train_command(workdir / "config.yaml", processes, f"run.name={name}", *overrides, inject=inject)
 
 
 def train(workdir: Path, name: str, processes: int = 2, *overrides: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(command(workdir, name, processes, *overrides), cwd=workdir, capture_output=True,
-                            text=True, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return trained(command(workdir, name, processes, *overrides), workdir, TIMEOUT)
 
 
 def start(workdir: Path, name: str) -> subprocess.Popen:
@@ -109,30 +93,37 @@ def assert_same_run(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(workdir: Path) -> Path:
+def reference(train_reference: Path) -> Path:
     """The uninterrupted 2-process run."""
-    train(workdir, "reference", 2)
-    return workdir / "runs" / "reference"
+    return train_reference
 
 
-def test_two_processes_warm_up_rounds_stop_export(reference: Path):
+def test_two_processes_warm_up_rounds_stop_export(reference: Path, synthetic_shards: Path):
     summary = yaml.safe_load((reference / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["warmup_epochs"] == 2 and summary["rounds"] == 3
     assert summary["stop_reason"] == "max_rounds (3)"
     records = read_metrics(reference / "metrics.jsonl")
     rounds = [r for r in records if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
-    for r in rounds:
-        assert 0.0 <= r["val/acc"] <= 1.0
+    state = final_state(reference)
+    history = [h for h in state["state"]["history"] if h["kind"] == "round"]
+    splits = read_manifest(synthetic_shards).splits
+    n_val, n_train = splits["val"].labelled, splits["train"].count
+    for r, h in zip(rounds, history, strict=True):
+        assert r["val/acc"] == h["val/acc"]  # the log and the checkpoint agree
+        assert (r["val/acc"] * n_val) == pytest.approx(round(r["val/acc"] * n_val))  # a count of n_val
         assert r["unlabelled/drawn"] <= r["unlabelled/confident"]
-        assert sum(r["unlabelled/class_hist"]) == r["unlabelled/drawn"]
-        assert r["gather/bytes"] > 0 and r["time/predict"] >= 0
+        assert sum(r["unlabelled/class_hist"]) == r["unlabelled/drawn"] == h["selection"]["added"].numel()
+        # every train id's prediction, padded to the larger of the 2 ranks' parts: n_max rows each
+        fixed = gathered_bytes(0, NUM_CLASSES, 2)
+        n_max = (r["gather/bytes"] - fixed) / (gathered_bytes(1, NUM_CLASSES, 2) - fixed)
+        assert n_max == int(n_max) and -(-n_train // 2) <= n_max <= n_train, r["gather/bytes"]
+        assert r["time/predict"] >= 0
     assert [r["warmup"] for r in records if r["kind"] == "warmup"] == [1, 2]
     assert any(r["kind"] == "step" for r in records)
     # the exported best model rebuilds without the training code's state
     net = load_exported(reference / "best")
     assert net(torch.zeros(2, 1, 48, 48)).shape == (2, 7)
-    state = final_state(reference)
     assert state["world_size"] == 2 and state["state"]["phase"] == "done"
     drawn = [h["selection"]["added"] for h in state["state"]["history"] if h["kind"] == "round"]
     assert any(d.numel() for d in drawn), "no round drew an unlabelled sample: the test shows nothing"
@@ -186,14 +177,18 @@ def test_sigterm_saves_together_exits_cleanly_and_resumes(workdir: Path, referen
 
 
 def test_moving_average_rule_stops_the_run(workdir: Path):
-    """With T = 1 the run must stop at the first round whose accuracy falls (or run to max_rounds)."""
-    train(workdir, "stopping", 1, "method.stop_window=1", "method.max_rounds=5", "method.warmup_epochs=1")
+    """Validation accuracies scripted (tests/fault_inject.py val-accs): warm-up 0.5, rounds 0.6, 0.7, 0.65,
+    0.5. With T = 2 the moving averages are 0.65, 0.675, 0.575: the rule must stop at round 4 of 6 (T = 1
+    would have stopped at round 3, no rule at 6)."""
+    done = subprocess.run(
+        command(workdir, "stopping", 1, "method.stop_window=2", "method.max_rounds=6",
+                "method.warmup_epochs=1", inject=True),
+        cwd=workdir, capture_output=True, text=True, timeout=TIMEOUT,
+        env=env(FER_DIST_FAULT="val-accs:0.5,0.6,0.7,0.65,0.5"))
+    assert done.returncode == 0, done.stderr[-3000:]
     state = final_state(workdir / "runs" / "stopping")["state"]
-    accs = [h["val/acc"] for h in state["history"] if h["kind"] == "round"]
-    first_fall = next((t for t in range(2, len(accs) + 1) if should_stop(accs[:t], 1)), None)
-    if first_fall is None:
-        assert len(accs) == 5 and state["stop_reason"] == "max_rounds (5)"
-    else:
-        assert len(accs) == first_fall and state["stop_reason"].startswith("moving average")
+    assert [h["val/acc"] for h in state["history"] if h["kind"] == "round"] == [0.6, 0.7, 0.65, 0.5]
+    assert state["stop_reason"] == "moving average of 2 rounds fell"
     summary = yaml.safe_load((workdir / "runs" / "stopping" / "summary.json").read_text())
-    assert summary["rounds"] == len(accs) and summary["processes"] == 1
+    assert summary["rounds"] == 4 and summary["processes"] == 1
+    assert summary["stop_reason"] == "moving average of 2 rounds fell"

@@ -13,3 +13,5 @@ Workers = Annotated[
 ]
 Progress = Annotated[bool, typer.Option(help="Show a progress bar on stderr (only on a terminal).")]
 ShardDir = Annotated[Path, typer.Argument(help="A folder made by `fer-dist shard` (holds manifest.json).")]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an earlier output of this same command (never anything else).")]

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from fer_dist import outputs
 from fer_dist.classes import CLASSES, UNLABELLED_NAME
 from fer_dist.cli.options import Progress, Seed, ShardDir, Workers
-from fer_dist.data.manifest import Manifest, read_manifest
-from fer_dist.data.shards import verify_shards
 from fer_dist.errors import FerDistError
+
+if TYPE_CHECKING:  # the data modules load torch (through webdataset): imported where a command runs
+    from fer_dist.data.manifest import Manifest
 
 SHOW_SKIPPED = 20  # skipped files listed by name; the manifest keeps them all
 SHOW_PROBLEMS = 20  # problems `inspect` lists without --problems
@@ -23,7 +23,8 @@ Dataset = Annotated[str, typer.Option(
     help="Source: fer2013, ckplus, rafd, jaffe, imagefolder, unlabelled or synthetic.")]
 Src = Annotated[list[Path] | None, typer.Option(
     show_default=False, help="Data set root (file or folder); repeat if the source takes several.")]
-Out = Annotated[Path, typer.Option("--out", "-o", show_default=False, help="Output folder (atomic).")]
+Out = Annotated[Path, typer.Option("--out", "-o", show_default=False,
+                                   help="Output folder (written under a temporary name, then renamed).")]
 Align = Annotated[str | None, typer.Option(help="Face alignment: haar or none; default: the source's own.")]
 Size = Annotated[int, typer.Option(help="Side of the stored square faces, in pixels.")]
 Channels = Annotated[int, typer.Option(help="1: convert to grey; 3: RGB.")]
@@ -31,7 +32,8 @@ Split = Annotated[str, typer.Option(help="train,val,test subject fractions (sets
 Folds = Annotated[int | None, typer.Option(help="Also give each subject a fold id 0..K-1 (cross-val).")]
 PerShard = Annotated[int | None, typer.Option(
     help="Samples per shard; default: 16 shards per split, at most 1000 samples each.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing shard folder.")]
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an earlier shard folder (one holding only what `shard` wrote).")]
 PeakFrames = Annotated[int, typer.Option(help="ckplus, synthetic: label the last N frames of a sequence.")]
 Angles = Annotated[str, typer.Option(help="rafd: camera angles to keep, e.g. 90,45.")]
 ClassMap = Annotated[str | None, typer.Option(help="imagefolder: folder=class pairs, e.g. joy=happy,x=skip.")]
@@ -40,6 +42,9 @@ Frames = Annotated[int, typer.Option(help="synthetic: frames per sequence.")]
 Sheet = Annotated[Path | None, typer.Option(
     show_default=False, help="Also write a contact sheet (.png or .jpg): random faces, a row per class.")]
 PerClass = Annotated[int, typer.Option(help="Faces per row of the contact sheet.")]
+SheetSeed = Annotated[int, typer.Option("--seed", help="Seed of the contact sheet's random faces.")]
+SheetOverwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an earlier contact sheet of `inspect` (never another file).")]
 Verify = Annotated[bool, typer.Option(help="Check every shard against the manifest.")]
 ListProblems = Annotated[bool, typer.Option(
     "--problems", help=f"List every problem verification finds (default: the first {SHOW_PROBLEMS}).")]
@@ -66,6 +71,8 @@ def shard(
     progress: Progress = True,
 ) -> None:
     """Shard a data set: align faces on every core, split by subject, write WebDataset tars + manifest."""
+    from rich.console import Console
+
     from fer_dist.data.pack import pack  # cv2 and the sources load only for commands that use them
     from fer_dist.data.sources import SourceOptions
     from fer_dist.data.splits import parse_split
@@ -88,11 +95,23 @@ def inspect(
     directory: ShardDir,
     sheet: Sheet = None,
     per_class: PerClass = 8,
-    seed: Seed = 0,
+    seed: SheetSeed = 0,
     verify: Verify = True,
     problems: ListProblems = False,
+    overwrite: SheetOverwrite = False,
 ) -> None:
     """Show a shard folder's manifest, check every shard's checksum and samples, and draw a contact sheet."""
+    from rich.console import Console
+
+    from fer_dist.data.manifest import read_manifest
+    from fer_dist.data.shards import verify_shards
+
+    if sheet is not None:  # before the verification pass, which reads every shard
+        from fer_dist.data.sheet import check_sheet_path
+
+        check_sheet_path(sheet, per_class)
+        outputs.check_file(sheet, "inspect", overwrite=overwrite, ours=outputs.is_tagged_image,
+                           flag="--sheet")
     console = Console(highlight=False)
     manifest = read_manifest(directory)
     print_manifest(console, manifest)
@@ -110,8 +129,10 @@ def inspect(
     if sheet is not None:
         from fer_dist.data.sheet import contact_sheet
 
-        written = contact_sheet(directory, sheet, per_class=per_class, seed=seed)
-        console.print(f"wrote contact sheet {written}")
+        with outputs.written_file(sheet, "inspect", overwrite=overwrite, ours=outputs.is_tagged_image,
+                                  flag="--sheet") as tmp:
+            contact_sheet(directory, tmp, per_class=per_class, seed=seed, suffix=sheet.suffix)
+        console.print(f"wrote contact sheet {sheet}")
 
 
 def register(app: typer.Typer) -> None:
@@ -128,8 +149,10 @@ def _parse_angles(spec: str) -> tuple[int, ...]:
         raise FerDistError(f"--angles: {spec!r} is not a comma-separated list of whole degrees") from None
 
 
-def print_manifest(console: Console, m: Manifest) -> None:
+def print_manifest(console: Any, m: Manifest) -> None:
     """A shard folder at a glance: samples per split and class, faces found, files skipped and why."""
+    from rich.table import Table
+
     names = [c for c in (*CLASSES, UNLABELLED_NAME) if any(c in s.class_counts for s in m.splits.values())]
     table = Table(title=f"{m.dataset}: {m.num_ids} faces, {m.image.size}x{m.image.size}x{m.image.channels}"
                   + (f", {m.folds} folds" if m.folds else ""))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fer_dist import launch, slurm
+from fer_dist.errors import FerDistError
 
 Config = Annotated[Path | None, typer.Option(
     show_default=False, help="Training config YAML; default: the synthetic quick start.")]
@@ -48,8 +49,15 @@ def submit(
     overrides: Overrides = None,
 ) -> None:
     """Check the config and data here, render the batch script, show it and submit it with sbatch."""
+    from fer_dist import launch, slurm
+
+    if not dry_run and shutil.which("sbatch") is None:
+        raise FerDistError("sbatch: not found (run this on a SLURM login node; --dry-run shows the script)")
+    if nodes < 1 or gpus_per_node < 1:
+        raise FerDistError("--nodes and --gpus-per-node must be at least 1")
     overrides = overrides or []
-    launch.check_training(config, overrides, dry_run=dry_run)
+    cfg = launch.check_training(config, overrides, dry_run=dry_run)
+    launch.check_world(cfg, nodes * gpus_per_node, cpu=cpu)
     train_args = (["--config", str(config)] if config is not None else []) + overrides
     spec = slurm.JobSpec(nodes=nodes, gpus_per_node=gpus_per_node, train_args=train_args, partition=partition,
                          time_limit=time_limit, job_name=job_name, cpus_per_task=cpus_per_task, cpu=cpu,

@@ -5,23 +5,32 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from fer_dist import launch
-from fer_dist.config import keys_help
+from fer_dist.cli.plainhelp import PlainHelpCommand
 
 Config = Annotated[Path | None, typer.Option(
     show_default=False, help="Training config YAML; default: the synthetic quick start.")]
 Processes = Annotated[int | None, typer.Option(
     show_default=False,
-    help="Processes on this machine; default: run.num_processes, else one per GPU, else 1.")]
+    help="Processes on this machine (1 or more); default: run.num_processes, else one per GPU, else 1.")]
 AccelerateConfig = Annotated[Path | None, typer.Option(
     show_default=False, help="An Accelerate launch config (launch_configs/accelerate/*.yaml) instead.")]
-DryRun = Annotated[bool, typer.Option("--dry-run", help="Check, then print the launch command only.")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Check everything, then print the launch command.")]
 Overrides = Annotated[list[str] | None, typer.Argument(
     show_default=False, help="key=value config overrides, e.g. method.tau=0.8 (`tau=0.8` where unique).")]
+
+
+class KeysHelpCommand(PlainHelpCommand):
+    """Its --help ends with every config key; the listing needs the config's module, loaded for help only."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from fer_dist.config import keys_help
+
+        self.epilog = keys_help()
+        super().format_help(ctx, formatter)
 
 
 def train(
@@ -34,10 +43,14 @@ def train(
     """Train: check everything here (one line and exit code 2 on bad input, nothing written), then run
     `accelerate launch -m fer_dist.train` with the same arguments (through `python -m fer_dist.launch`:
     stop signals checkpoint the run, errors are one line)."""
+    from fer_dist import launch
+
     overrides = overrides or []
+    launch.check_processes(processes, accelerate_config)
     cfg = launch.check_training(config, overrides, dry_run=dry_run)
+    launch_args = launch.launcher_args(cfg, processes, accelerate_config)
     train_args = (["--config", str(config)] if config is not None else []) + overrides
-    command = launch.train_command(launch.launcher_args(cfg, processes, accelerate_config), train_args)
+    command = launch.train_command(launch_args, train_args)
     if dry_run:
         typer.echo(shlex.join(command))
         return
@@ -45,4 +58,4 @@ def train(
 
 
 def register(app: typer.Typer) -> None:
-    app.command(epilog=keys_help(), rich_help_panel=None)(train)
+    app.command(cls=KeysHelpCommand, rich_help_panel=None)(train)

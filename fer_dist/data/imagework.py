@@ -42,7 +42,7 @@ def process_chunk(loads: Loads, params: ImageParams) -> list[Processed]:
     """_process_image of a run of loaders: one task for a helper process (one message each way per chunk).
 
     The run's files are read first, then decoded and encoded: alternating file reads with image coding made
-    each face slower (timed side by side in one process; BENCHMARKS.md).
+    each face slower (timed side by side in one process; docs/design/shard-job.md).
     """
     files = [_read_ahead(load) for load in loads]
     return [_process_image(load, data, params) for load, data in zip(loads, files, strict=True)]

@@ -1,4 +1,5 @@
-"""The manifest of a shard folder: typed dataclasses, writing `manifest.json`, and reading it back checked.
+"""The manifest of a shard folder: typed (pydantic dataclasses), writing `manifest.json`, and reading it back
+checked.
 
 `read_manifest` refuses a file of another format or with a missing or mistyped field in one line that
 names the file and the field; splits come back in id order (train, val, test, then the others).
@@ -7,9 +8,11 @@ names the file and the field; splits come back in id order (train, val, test, th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pydantic import ConfigDict, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
 
 from fer_dist.data.splits import split_order
 from fer_dist.errors import FerDistError
@@ -18,17 +21,21 @@ FORMAT = "fer-dist-shards/1"
 MANIFEST = "manifest.json"
 DIGEST_CHARS = 8  # hex digits of a sample's CRC-32 in ShardInfo.sample_digests
 
+# Pydantic dataclasses, not BaseModels: the writers build them positionally, one per shard, as before.
+# Strict ints and strings: a count given as "5" or true is wrong; JSON's lists still read as tuples.
+_FROZEN = {"frozen": True, "config": ConfigDict(extra="ignore")}
 
-@dataclass(frozen=True)
+
+@dataclass(**_FROZEN)
 class ShardInfo:
     """One tar: its file name, sample count, first id (ids are contiguous), labelled count, checksums."""
 
-    file: str
-    count: int
-    first_id: int
-    labelled: int
-    sha256: str
-    sample_digests: str  # DIGEST_CHARS hex digits per sample, in id order
+    file: StrictStr
+    count: StrictInt
+    first_id: StrictInt
+    labelled: StrictInt
+    sha256: StrictStr
+    sample_digests: StrictStr  # DIGEST_CHARS hex digits per sample, in id order
 
     @property
     def ids(self) -> range:
@@ -36,70 +43,53 @@ class ShardInfo:
         return range(self.first_id, self.first_id + self.count)
 
 
-@dataclass(frozen=True)
+@dataclass(**_FROZEN)
 class SplitInfo:
     """One split: counts, per-class counts (unlabelled under "unlabelled") and its shards in id order."""
 
-    count: int
-    labelled: int
-    unlabelled: int
-    class_counts: dict[str, int]
+    count: StrictInt
+    labelled: StrictInt
+    unlabelled: StrictInt
+    class_counts: dict[StrictStr, StrictInt]
     shards: tuple[ShardInfo, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(**_FROZEN)
 class ImageSpec:
     """The stored faces' side length in pixels and channel count (1 grey, 3 RGB)."""
 
-    size: int
-    channels: int
+    size: StrictInt
+    channels: StrictInt
 
 
-@dataclass(frozen=True)
+@dataclass(**_FROZEN)
 class Manifest:
     """Everything `manifest.json` holds; splits are in id order (train, val, test, then others)."""
 
-    dataset: str
-    classes: tuple[str, ...]
-    num_ids: int
+    dataset: StrictStr
+    classes: tuple[StrictStr, ...]
+    num_ids: StrictInt
     image: ImageSpec
-    splits: dict[str, SplitInfo]
-    folds: int | None
-    params: dict
-    source: dict  # {"fingerprint": "sha256:...", "files": int}
-    faces: dict  # {"detected": n, "fallback": n, "not_attempted": n}
-    skipped: list[dict]  # [{"path": ..., "reason": ...}]
-    created_by: str
-    format: str = FORMAT
+    splits: dict[StrictStr, SplitInfo]
+    folds: StrictInt | None
+    params: dict[str, Any]
+    source: dict[str, Any]  # {"fingerprint": "sha256:...", "files": int}
+    faces: dict[str, Any]  # {"detected": n, "fallback": n, "not_attempted": n}
+    skipped: list[dict[str, Any]]  # [{"path": ..., "reason": ...}]
+    created_by: StrictStr
+    format: StrictStr = FORMAT
 
     def shards(self) -> list[tuple[str, ShardInfo]]:
         """Every (split, shard) in id order."""
         return [(name, s) for name, split in self.splits.items() for s in split.shards]
 
 
+_MANIFEST = TypeAdapter(Manifest)
+
+
 def manifest_dict(manifest: Manifest) -> dict:
     """The manifest as the JSON object `manifest.json` holds."""
-    return {
-        "format": manifest.format,
-        "dataset": manifest.dataset,
-        "classes": list(manifest.classes),
-        "num_ids": manifest.num_ids,
-        "image": {"size": manifest.image.size, "channels": manifest.image.channels},
-        "splits": {
-            name: {
-                "count": s.count, "labelled": s.labelled, "unlabelled": s.unlabelled,
-                "class_counts": dict(s.class_counts),
-                "shards": [vars(shard).copy() for shard in s.shards],
-            }
-            for name, s in manifest.splits.items()
-        },
-        "folds": manifest.folds,
-        "params": manifest.params,
-        "source": manifest.source,
-        "faces": manifest.faces,
-        "skipped": manifest.skipped,
-        "created_by": manifest.created_by,
-    }
+    return _MANIFEST.dump_python(manifest, mode="json")
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
@@ -108,39 +98,21 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
     (Path(directory) / MANIFEST).write_text(text + "\n", encoding="ascii")
 
 
-class _Fields:
-    """Typed access to a JSON object that raises one-line FerDistErrors naming the file and the field."""
-
-    def __init__(self, path: Path, obj: object, where: str = "") -> None:
-        self.path, self.where = path, where
-        if not isinstance(obj, dict):
-            self.fail(where or "manifest", "is not a JSON object")
-        self.obj: dict = obj  # type: ignore[assignment]
-
-    def fail(self, name: str, what: str) -> None:
-        raise FerDistError(f"{self.path}: field {name!r} {what}")
-
-    def get(self, key: str, kind: type | tuple[type, ...]) -> Any:
-        name = f"{self.where}.{key}" if self.where else key
-        if key not in self.obj:
-            self.fail(name, "is missing")
-        value = self.obj[key]
-        # bool is an int in Python; a count given as `true` is still wrong.
-        if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _as_tuple(kind)):
-            self.fail(name, f"should be {_kind_name(kind)}, not {type(value).__name__}")
-        return value
-
-    def sub(self, key: str) -> _Fields:
-        return _Fields(self.path, self.get(key, dict), f"{self.where}.{key}" if self.where else key)
+_KINDS = {"int_type": "an integer", "string_type": "a string", "dict_type": "an object",
+          "dataclass_type": "an object", "list_type": "a list", "tuple_type": "a list"}
 
 
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", str: "a string", dict: "an object", list: "a list", type(None): "null"}
-    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+def _field_error(path: Path, err: ValidationError) -> FerDistError:
+    """The first problem as one line naming the file and the field (`splits.train.shards[0].count`)."""
+    first = err.errors()[0]
+    name = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+    if first["type"] == "missing":
+        what = "is missing"
+    elif first["type"] in _KINDS:
+        what = f"should be {_KINDS[first['type']]}, not {type(first['input']).__name__}"
+    else:
+        what = f"{first['msg'][0].lower()}{first['msg'][1:]}"
+    return FerDistError(f"{path}: field {name or 'manifest'!r} {what}")
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -154,60 +126,39 @@ def read_manifest(directory: Path) -> Manifest:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise FerDistError(f"{path}: not valid JSON ({exc})") from None
-    top = _Fields(path, obj)
-    fmt = top.get("format", str)
-    if fmt != FORMAT:
-        raise FerDistError(f"{path}: format {fmt!r} is not {FORMAT!r} (made by another version of fer-dist?)")
-    image = top.sub("image")
-    splits = top.sub("splits")
-    manifest = Manifest(
-        dataset=top.get("dataset", str),
-        classes=tuple(top.get("classes", list)),
-        num_ids=top.get("num_ids", int),
-        image=ImageSpec(image.get("size", int), image.get("channels", int)),
+    if not isinstance(obj, dict):
+        raise FerDistError(f"{path}: field 'manifest' is not a JSON object")
+    if "format" not in obj:
+        raise FerDistError(f"{path}: field 'format' is missing")
+    if obj["format"] != FORMAT:
+        raise FerDistError(f"{path}: format {obj['format']!r} is not {FORMAT!r} (made by another version of "
+                           "fer-dist?)")
+    if isinstance(obj.get("splits"), dict):
         # JSON keeps splits alphabetically (sorted keys); ids run train, val, test, then the others.
-        splits={name: _read_split(splits.sub(name)) for name in split_order(splits.obj)},
-        folds=top.get("folds", (int, type(None))),
-        params=top.get("params", dict),
-        source=top.get("source", dict),
-        faces=top.get("faces", dict),
-        skipped=top.get("skipped", list),
-        created_by=top.get("created_by", str),
-    )
+        obj["splits"] = {name: obj["splits"][name] for name in split_order(obj["splits"])}
+    try:
+        manifest = _MANIFEST.validate_python(obj)
+    except ValidationError as err:
+        raise _field_error(path, err) from None
+    for name, split in manifest.splits.items():
+        for i, shard in enumerate(split.shards):
+            _check_shard(path, f"splits.{name}.shards[{i}]", shard)
     held = sum(info.count for _, info in manifest.shards())
     if manifest.num_ids != held:
         # every reader sizes its tables by num_ids: a wrong one must stop here, not as a huge allocation
-        top.fail("num_ids", f"{manifest.num_ids}, but the shards hold {held} samples")
+        raise FerDistError(f"{path}: field 'num_ids' {manifest.num_ids}, but the shards hold {held} samples")
     return manifest
 
 
-def _read_split(split: _Fields) -> SplitInfo:
-    """One split's entry, shard by shard."""
-    shards = []
-    for i, entry in enumerate(split.get("shards", list)):
-        f = _Fields(split.path, entry, f"{split.where}.shards[{i}]")
-        shard = ShardInfo(*(f.get(k, kind) for k, kind in _SHARD_FIELDS))
-        if Path(shard.file).name != shard.file or not shard.file.endswith(".tar") or shard.file[0] == ".":
-            # Readers open <folder>/<file>: a path here could point them anywhere.
-            f.fail(f"{f.where}.file", f"{shard.file!r} is not a tar file name inside the shard folder")
-        if shard.count < 0 or shard.first_id < 0 or not 0 <= shard.labelled <= shard.count:
-            f.fail(f"{f.where}", f"count {shard.count}, first_id {shard.first_id}, labelled {shard.labelled} "
-                   "are not ids and counts")
-        if len(shard.sample_digests) != shard.count * DIGEST_CHARS:
-            f.fail(f"{f.where}.sample_digests", f"holds {len(shard.sample_digests)} hex digits, not "
-                   f"{DIGEST_CHARS} for each of its {shard.count} samples")
-        shards.append(shard)
-    counts = split.sub("class_counts")
-    return SplitInfo(
-        count=split.get("count", int),
-        labelled=split.get("labelled", int),
-        unlabelled=split.get("unlabelled", int),
-        class_counts={k: counts.get(k, int) for k in counts.obj},
-        shards=tuple(shards),
-    )
-
-
-_SHARD_FIELDS: tuple[tuple[str, type], ...] = (
-    ("file", str), ("count", int), ("first_id", int), ("labelled", int), ("sha256", str),
-    ("sample_digests", str),
-)
+def _check_shard(path: Path, where: str, shard: ShardInfo) -> None:
+    """What types alone do not say: a plain tar name, ids and counts, a digest per sample."""
+    if Path(shard.file).name != shard.file or not shard.file.endswith(".tar") or shard.file[0] == ".":
+        # Readers open <folder>/<file>: a path here could point them anywhere.
+        raise FerDistError(f"{path}: field '{where}.file' {shard.file!r} is not a tar file name inside the "
+                           "shard folder")
+    if shard.count < 0 or shard.first_id < 0 or not 0 <= shard.labelled <= shard.count:
+        raise FerDistError(f"{path}: field '{where}' count {shard.count}, first_id {shard.first_id}, "
+                           f"labelled {shard.labelled} are not ids and counts")
+    if len(shard.sample_digests) != shard.count * DIGEST_CHARS:
+        raise FerDistError(f"{path}: field '{where}.sample_digests' holds {len(shard.sample_digests)} hex "
+                           f"digits, not {DIGEST_CHARS} for each of its {shard.count} samples")

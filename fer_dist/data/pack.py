@@ -25,7 +25,7 @@ from fer_dist import __version__
 from fer_dist.classes import CLASSES
 from fer_dist.data.faces import METHODS
 from fer_dist.data.imagework import ImageParams, Processed, Processor
-from fer_dist.data.manifest import MANIFEST, ImageSpec, Manifest, SplitInfo, write_manifest
+from fer_dist.data.manifest import ImageSpec, Manifest, SplitInfo, write_manifest
 from fer_dist.data.shards import SplitWriter, dump_json
 from fer_dist.data.sources import (
     SOURCES,
@@ -37,6 +37,7 @@ from fer_dist.data.sources import (
 from fer_dist.data.splits import DEFAULT_FRACTIONS, assign_folds, assign_splits, split_order
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_errors
+from fer_dist.outputs import check_folder, swap_in
 from fer_dist.progress import Progress
 
 DEFAULT_SAMPLES_PER_SHARD = 1000  # the cap when --samples-per-shard is not given
@@ -60,7 +61,7 @@ def _gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off for the job, then as it was.
 
     The listing holds several objects per image and every collection of the oldest generation walks them
-    all (BENCHMARKS.md has the cost per image). The job makes no reference cycles to speak of.
+    all (docs/design/shard-job.md has the cost per image). The job makes no reference cycles to speak of.
     """
     enabled = gc.isenabled()
     gc.disable()
@@ -120,7 +121,7 @@ def pack(
                 source = source_fingerprint(dataset, src, listing, options, file_sizes)
                 manifest = replace(manifest, source=source)
                 write_manifest(tmp, manifest)
-                _install(tmp, out)
+                _install(tmp, out, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -199,12 +200,9 @@ def _check_args(dataset: str, src: list[Path], out: Path, overwrite: bool, size:
     spec = SOURCES.get(dataset)
     if spec is None:
         raise FerDistError(f"--dataset: unknown data set {dataset!r} (known: {', '.join(SOURCES)})")
-    if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise FerDistError(f"{out}: exists; pass --overwrite to replace it")
-        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
-            # --overwrite replaces shard folders only: a typo must not delete someone's home directory.
-            raise FerDistError(f"{out}: exists and is not a shard folder (no {MANIFEST}); not replacing it")
+    # --overwrite replaces an earlier shard folder only (its manifest lists every file in it): a typo must
+    # not delete someone's home directory, nor a file someone put beside the shards.
+    check_folder(out, "shard", overwrite=overwrite, what="shard folder")
     if spec.needs_src and not src:
         raise FerDistError(f"--src: the {dataset} data set needs --src PATH")
     for path in src:
@@ -322,19 +320,7 @@ def _jsonable(value: object) -> object:
     return value
 
 
-def _install(tmp: Path, out: Path) -> None:
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished folder into place; an old output is renamed away first and deleted last."""
-    if not (out.exists() or out.is_symlink()):
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
+    check_folder(out, "shard", overwrite=overwrite, what="shard folder")  # again: it may have changed
+    swap_in(tmp, out)

@@ -23,13 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from fer_dist.errors import FerDistError
-from fer_dist.hashing import GOLDEN, mix64
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (seed, epoch, rank, ...), stable across platforms and Python runs."""
-    state = np.random.SeedSequence([int(p) % 2**64 for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
+from fer_dist.hashing import GOLDEN, derive_seed, mix64
 
 
 def sample_seeds(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:

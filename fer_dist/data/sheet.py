@@ -16,6 +16,7 @@ import numpy as np
 from fer_dist.classes import CLASSES, UNLABELLED, UNLABELLED_NAME
 from fer_dist.data.manifest import read_manifest
 from fer_dist.errors import FerDistError
+from fer_dist.outputs import tag_image
 
 TILE = 96  # pixels per face on the sheet: 48-pixel faces are too small to judge at 1:1
 LABEL_W = 170
@@ -77,13 +78,21 @@ def render_sheet(rows: dict[str, list[tuple[int, bytes]]], counts: dict[str, int
     return sheet
 
 
-def contact_sheet(directory: Path, out: Path, *, per_class: int = 8, seed: int = 0) -> Path:
-    """Write a contact sheet of random faces per class to `out` (.png or .jpg), atomically."""
-    out = Path(out)
-    if out.suffix.lower() not in SUFFIXES:
+def check_sheet_path(out: Path, per_class: int) -> None:
+    """The sheet's name and size, checked before any work."""
+    if Path(out).suffix.lower() not in SUFFIXES:
         raise FerDistError(f"--sheet: {out} should end in .png or .jpg")
     if per_class < 1:
         raise FerDistError(f"--per-class: must be at least 1, got {per_class}")
+
+
+def contact_sheet(directory: Path, out: Path, *, per_class: int = 8, seed: int = 0,
+                  suffix: str | None = None) -> Path:
+    """Write a contact sheet of random faces per class to `out` (.png or .jpg, else `suffix`'s format),
+    atomically, tagged as fer-dist's (`outputs.tag_image`: `inspect --overwrite` replaces only such)."""
+    out = Path(out)
+    suffix = (suffix or out.suffix).lower()
+    check_sheet_path(Path(f"sheet{suffix}"), per_class)
     manifest = read_manifest(directory)
     counts: dict[str, int] = {}
     for split in manifest.splits.values():
@@ -91,13 +100,13 @@ def contact_sheet(directory: Path, out: Path, *, per_class: int = 8, seed: int =
             counts[name] = counts.get(name, 0) + n
     rows = sample_faces(directory, per_class, seed)
     title = f"{manifest.dataset}: {per_class} random faces per class (seed {seed}), id under each face"
-    ok, data = cv2.imencode(out.suffix.lower(), render_sheet(rows, counts, title, per_class))
+    ok, data = cv2.imencode(suffix, render_sheet(rows, counts, title, per_class))
     if not ok:
         raise FerDistError(f"--sheet: {out}: OpenCV could not encode the sheet")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_bytes(data.tobytes())
+        tmp.write_bytes(tag_image(data.tobytes(), suffix))
         os.replace(tmp, out)  # a reader never sees half a sheet
     finally:
         tmp.unlink(missing_ok=True)

@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from fer_dist.data import plan as planning
 from fer_dist.data.augment import Transform
+from fer_dist.data.runset import RunShard
 from fer_dist.data.shardread import decode_png, parse_cls, read_samples
-from fer_dist.data.shardset import RunShard
 from fer_dist.errors import FerDistError
 from fer_dist.stopsignals import STOP_SIGNALS, ensure_resource_tracker, stop_signals_blocked
 

@@ -63,13 +63,27 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     intensity = _json(run_dir / INTENSITY_FILE)
     return {
         "name": run_dir.name, "dir": str(run_dir), "config": _flat(config), "history": history,
+        "processes": _processes(run_dir, summary),
         "finished": summary is not None, "warmup_epochs": len(warm), "rounds": len(rounds),
         "best_val": max((h["val"] for h in history), default=None),
         "test_acc": summary.get("test_acc_of_best") if summary else None,
         "eval": {s["name"]: s["all_classes"]["accuracy"] for s in evaluation["sets"]} if evaluation else {},
         "intensity": intensity.get("score") if intensity else None,
+        "intensity_set": intensity.get("shards") if intensity else None,
         "confident_per_round": [h["confident"] for h in history if h["x"] > 0],
     }
+
+
+def _processes(run_dir: Path, summary: dict[str, Any] | None) -> int | None:
+    """How many processes trained the run: its summary's count, else its latest checkpoint's."""
+    if summary and summary.get("processes") is not None:
+        return int(summary["processes"])
+    try:
+        tag = (run_dir / "checkpoints" / "latest").read_text(encoding="utf-8").strip()
+        meta = json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text(encoding="utf-8"))
+        return int(meta["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def differing_keys(runs: list[dict[str, Any]]) -> list[str]:
@@ -82,6 +96,12 @@ def compare_runs(run_dirs: list[Path]) -> dict[str, Any]:
     """The comparison as data: differing config values per run and each run's results."""
     if not run_dirs:
         raise FerDistError("compare: name at least one run directory")
+    seen: dict[Path, Path] = {}
+    for d in map(Path, run_dirs):
+        first = seen.setdefault(d.resolve(), d)
+        if first is not d:
+            same = "given twice" if first == d else f"the same run as {first}"
+            raise FerDistError(f"compare: {d} is {same}; name each run once")
     runs = [read_run(Path(d)) for d in run_dirs]
     keys = differing_keys(runs)
     for run in runs:
@@ -104,9 +124,14 @@ def tables(comparison: dict[str, Any]) -> list[tuple[str, list[str], list[list[s
     runs = comparison["runs"]
     differs = ("config values that differ", ["run", *keys],
                [[r["name"], *[_fmt(r["differs"][k]) for k in keys]] for r in runs])
-    columns = ["run", "warm-up", "rounds", "best val", "test (training)",
-               *[f"eval {s}" for s in comparison["test_sets"]], "intensity"]
-    rows = [[r["name"], str(r["warmup_epochs"]), str(r["rounds"]) + ("" if r["finished"] else " (running)"),
-             _fmt(r["best_val"]), _fmt(r["test_acc"]),
-             *[_fmt(r["eval"].get(s)) for s in comparison["test_sets"]], _fmt(r["intensity"])] for r in runs]
+    # each intensity score under the set it was measured on: scores on different sets do not compare
+    sets = sorted({r.get("intensity_set") or "" for r in runs if r["intensity"] is not None})
+    columns = ["run", "processes", "warm-up", "rounds", "best val", "test (training)",
+               *[f"eval {s}" for s in comparison["test_sets"]], *[f"intensity {s}".strip() for s in sets]]
+    rows = [[r["name"], _fmt(r.get("processes")), str(r["warmup_epochs"]),
+             str(r["rounds"]) + ("" if r["finished"] else " (running)"), _fmt(r["best_val"]),
+             _fmt(r["test_acc"]),
+             *[_fmt(r["eval"].get(s)) for s in comparison["test_sets"]],
+             *[_fmt(r["intensity"] if (r.get("intensity_set") or "") == s else None) for s in sets]]
+            for r in runs]
     return [differs, ("results", columns, rows)]

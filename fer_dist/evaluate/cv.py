@@ -23,7 +23,7 @@ from fer_dist.data.manifest import read_manifest
 from fer_dist.errors import FerDistError
 from fer_dist.evaluate import metrics
 from fer_dist.evaluate.infer import ShardSplits
-from fer_dist.files import write_text_atomic
+from fer_dist.outputs import written_folder
 
 FORMAT = "fer-dist-cv/1"
 METRICS = ("accuracy", "macro_f1", "uar", "ece", "best_val")
@@ -104,8 +104,8 @@ def test_target(cfg: TrainConfig, k: int, folds: int) -> ShardSplits:
     return ShardSplits(Path(ref.dir), tuple(ref.splits), tuple(ref.folds or ()))
 
 
-def write_summary(summary: dict[str, Any], out: Path) -> Path:
-    """`out`/cv.json, atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "cv.json", json.dumps(summary, indent=2) + "\n")
+def write_summary(summary: dict[str, Any], out: Path, *, overwrite: bool = False, about: str = "") -> Path:
+    """`out`/cv.json, atomically; an existing `out` only with `overwrite`, and only an earlier cv output."""
+    with written_folder(out, "cv", overwrite=overwrite, about=about) as tmp:
+        (tmp / "cv.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return out / "cv.json"

@@ -20,12 +20,11 @@ from fer_dist import dist
 from fer_dist.config import ShardsRef
 from fer_dist.data.augment import eval_transform, normalise
 from fer_dist.data.manifest import Manifest
+from fer_dist.data.runset import ShardSet, fold_mask, read_labels
 from fer_dist.data.shardread import read_samples
-from fer_dist.data.shardset import ShardSet, read_labels
 from fer_dist.data.stream import exhaustive_loader
 from fer_dist.errors import FerDistError
 from fer_dist.models import FerNet
-from fer_dist.run_data import fold_mask
 
 TTA_MODES = ("none", "flip", "tencrop")
 TENCROP_SHARE = 0.875  # crop side as a share of the face: 42 of 48 px, the usual FER ten-crop margin

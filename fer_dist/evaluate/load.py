@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fer_dist import checkpoint
+from fer_dist import checkpoint_files as checkpoint
 from fer_dist.classes import CLASSES, NUM_CLASSES
 from fer_dist.config import model_spec_fields
 from fer_dist.data.manifest import read_manifest

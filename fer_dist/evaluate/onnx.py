@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fer_dist.data.augment import eval_transform
-from fer_dist.data.shardset import ShardSet
+from fer_dist.data.runset import ShardSet
 from fer_dist.data.stream import exhaustive_loader
 from fer_dist.errors import FerDistError
 from fer_dist.evaluate.infer import ShardSplits

@@ -64,31 +64,36 @@ def reliability(cal: dict[str, Any], title: str, path: Path) -> Path:
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"{title}\nECE {cal['ece']:.3f}", fontsize=10)
     ax2.bar(centres, count, width=1 / bins, edgecolor="black", color="grey")
     ax2.set_xlabel("confidence (top-1 probability)")
     ax2.set_ylabel("samples")
+    # below both panels: inside the axes the legend hid the low-confidence bars
+    fig.legend(*ax.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3,
+               fontsize=9, frameon=False)
     return save(fig, path)
 
 
 def curve_grid(curves: list[dict[str, Any]], title: str, path: Path, columns: int = 6) -> Path:
     """The paper's Figure 1: per sequence, p(sequence's class) frame by frame (and the true intensity)."""
     rows = max(1, -(-len(curves) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 1.8 * rows), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.1 * rows + 0.8), sharex=True,
+                             sharey=True, squeeze=False)
     for ax, curve in zip(axes.flat, curves, strict=False):
         x = np.asarray(curve["position"])
-        ax.plot(x, curve["prob"], "b.-", lw=1, ms=3, label="p(class)")
+        ax.plot(x, curve["prob"], "b.-", lw=1, ms=3, label="p(sequence's class)")
         if curve.get("intensity") is not None:
             ax.plot(x, curve["intensity"], "k:", lw=1, label="true intensity")
-        ax.set_title(f"{curve['sequence']} ({curve['class']})", fontsize=7)
+        ax.set_title(f"{curve['sequence']} ({curve['class']})", fontsize=9)
         ax.set_ylim(-0.05, 1.05)
+        ax.tick_params(labelsize=8)
     for ax in list(axes.flat)[len(curves):]:
         ax.axis("off")
-    axes[0, 0].legend(fontsize=6, loc="upper left")
-    fig.supxlabel("position in the sequence (0 first frame, 1 last)", fontsize=9)
-    fig.suptitle(title, fontsize=10)
+    fig.supxlabel("position in the sequence (0 first frame, 1 last)", fontsize=10)
+    fig.supylabel("probability of the sequence's class", fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=2, fontsize=9, frameon=False)
     return save(fig, path)
 
 

@@ -25,6 +25,7 @@ from fer_dist.evaluate.infer import batch_probs
 from fer_dist.evaluate.load import LoadedModel
 
 BATCH = 64
+FIELDS_START = ("path", "status", "predicted", "confidence")  # then p_<class> per class
 
 
 def list_images(paths: list[Path]) -> list[Path]:
@@ -108,7 +109,7 @@ def predict_images(loaded: LoadedModel, files: list[Path], acc, prep: dict[str, 
 
 def format_rows(rows: list[dict[str, Any]], classes: list[str], kind: str) -> str:
     """The rows as CSV (a column per class; empty where no face) or as JSON."""
-    fields = ["path", "status", "predicted", "confidence", *[f"p_{c}" for c in classes]]
+    fields = [*FIELDS_START, *[f"p_{c}" for c in classes]]
     clean = [{k: r.get(k) for k in fields} for r in rows]
     if kind == "json":
         return json.dumps(clean, indent=2) + "\n"

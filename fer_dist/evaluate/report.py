@@ -19,7 +19,7 @@ from fer_dist.errors import FerDistError
 from fer_dist.evaluate import metrics, plots
 from fer_dist.evaluate.infer import Predictions, ShardSplits, predict_shards, tta_words
 from fer_dist.evaluate.load import LoadedModel
-from fer_dist.files import staged_dir
+from fer_dist.outputs import written_folder
 
 RESULTS_FILE = "eval.json"
 FORMAT = "fer-dist-eval/1"
@@ -71,9 +71,10 @@ def evaluate(loaded: LoadedModel, targets: list[ShardSplits], acc, *, tta: str =
             "tta": tta, "tta_words": tta_words(tta), "sets": sets}
 
 
-def write_report(results: dict[str, Any], out: Path) -> Path:
-    """`out`/eval.json, a confusion matrix and a reliability diagram per set, put in place together."""
-    with staged_dir(out) as tmp:
+def write_report(results: dict[str, Any], out: Path, *, overwrite: bool = False, about: str = "") -> Path:
+    """`out`/eval.json, a confusion matrix and a reliability diagram per set, put in place together; an
+    existing `out` only with `overwrite`, and only an earlier eval output (`fer_dist.outputs`)."""
+    with written_folder(out, "eval", overwrite=overwrite, about=about) as tmp:
         for record in results["sets"]:
             stem = file_stem(record["name"])
             files = {}

@@ -11,6 +11,8 @@ A trunk maps normalised images [N, C, H, W] to features [N, F]; the backbone's o
 - efficientnet_b0: its stages features[1] .. features[7]; the final 1x1 conv features[8] joins the last.
 - convnext_tiny: its 4 stages, each with the downsampling layer before it; the classifier's LayerNorm
   (pretrained, kept) joins the last. The stem features[0] is in no block.
+- dlib_resnet: its 5 stages of residual units (dlib's alevel4 .. alevel0: 32, 64, 128, 256, 256 wide), as
+  torchvision's ResNets' layer1 .. layer4. The stem (7x7 conv, affine, max pool) is in no block.
 - small_cnn: its 4 conv blocks.
 Stems are trained only under `trainable: all`.
 """
@@ -28,6 +30,7 @@ from torchvision.models import WeightsEnum
 
 from fer_dist.data.augment import InputSpec
 from fer_dist.errors import FerDistError
+from fer_dist.models import dlib_resnet as dlib
 from fer_dist.models.trunks import VGG_FC_PREFIXES, SmallCNN, VGGFaceTrunk
 from fer_dist.models.weights import load_checked, one_line, read_state_file
 
@@ -53,6 +56,8 @@ class Backbone:
     imagenet: WeightsEnum | None = None  # torchvision's published weights, loaded when pretrained
     head_prefixes: tuple[str, ...] = ()  # keys of the replaced classifier: ignored in a weights file
     min_size: int = 32  # five stride-2 stages need at least 32 px
+    find_weights: Callable[[], Path] | None = None  # the published weights file of an installed package
+    read_weights: Callable[[Path], dict[str, torch.Tensor]] = read_state_file  # the weights file's format
 
 
 def _torchvision(ctor: Callable[..., nn.Module], strip: Callable[[nn.Module], int]) -> Callable:
@@ -109,11 +114,15 @@ def _own(cls: type[nn.Module]) -> Callable[[WeightsEnum | None], tuple[nn.Module
 
 
 _IMAGENET = InputSpec(224, 3, IMAGENET_MEAN, IMAGENET_STD)
+# dlib subtracts its mean from 0..255 pixels and divides by 256: on [0, 1] pixels, mean/255 and std 256/255.
+_DLIB = InputSpec(dlib.DLIB_SIZE, 3, tuple(m / 255 for m in dlib.DLIB_MEAN_255), (256 / 255,) * 3)
 # IMAGENET1K_V1 everywhere (not DEFAULT, which is V2 for resnet50 and the MobileNets): the classic weights,
 # and the MobileNetV2 file that ../shared/torch_home holds.
 BACKBONES: dict[str, Backbone] = {
     "vggface": Backbone(_own(VGGFaceTrunk), lambda t: t.blocks(),
                         InputSpec(224, 3, VGGFACE_MEAN, VGGFACE_STD), head_prefixes=VGG_FC_PREFIXES),
+    "dlib_resnet": Backbone(_own(dlib.DlibResNet), lambda t: t.blocks(), _DLIB, min_size=dlib.MIN_SIZE,
+                            find_weights=dlib.find_dat_file, read_weights=dlib.read_dat_state),
     "small_cnn": Backbone(_own(SmallCNN), lambda t: t.blocks(), InputSpec(48, 1, (0.5,), (0.5,)),
                           min_size=16),
     "resnet18": Backbone(_torchvision(tvm.resnet18, _strip_fc), _resnet_blocks, _IMAGENET,
@@ -138,17 +147,20 @@ BACKBONES: dict[str, Backbone] = {
 def make_trunk(name: str, pretrained: bool, weights: str | None) -> tuple[nn.Module, int, bool]:
     """The trunk of backbone `name`, its feature width, and whether pretrained weights went into it.
 
-    pretrained with a `weights` file: that file (the backbone's own key layout; classifier keys ignored).
-    pretrained without one: torchvision's ImageNet weights from $TORCH_HOME (downloaded if missing);
-    small_cnn has none and starts from scratch.
+    pretrained with a `weights` file: that file (the backbone's own key layout and format; classifier keys
+    ignored). pretrained without one: the file of an installed package (dlib_resnet), or torchvision's
+    ImageNet weights from $TORCH_HOME (downloaded if missing); small_cnn has none and starts from scratch.
     """
     backbone = BACKBONES[name]
+    if pretrained and weights is None and backbone.find_weights is not None:
+        weights = str(backbone.find_weights())
     if not pretrained or (weights is None and backbone.imagenet is None):
         trunk, features = backbone.make(None)
         return trunk, features, False
     if weights is not None:
         trunk, features = backbone.make(None)
-        load_checked(trunk, read_state_file(weights), Path(weights).expanduser(), backbone.head_prefixes)
+        path = Path(weights).expanduser()
+        load_checked(trunk, backbone.read_weights(path), path, backbone.head_prefixes)
         return trunk, features, True
     try:
         trunk, features = backbone.make(backbone.imagenet)

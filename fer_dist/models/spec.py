@@ -1,43 +1,52 @@
-"""ModelSpec: everything needed to rebuild a network, validated on creation; the freezing-policy grammar."""
+"""ModelSpec: everything needed to rebuild a network (derived from config.ModelConfig), validated on creation;
+the freezing-policy grammar."""
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import re
-import types
-import typing
-from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from fer_dist.classes import NUM_CLASSES
+from fer_dist.config import TRAINING_ONLY_MODEL_KEYS, ModelConfig
 from fer_dist.errors import FerDistError
 from fer_dist.models.backbones import BACKBONES
 
 POLICIES = "all | head | last_block | last_n_blocks:N"
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """The network: backbone, head and what is trained (defaults: METHOD.md section 6)."""
+class _Frozen(BaseModel):
+    # strict: a spec read back from an export's JSON takes no "7" for 7 nor true for 1
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    backbone: str = "small_cnn"  # a name in BACKBONES
-    num_classes: int = 7  # K
-    pretrained: bool = True  # start from published weights (torchvision's, or the `weights` file)
-    weights: str | None = None  # local weights file; required for vggface when pretrained
-    trainable: str = "last_block"  # all | head | last_block | last_n_blocks:N
-    input_size: int | None = None  # square side in pixels; None: the backbone's default
-    hidden: int = 128  # units of the head's FC layer
-    dropout: float = 0.6  # dropout after that layer
 
-    def __post_init__(self) -> None:
+def _spec_fields() -> dict[str, Any]:
+    """ModelConfig's fields (their one declaration: type, default, bounds, doc) less those that say how the
+    network is trained, with num_classes second: the order of an export's `model` in meta.json."""
+    fields = {name: (f.annotation, copy.copy(f)) for name, f in ModelConfig.model_fields.items()
+              if name not in TRAINING_ONLY_MODEL_KEYS}
+    backbone = fields.pop("backbone")
+    classes = (int, Field(NUM_CLASSES, ge=2, description="K, the number of outputs"))
+    return {"backbone": backbone, "num_classes": classes, **fields}
+
+
+class ModelSpec(create_model("_ModelSpecFields", __base__=_Frozen, **_spec_fields())):  # type: ignore[misc]
+    """Everything needed to rebuild a network: a training config's `model` section without its training-only
+    keys, plus num_classes; checked against the backbone on creation (errors name the `model.` key)."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise FerDistError(_one_line(e)) from None
+
+    @model_validator(mode="after")
+    def _fits_the_backbone(self) -> ModelSpec:
         if self.backbone not in BACKBONES:
             raise FerDistError(f"model.backbone: unknown backbone {self.backbone!r} "
                                f"(known: {', '.join(BACKBONES)})")
-        if self.num_classes < 2:
-            raise FerDistError(f"model.num_classes: {self.num_classes} is below 2")
-        if self.hidden < 1:
-            raise FerDistError(f"model.hidden: {self.hidden} is below 1")
-        if not 0.0 <= self.dropout < 1.0:
-            raise FerDistError(f"model.dropout: {self.dropout} is not in [0, 1)")
         min_size = BACKBONES[self.backbone].min_size
         if self.input_size is not None and self.input_size < min_size:
             raise FerDistError(f"model.input_size: {self.input_size} is below {self.backbone}'s minimum "
@@ -46,10 +55,11 @@ class ModelSpec:
         if self.backbone == "vggface" and self.pretrained and not self.weights:
             raise FerDistError("model.weights: vggface with pretrained: true needs the VGG-Face weights file "
                                "(keys conv1_1.weight .. fc8.bias), or set model.pretrained: false")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """The fields as a JSON-ready dict (an export's `model`)."""
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "") -> ModelSpec:
@@ -57,29 +67,18 @@ class ModelSpec:
         prefix = f"{source}: " if source else ""
         if not isinstance(data, dict):
             raise FerDistError(f"{prefix}model: expected a mapping, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
-        for key, value in data.items():
-            if key not in hints:
-                raise FerDistError(f"{prefix}model.{key}: unknown key (known: {', '.join(hints)})")
-            if not _has_type(value, hints[key]):
-                raise FerDistError(f"{prefix}model.{key}: {value!r} is not of type {_type_name(hints[key])}")
         try:
             return cls(**data)
         except FerDistError as exc:
             raise FerDistError(f"{prefix}{exc}") from None
 
 
-def _has_type(value: Any, hint: Any) -> bool:
-    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if isinstance(value, bool):  # bool is an int subclass; only a bool field takes it
-        return bool in allowed
-    if float in allowed and isinstance(value, int):
-        return True
-    return isinstance(value, tuple(allowed))
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint)
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"model.{key}: unknown key (known: {', '.join(ModelSpec.model_fields)})"
+    return f"model.{key}: {first['msg'].removeprefix('Value error, ')} (got {first.get('input')!r})"
 
 
 def parse_trainable(policy: str, num_blocks: int | None = None) -> int | None:

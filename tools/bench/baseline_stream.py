@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-DATA_FILES = ("stream.py", "shardread.py", "plan.py", "shardset.py")
+# runset.py holds what shardset.py held (the id space) at later revisions
+DATA_FILES = ("stream.py", "shardread.py", "plan.py", "shardset.py", "runset.py")
 
 _CHILD = r"""
 import json, os, sys

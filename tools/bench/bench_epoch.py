@@ -22,7 +22,7 @@ import torch
 from trainer_setup import ROOT, cpu_seconds
 
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
-from fer_dist.data.shardset import ShardSet, read_labels
+from fer_dist.data.runset import ShardSet, read_labels
 from fer_dist.data.stream import close_loader_workers, train_loader
 
 

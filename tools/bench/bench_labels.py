@@ -1,12 +1,14 @@
-"""The label pass (fer_dist/data/integrity.py: every sample's CRC-32 checked, its label read), timed.
+"""The label pass (`checked_labels` of fer_dist/data/runset.py: each sample's CRC-32 checked, its label
+read), timed.
 
     .venv/bin/python tools/bench/bench_labels.py [DIR] [--repeat 3] [--against REV]
 
 Times `checked_labels` over every split of a shard directory (default shards/fer2013), the shard indexes
 dropped before each repetition (a run's label pass is the first to index its shards), best of --repeat.
-With --against REV, integrity.py as committed in REV is timed too, in the same process, alternating with
-the working tree's; both must return the same labels. Warm page cache: one untimed pass first. Wall and
-CPU time (this process's) are printed: on a loaded machine the CPU time is the steadier figure.
+With --against REV, the label pass as committed in REV (runset.py, or integrity.py before it) is timed
+too, in the same process, alternating with the working tree's; both must return the same labels. Warm
+page cache: one untimed pass first. Wall and CPU time (this process's) are printed: on a loaded machine
+the CPU time is the steadier figure.
 """
 
 from __future__ import annotations
@@ -20,18 +22,25 @@ from pathlib import Path
 
 import torch
 
-from fer_dist.data import integrity, shardread
-from fer_dist.data.shardset import ShardSet, load_manifest
+from fer_dist.data import runset, shardread
+from fer_dist.data.runset import ShardSet, load_manifest
 
 
 def _module_at(rev: str):
-    """integrity.py as committed in `rev`, imported under another name (its imports resolve as now)."""
+    """The label pass's module as committed in `rev`, imported under another name (its imports resolve as
+    now): runset.py, or integrity.py at revisions before the two merged."""
     root = Path(__file__).resolve().parents[2]
-    source = subprocess.run(["git", "show", f"{rev}:fer_dist/data/integrity.py"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
+    for name in ("runset.py", "integrity.py"):
+        shown = subprocess.run(["git", "show", f"{rev}:fer_dist/data/{name}"], cwd=root, capture_output=True,
+                               text=True)
+        if shown.returncode == 0:
+            break
+    else:
+        sys.exit(f"{rev}: no fer_dist/data/runset.py nor integrity.py")
+    source = shown.stdout
     spec = importlib.util.spec_from_loader(f"integrity_{rev}", loader=None)
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
-    exec(compile(source, f"{rev}:integrity.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:{name}", "exec"), module.__dict__)
     return module
 
 
@@ -39,11 +48,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("directory", nargs="?", default="shards/fer2013")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--against", help="a git revision whose integrity.py is timed too")
+    parser.add_argument("--against", help="a git revision whose label pass is timed too")
     args = parser.parse_args()
     splits = list(load_manifest(Path(args.directory)).splits)
     shardset = ShardSet([(args.directory, splits)])
-    versions = {"now": integrity}
+    versions = {"now": runset}
     if args.against:
         versions[args.against] = _module_at(args.against)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in versions}  # (wall, CPU) s

@@ -33,11 +33,11 @@ import torch
 from trainer_setup import add_common_options, close, cpu_seconds, describe, make_run, timed
 
 from fer_dist import dist, method
+from fer_dist.checkpoint import Run, State
 from fer_dist.classes import NUM_CLASSES
 from fer_dist.data.augment import eval_transform
+from fer_dist.data.runset import RunData
 from fer_dist.data.stream import exhaustive_loader
-from fer_dist.run_data import RunData
-from fer_dist.run_state import Run, State
 from fer_dist.train import compose, rewrite_and_draw
 
 

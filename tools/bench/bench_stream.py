@@ -19,7 +19,8 @@ CPU second (main process plus its workers).
 runs in a child process with the same options, its passes interleaved with these round by round (one
 checkout's round, then the other's, the order swapped every round; never both at once:
 baseline_stream.py), and one table gives both checkouts' rows, with this stream / the baseline's stream.
-Both print the lines of their loading code (`wc -l` of fer_dist/data/{stream,shardread,plan,shardset}.py).
+Both print the lines of their loading code (`wc -l` of fer_dist/data/{stream,shardread,plan}.py and
+shardset.py or runset.py).
 Skips (exit 0) where ../shared is absent.
 Shards: --shards DIR, else shards/fer2013 (built with `fer-dist shard` if missing), else a fallback built
 from the train JPEGs with tests/shard_fixtures.py (same contract format) when the command is unavailable.
@@ -44,8 +45,8 @@ from trainer_setup import cpu_seconds
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
+from fer_dist.data.runset import ShardSet
 from fer_dist.data.shardread import decode_png, read_samples
-from fer_dist.data.shardset import ShardSet
 from fer_dist.data.stream import (
     close_loader_workers,
     pack_batch,

@@ -22,8 +22,9 @@ import psutil
 import torch
 
 from fer_dist import dist
+from fer_dist.checkpoint import Run
 from fer_dist.config import build_config
-from fer_dist.train import Run, build_run
+from fer_dist.run_state import build_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SYNTHETIC = Path("shards/synthetic")

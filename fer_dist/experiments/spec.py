@@ -12,6 +12,10 @@
                                         # (run.warmup_from); arms whose warm-up keys differ get their own
     code: cb96b42                       # optional: train with the fer_dist of this commit (every arm and seed
                                         # of an experiment on one code, however main moves between sessions)
+    curve: fer2013_scarce               # optional: a point of the labelled-share curve named after an
+                                        # experiment (which is a point of it too); the share is read from
+                                        # data.labelled's `share` (none: 1.0); the README draws test accuracy
+                                        # against it, per arm
     seeds: [0, 1, 2]
     shards:                             # what `fer-dist shard` makes first where the folder is missing
       - {dataset: fer2013, src: ../shared/data/fer2013, out: shards/fer2013}
@@ -25,13 +29,20 @@
 
 Relative paths are relative to the working directory (the repository root, as for the trainer). Every
 error names the file and the field, on one line.
+
+What the report is told beyond a definition lies beside the records, in <results-dir>/notes.yaml (so that
+a runner of an older commit, which refuses keys it does not know, still reads every definition):
+
+    fer2013_converged: {retired: why, in one line}   # RESULTS.md keeps its records but reads nothing
+    crossdb_fer2013_ckplus48: {frames_per_sequence: 3}   # near-identical frames per test sequence (CK+48):
+                                                          # the standard error counts n / 3 faces
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +52,8 @@ from fer_dist.config import load_config
 from fer_dist.errors import FerDistError
 
 KEYS = {"name", "kind", "description", "base", "schedule", "env", "launch", "seeds", "shards", "test",
-        "intensity", "arms", "code", "reading", "shared_warmup"}
+        "intensity", "arms", "code", "reading", "shared_warmup", "curve"}
+NOTE_KEYS = {"retired", "frames_per_sequence"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -78,6 +90,9 @@ class Experiment:
     setting: str = ""
     compare_levels: bool = False
     shared_warmup: bool = False
+    curve: str | None = None
+    retired: str = ""
+    frames_per_sequence: int = 1
 
     def overrides(self, arm: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
         """key=value overrides of one arm and seed: schedule < arm < the runner's run.* < extra."""
@@ -86,6 +101,14 @@ class Experiment:
         out += [f"run.name={run_dir.name}", f"run.dir={run_dir.parent}", f"run.seed={seed}",
                 "run.resume=auto", "run.progress=false"]
         return out + list(extra)
+
+    def labelled_share(self, arm: str | None = None) -> float | None:
+        """The share of its splits' labelled faces X_l keeps (data.labelled's `share`, 1.0 where none),
+        resolved as the arm (default: the first) trains; None where its folders keep different shares."""
+        cfg = load_config(self.base, self.overrides(arm or next(iter(self.arms)), self.seeds[0],
+                                                    Path("runs") / "check"))
+        shares = {1.0 if ref.share is None else ref.share for ref in cfg.data.labelled}
+        return shares.pop() if len(shares) == 1 else None
 
 
 def _fail(path: Path, where: str, msg: str) -> FerDistError:
@@ -168,6 +191,8 @@ def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
         raise _fail(path, "reading", "the keys are setting (text) and levels (true or false)")
     if not isinstance(reading.get("setting", ""), str) or not isinstance(reading.get("levels", False), bool):
         raise _fail(path, "reading", "setting is text, levels is true or false")
+    if not (tree.get("curve") is None or (isinstance(tree["curve"], str) and NAME.match(tree["curve"]))):
+        raise _fail(path, "curve", "the name of the experiment whose curve this is a point of")
     exp = Experiment(
         path=path, name=name, kind=kind, description=str(tree.get("description", "")),
         base=Path(tree["base"]), schedule=_mapping(path, tree, "schedule"),
@@ -177,6 +202,7 @@ def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
         intensity=_set_ref(path, "intensity", tree["intensity"]) if tree.get("intensity") else None,
         arms=arms, code=code, setting=" ".join(reading.get("setting", "").split()),
         compare_levels=reading.get("levels", False), shared_warmup=shared_warmup,
+        curve=tree.get("curve"),
     )
     if not exp.base.is_file():
         raise _fail(path, "base", f"{exp.base} not found")
@@ -188,3 +214,29 @@ def read_experiment(path: Path, *, check_configs: bool = True) -> Experiment:
             except FerDistError as e:
                 raise _fail(path, f"arms.{arm}", str(e)) from None
     return exp
+
+
+def with_notes(experiments: list[Experiment], path: Path) -> list[Experiment]:
+    """The experiments with what <results-dir>/notes.yaml says of them (no file: as they are)."""
+    if not path.is_file():
+        return experiments
+    try:
+        notes = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise FerDistError(f"{path}: not valid YAML") from None
+    names = {exp.name for exp in experiments}
+    if not isinstance(notes, dict):
+        raise FerDistError(f"{path}: expected experiment -> {{retired: text, frames_per_sequence: N}}")
+    for name, note in notes.items():
+        if name not in names:
+            raise _fail(path, str(name), "no experiment of that name")
+        if not isinstance(note, dict) or set(note) - NOTE_KEYS:
+            raise _fail(path, name, f"the keys are {', '.join(sorted(NOTE_KEYS))}")
+        frames = note.get("frames_per_sequence", 1)
+        if not (isinstance(frames, int) and not isinstance(frames, bool) and frames >= 1):
+            raise _fail(path, f"{name}.frames_per_sequence", "an integer of at least 1")
+        if not isinstance(note.get("retired", ""), str):
+            raise _fail(path, f"{name}.retired", "text: why, in one line")
+    return [replace(exp, retired=" ".join(notes.get(exp.name, {}).get("retired", "").split()),
+                    frames_per_sequence=notes.get(exp.name, {}).get("frames_per_sequence", 1))
+            for exp in experiments]
