@@ -306,9 +306,11 @@ def test_cv_trains_every_fold_and_continues_where_it_stopped(work: Path) -> None
 BAD = {
     "missing model": (["eval", "{w}/nosuch", "--shards", "{w}/shards"], "no such model"),
     "not a model": (["eval", "{w}/shards", "--shards", "{w}/shards"], "neither a run directory"),
-    "missing split": (["eval", "{w}/runs/a", "--shards", "{w}/shards:nosplit"], "no split 'nosplit'"),
+    # eval's cases name their own --out: the run's eval/ holds an earlier test's result, refused first
+    "missing split": (["eval", "{w}/runs/a", "--shards", "{w}/shards:nosplit", "--out", "{w}/e1"],
+                      "no split 'nosplit'"),
     "no test set": (["eval", "{w}/runs/a"], "Missing option"),
-    "bad tta": (["eval", "{w}/runs/a", "--shards", "{w}/shards", "--tta", "x"], "--tta"),
+    "bad tta": (["eval", "{w}/runs/a", "--shards", "{w}/shards", "--tta", "x", "--out", "{w}/e2"], "--tta"),
     # its own --out: the run's intensity/ holds another set's result, which is refused first
     "no sequences": (["intensity", "{w}/runs/a", "--shards", "{w}/ck48:test", "--out", "{w}/ck48-intensity"],
                      "no sequence"),

@@ -234,7 +234,9 @@ def test_export_onnx_replaces_only_its_own_earlier_file(case: str, inputs: dict[
     for overwrite in (False, True):
         before = snapshot(tmp_path)
         result = invoke([*base, "--onnx", str(out), *(["--overwrite"] if overwrite else [])])
-        writes = case == "missing parent" and not overwrite or case == "earlier output" and overwrite
+        # a missing parent is made and the file written; the second pass finds that export, its own, and
+        # --overwrite replaces it
+        writes = case == "missing parent" or case == "earlier output" and overwrite
         if writes:
             assert result.exit_code == 0, (result.output, result.exception)
             assert f"wrote {out} " in result.output and out.is_file()
