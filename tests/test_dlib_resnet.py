@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from layouts import make_ck48
+from test_models import raises_one_line
 from typer.testing import CliRunner
 
 from fer_dist.cli import app
@@ -119,16 +120,6 @@ def random_state() -> dict[str, torch.Tensor]:
             torch.nn.init.uniform_(p, 0.5, 1.5)
     net.descriptor_weight.normal_()
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-def raises_one_line(fn, *needles: str) -> str:
-    with pytest.raises(FerDistError) as info:
-        fn()
-    msg = str(info.value)
-    assert "\n" not in msg
-    for needle in needles:
-        assert needle in msg, msg
-    return msg
 
 
 # ---- the reader -------------------------------------------------------------------------------------------
