@@ -108,6 +108,16 @@ def test_help_shows_plain_words(command: list[str]) -> None:
         assert python_type not in result.output, (python_type, result.output)
 
 
+@pytest.mark.parametrize("command", [c for c in _commands() if c not in ([], ["slurm"])]
+                         + [["experiment", "run"], ["experiment", "report"], ["experiment", "submit"]],
+                         ids=" ".join)
+def test_every_command_help_ends_with_an_example(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert f"Example: fer-dist {' '.join(command)} " in result.output or \
+        f"Example: fer-dist {' '.join(command)}\n" in result.output.replace(" \n", "\n"), result.output
+
+
 def test_inspect_seed_is_the_sheets_seed() -> None:
     result = runner.invoke(app, ["inspect", "--help"], env={"COLUMNS": "200"})
     line = next(x for x in result.output.splitlines() if "--seed" in x)

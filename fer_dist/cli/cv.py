@@ -78,4 +78,5 @@ def _ours(folder: Path, about: str) -> bool:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("cv")(cv)
+    app.command("cv", epilog=(
+        "Example: fer-dist cv --config launch_configs/train/ckplus.yaml --folds 10 --processes 2"))(cv)

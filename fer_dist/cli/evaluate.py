@@ -324,8 +324,13 @@ def _run_val(loaded) -> Any:
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("eval")(evaluate)
-    app.command("intensity")(intensity)
-    app.command("compare")(compare)
-    app.command("predict")(predict)
-    app.command("export")(export)
+    app.command("eval", epilog=(
+        "Example: fer-dist eval runs/quickstart --shards shards/synthetic --tta flip"))(evaluate)
+    app.command("intensity", epilog=(
+        "Example: fer-dist intensity runs/quickstart --shards shards/synthetic:test"))(intensity)
+    app.command("compare", epilog=(
+        "Example: fer-dist compare runs/quickstart-baseline runs/quickstart --out compare"))(compare)
+    app.command("predict", epilog=(
+        "Example: fer-dist predict runs/quickstart photos/ --out predictions.csv"))(predict)
+    app.command("export", epilog=(
+        "Example: fer-dist export runs/quickstart --onnx model.onnx"))(export)

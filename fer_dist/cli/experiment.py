@@ -33,7 +33,9 @@ def _ints(text: str | None, what: str) -> list[int] | None:
         raise FerDistError(f"{what}: expected integers separated by commas (got {text!r})") from None
 
 
-@experiment_app.command()
+@experiment_app.command(epilog=(
+    "Example: fer-dist experiment run launch_configs/experiments/fer2013_scarce.yaml --seeds 0,1 "
+    "--arms supervised,method"))
 def run(experiment: ExperimentFile, seeds: Seeds = None, arms: Arms = None,
         runs_dir: RunsDir = Path("runs/experiments"), results_dir: ResultsDir = Path("docs/results"),
         set_: Sets = None, warmup_only: Annotated[bool, typer.Option(
@@ -59,7 +61,8 @@ def run(experiment: ExperimentFile, seeds: Seeds = None, arms: Arms = None,
     raise typer.Exit(code)
 
 
-@experiment_app.command()
+@experiment_app.command(epilog=(
+    "Example: fer-dist experiment report"))
 def report(experiments: Annotated[Path, typer.Option(help="The experiment definitions' folder.")] = Path(
                "launch_configs/experiments"),
            results_dir: ResultsDir = Path("docs/results"),
@@ -74,7 +77,9 @@ def report(experiments: Annotated[Path, typer.Option(help="The experiment defini
         typer.echo(f"wrote {line}")
 
 
-@experiment_app.command()
+@experiment_app.command(epilog=(
+    "Example: fer-dist experiment submit launch_configs/experiments/fer2013_scarce.yaml --partition cpu "
+    "--time 12:00:00"))
 def submit(experiment: ExperimentFile, seeds: Seeds = None, arms: Arms = None,
            runs_dir: RunsDir = Path("runs/experiments"), results_dir: ResultsDir = Path("docs/results"),
            set_: Sets = None,

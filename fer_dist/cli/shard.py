@@ -137,8 +137,10 @@ def inspect(
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
-    app.command("shard")(shard)
-    app.command("inspect")(inspect)
+    app.command("shard", epilog=(
+        "Example: fer-dist shard --dataset fer2013 --src fer2013.csv --out shards/fer2013"))(shard)
+    app.command("inspect", epilog=(
+        "Example: fer-dist inspect shards/fer2013 --sheet sheet.png"))(inspect)
 
 
 def _parse_angles(spec: str) -> tuple[int, ...]:

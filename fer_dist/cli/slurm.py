@@ -32,7 +32,8 @@ Overrides = Annotated[list[str] | None, typer.Argument(
 slurm_app = typer.Typer(no_args_is_help=True, help="Run the training on a SLURM cluster.")
 
 
-@slurm_app.command()
+@slurm_app.command(epilog="Example: fer-dist slurm submit --config launch_configs/train/fer2013_vggface.yaml "
+                   "--nodes 2 --gpus-per-node 8 --partition gpu --time 24:00:00")
 def submit(
     config: Config = None,
     nodes: Nodes = 1,

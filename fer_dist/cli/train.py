@@ -29,7 +29,8 @@ class KeysHelpCommand(PlainHelpCommand):
     def format_help(self, ctx: Any, formatter: Any) -> None:
         from fer_dist.config import keys_help
 
-        self.epilog = keys_help()
+        self.epilog = ("Example: fer-dist train --config launch_configs/train/fer2013_mobilenet_cpu.yaml "
+                       "--processes 2 method.tau=0.8\n\n" + keys_help())
         super().format_help(ctx, formatter)
 
 
