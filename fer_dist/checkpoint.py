@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fer_dist import checkpoint_files, dist, numerics
-from fer_dist.config import TrainConfig, dump_config
+from fer_dist.config import TrainConfig, dump_config, warmup_identity
 from fer_dist.data.runset import RunData
 from fer_dist.errors import FerDistError
 from fer_dist.files import removed_on_error
@@ -109,27 +109,6 @@ def resume_from(run: Run) -> bool:
     st = run.state
     run.log.say(f"resumed from {path} (phase {st.phase}, round {st.round}, step {st.step})")
     return True
-
-
-# What a warm-up depends on: an arm may start its rounds from another run's warm-up only where these agree.
-WARMUP_KEYS = ("data", "model", "optim", "method.label_smoothing", "method.eps", "method.warmup_epochs",
-               "method.warmup_patience", "run.seed", "run.mixed_precision")
-
-
-def warmup_identity(config: dict[str, Any]) -> dict[str, Any]:
-    """The WARMUP_KEYS leaves of a config dict, flat (`optim.lr`: value): equal identities, equal warm-ups."""
-    def leaves(tree: Any, prefix: str) -> dict[str, Any]:
-        if not isinstance(tree, dict):
-            return {prefix: tree}
-        return {k: v for name, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{name}").items()}
-
-    out: dict[str, Any] = {}
-    for key in WARMUP_KEYS:
-        section, _, leaf = key.partition(".")
-        part = config.get(section, {})
-        out.update(leaves({leaf: part.get(leaf)} if leaf else part, section))
-    out.pop("model.sync_bn", None)  # how the network is trained across processes, not what it learns
-    return out
 
 
 def _differing_key(was: dict[str, Any], now: dict[str, Any]) -> str | None:

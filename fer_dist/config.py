@@ -214,6 +214,27 @@ class TrainConfig(_Section):
         return self.model_dump(mode="json")
 
 
+# What a warm-up depends on: an arm may start its rounds from another run's warm-up only where these agree.
+WARMUP_KEYS = ("data", "model", "optim", "method.label_smoothing", "method.eps", "method.warmup_epochs",
+               "method.warmup_patience", "run.seed", "run.mixed_precision")
+
+
+def warmup_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The WARMUP_KEYS leaves of a config dict, flat (`optim.lr`: value): equal identities, equal warm-ups."""
+    def leaves(tree: Any, prefix: str) -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        return {k: v for name, sub in tree.items() for k, v in leaves(sub, f"{prefix}.{name}").items()}
+
+    out: dict[str, Any] = {}
+    for key in WARMUP_KEYS:
+        section, _, leaf = key.partition(".")
+        part = config.get(section, {})
+        out.update(leaves({leaf: part.get(leaf)} if leaf else part, section))
+    out.pop("model.sync_bn", None)  # how the network is trained across processes, not what it learns
+    return out
+
+
 def _leaf_paths(model: type[BaseModel], prefix: str = "") -> list[str]:
     paths = []
     for name, field in model.model_fields.items():

@@ -11,10 +11,8 @@ import hashlib
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from datetime import timedelta
-from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
 
@@ -86,20 +84,6 @@ def make_accelerator(
         shutdown()
         raise FerDistError(f"process count: {problem}")
     return accelerator
-
-
-def is_main_launch_process() -> bool:
-    """Whether the launcher's RANK variable makes this global rank 0 (for work before the accelerator)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def wait_for_file(path: Path, timeout_s: float = 3600.0, poll_s: float = 0.5) -> None:
-    """Block until `path` exists (another process is writing it), or FerDistError after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not Path(path).exists():
-        if time.monotonic() > deadline:
-            raise FerDistError(f"{path}: still missing after waiting {timeout_s:.0f} s for the main process")
-        time.sleep(poll_s)
 
 
 def shutdown() -> None:

@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,3 +103,19 @@ def write_errors(what: str) -> Iterator[None]:
             raise
         where = f" ({err.filename})" if err.filename else ""
         raise FerDistError(f"{what}: {err.strerror}{where}") from None
+
+
+# Work before the accelerator exists (the quick start's shards, compare, export): the launcher's RANK
+# variable, read without importing torch.
+def is_main_launch_process() -> bool:
+    """Whether the launcher's RANK variable makes this global rank 0 (for work before the accelerator)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_file(path: Path, timeout_s: float = 3600.0, poll_s: float = 0.5) -> None:
+    """Block until `path` exists (another process is writing it), or FerDistError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            raise FerDistError(f"{path}: still missing after waiting {timeout_s:.0f} s for the main process")
+        time.sleep(poll_s)

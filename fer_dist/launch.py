@@ -246,24 +246,22 @@ def check_training(config: Path | None, overrides: list[str], *, dry_run: bool =
     the quick start's synthetic shards where they are missing (as the trainer would; a dry run leaves them
     missing and unchecked). `launcher_args` adds the checks that depend on the number of processes."""
     from fer_dist.config import load_config, overrides_name_data
-
-    if config is not None:  # a bad config or key is answered before torch loads
-        cfg = load_config(config, overrides)
-    from fer_dist.data.runset import load_run_data
     from fer_dist.quickstart import QUICKSTART, ensure_synthetic_shards
 
-    if config is None:
-        cfg = load_config(QUICKSTART, overrides)
-        if not overrides_name_data(overrides):
-            shards = Path(cfg.data.labelled[0].dir)
-            if dry_run and not (shards / "manifest.json").exists():
-                return cfg
-            ensure_synthetic_shards(shards)
+    # a bad config or key is answered before torch loads
+    cfg = load_config(config if config is not None else QUICKSTART, overrides)
+    from fer_dist.data.runset import load_run_data
+
+    if config is None and not overrides_name_data(overrides):
+        shards = Path(cfg.data.labelled[0].dir)
+        if dry_run and not (shards / "manifest.json").exists():
+            return cfg
+        ensure_synthetic_shards(shards)
     if cfg.model.weights is not None and not Path(cfg.model.weights).exists():
         raise FerDistError(f"model.weights: {cfg.model.weights} does not exist")
     if cfg.run.resume not in ("auto", "never"):
         check_resume(Path(cfg.run.resume))
-    load_run_data(cfg.data)
+    load_run_data(cfg.data, cfg.run.seed)  # the subsets (data.*.share) the ranks will draw
     return cfg
 
 

@@ -207,17 +207,19 @@ def written_file(out: Path, command: str, *, overwrite: bool, ours: Callable[[Pa
     out = Path(out)
     check_file(out, command, overwrite=overwrite, ours=ours, flag=flag)
     made = _made_parents(out)
-    fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = None
     try:
+        fd, name = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         os.chmod(tmp, 0o644)
         check_file(out, command, overwrite=overwrite, ours=ours, flag=flag)
         os.replace(tmp, out)
         fsync_dir(out.parent)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
         raise

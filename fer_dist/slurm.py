@@ -137,6 +137,8 @@ def submit(script: str, directory: Path) -> str:
                 break
             except FileExistsError:
                 continue
+        else:
+            raise FerDistError(f"{directory}: 1000 scripts named fer-dist-{stamp}-N.sbatch exist already")
     finally:
         tmp.unlink(missing_ok=True)
     try:

@@ -11,7 +11,7 @@ import dist_worker
 import pytest
 import torch
 
-from fer_dist import dist
+from fer_dist import dist, files
 from fer_dist.errors import FerDistError
 
 # A hang guard, not the expected time: on a loaded 2-core machine a launch takes 10-25 s.
@@ -223,13 +223,13 @@ def test_stop_request_restores_a_previous_python_handler() -> None:
 
 def test_wait_for_file(tmp_path: Path) -> None:
     with pytest.raises(FerDistError, match="still missing"):
-        dist.wait_for_file(tmp_path / "manifest.json", timeout_s=0.2, poll_s=0.05)
+        files.wait_for_file(tmp_path / "manifest.json", timeout_s=0.2, poll_s=0.05)
     (tmp_path / "manifest.json").write_text("{}")
-    dist.wait_for_file(tmp_path / "manifest.json", timeout_s=0.2, poll_s=0.05)
+    files.wait_for_file(tmp_path / "manifest.json", timeout_s=0.2, poll_s=0.05)
 
 
 def test_is_main_launch_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANK", raising=False)
-    assert dist.is_main_launch_process()
+    assert files.is_main_launch_process()
     monkeypatch.setenv("RANK", "1")
-    assert not dist.is_main_launch_process()
+    assert not files.is_main_launch_process()

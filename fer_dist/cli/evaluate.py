@@ -53,9 +53,9 @@ def accelerator() -> Iterator[Any]:
 
 def _main_launch_process() -> bool:
     """Commands with nothing to share out (compare, export) run once, on a launch's main process."""
-    from fer_dist import dist
+    from fer_dist.files import is_main_launch_process
 
-    return dist.is_main_launch_process()
+    return is_main_launch_process()
 
 
 def _console() -> Any:
@@ -172,10 +172,10 @@ def compare(runs: Annotated[list[Path], typer.Argument(show_default=False, help=
     if not _main_launch_process():
         return
     outputs.check_folder(out, "compare", overwrite=overwrite)
-    from fer_dist.evaluate import plots
     from fer_dist.evaluate.compare import compare_runs, tables
 
-    comparison = compare_runs(runs)
+    comparison = compare_runs(runs)  # bad runs are named before matplotlib is loaded
+    from fer_dist.evaluate import plots
 
     with outputs.written_folder(out, "compare", overwrite=overwrite,
                                 about=" ".join(r["dir"] for r in comparison["runs"])) as tmp:

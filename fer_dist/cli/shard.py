@@ -73,8 +73,10 @@ def shard(
     """Shard a data set: align faces on every core, split by subject, write WebDataset tars + manifest."""
     from rich.console import Console
 
+    from fer_dist.data.sources import SourceOptions, source_spec
+
+    source_spec(dataset)  # a mistyped --dataset is answered before torch loads (through pack)
     from fer_dist.data.pack import pack  # cv2 and the sources load only for commands that use them
-    from fer_dist.data.sources import SourceOptions
     from fer_dist.data.splits import parse_split
 
     options = SourceOptions(peak_frames=peak_frames, angles=_parse_angles(angles), class_map=class_map,
@@ -104,7 +106,6 @@ def inspect(
     from rich.console import Console
 
     from fer_dist.data.manifest import read_manifest
-    from fer_dist.data.shards import verify_shards
 
     if sheet is not None:  # before the verification pass, which reads every shard
         from fer_dist.data.sheet import check_sheet_path
@@ -116,6 +117,8 @@ def inspect(
     manifest = read_manifest(directory)
     print_manifest(console, manifest)
     if verify:
+        from fer_dist.data.shards import verify_shards  # webdataset, torch: after the cheap checks
+
         report = verify_shards(directory)
         if not report.ok:
             shown = report.problems if problems else report.problems[:SHOW_PROBLEMS]

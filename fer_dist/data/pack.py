@@ -28,11 +28,11 @@ from fer_dist.data.imagework import ImageParams, Processed, Processor
 from fer_dist.data.manifest import ImageSpec, Manifest, SplitInfo, write_manifest
 from fer_dist.data.shards import SplitWriter, dump_json
 from fer_dist.data.sources import (
-    SOURCES,
     Listing,
     Record,
     SourceOptions,
     get_source,
+    source_spec,
 )
 from fer_dist.data.splits import DEFAULT_FRACTIONS, assign_folds, assign_splits, split_order
 from fer_dist.errors import FerDistError
@@ -197,9 +197,7 @@ def _check_args(dataset: str, src: list[Path], out: Path, overwrite: bool, size:
                 folds: int | None, samples_per_shard: int | None, workers: int | None,
                 align: str | None) -> None:
     """Every check that needs no listing, so bad input fails before any work."""
-    spec = SOURCES.get(dataset)
-    if spec is None:
-        raise FerDistError(f"--dataset: unknown data set {dataset!r} (known: {', '.join(SOURCES)})")
+    spec = source_spec(dataset)
     # --overwrite replaces an earlier shard folder only (its manifest lists every file in it): a typo must
     # not delete someone's home directory, nor a file someone put beside the shards.
     check_folder(out, "shard", overwrite=overwrite, what="shard folder")

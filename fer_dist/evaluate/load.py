@@ -71,7 +71,7 @@ def _training_preprocessing(config: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _from_checkpoint(path: Path) -> LoadedModel:
-    saved, _ = checkpoint.load_checkpoint(path, 0)
+    saved, _ = checkpoint.load_checkpoint(path, None)
     config = saved.get("config")
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict) or "model" not in saved:
         raise FerDistError(f"{path}: not a fer-dist training checkpoint (no model or config in it)")

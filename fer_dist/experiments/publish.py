@@ -115,6 +115,8 @@ def publish(experiments_dir: Path, results_dir: Path, out: Path, readme: Path | 
             raise FerDistError(f"{readme}: not found (--readme '' writes no results block)")
         readme_text = readme.read_text()
         replace_block(readme_text, "", readme)  # its markers checked before anything is written
+    if not out.parent.is_dir():  # before any picture is drawn
+        raise FerDistError(f"{out}: --out: its folder {out.parent} does not exist")
     curves = curves_of(experiments)
     written: list[str] = []
     rounds_links: dict[str, str] = {}

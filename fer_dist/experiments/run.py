@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fer_dist.checkpoint import warmup_identity
-from fer_dist.config import load_config
+from fer_dist.config import load_config, warmup_identity
 from fer_dist.errors import FerDistError
 from fer_dist.experiments.records import add_record, commit, machine, read_records, recorded
 from fer_dist.experiments.spec import Experiment, read_experiment

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import torch
 
-from fer_dist import dist
+from fer_dist import dist, files
 from fer_dist.checkpoint import Run
 from fer_dist.config import build_config
 from fer_dist.run_state import build_run
@@ -46,12 +46,12 @@ def ensure_shards(shards: Path) -> None:
         return
     if shards.resolve() != (ROOT / SYNTHETIC).resolve() and shards != SYNTHETIC:
         sys.exit(f"{shards}: no manifest.json; shard it first with `fer-dist shard`")
-    if dist.is_main_launch_process():
+    if files.is_main_launch_process():
         from fer_dist.data.pack import pack
 
         print(f"{shards} is missing: sharding the built-in synthetic data set", flush=True)
         pack("synthetic", [], shards, progress=False)
-    dist.wait_for_file(shards / "manifest.json")
+    files.wait_for_file(shards / "manifest.json")
 
 
 def make_run(args: argparse.Namespace, name: str, *, workers: int, batch_size: int = 32,

@@ -47,6 +47,14 @@ SOURCES: dict[str, SourceSpec] = {
 }
 
 
+def source_spec(name: str) -> SourceSpec:
+    """The registered source `name`; `--dataset` names it in the error, with the known ones."""
+    spec = SOURCES.get(name)
+    if spec is None:
+        raise FerDistError(f"--dataset: unknown data set {name!r} (known: {', '.join(SOURCES)})")
+    return spec
+
+
 def get_source(name: str) -> Callable[[list[Path], SourceOptions], Listing]:
     """The `list_records(src, options)` function of a registered source, imported on first use."""
     spec = SOURCES.get(name)
