@@ -37,6 +37,28 @@ def write_text_atomic(path: Path, text: str) -> None:
     fsync_dir(path.parent)
 
 
+def swap_in(tmp: Path, out: Path) -> None:
+    """Put `tmp` at `out`; an existing `out` (checked to be replaceable) is renamed aside first and removed
+    last, so a reader sees the old or the new output, never neither half."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        os.rename(tmp, out)  # POSIX rename replaces an empty folder
+        return
+    old = out.with_name(f"{tmp.name}-old")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Put the finished folder `tmp` at `out`, replacing an earlier one: readers see the old or the new.
 
@@ -45,13 +67,7 @@ def replace_dir(tmp: Path, out: Path) -> None:
     tmp, out = Path(tmp), Path(out)
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise FerDistError(f"{out}: exists and is not a folder; not replacing it")
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f"{tmp.name}-old")
-    os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, out)
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from typing import Any
 
 from fer_dist import __version__
 from fer_dist.errors import FerDistError
-from fer_dist.files import TMP_PREFIX, fsync_dir
+from fer_dist.files import TMP_PREFIX, first_missing, fsync_dir, swap_in
 
 MARKER = ".fer-dist-output.json"
 # Result folders written before the marker existed: recognised by their files alone (every entry must
@@ -143,34 +143,10 @@ def check_file(path: Path, command: str, *, overwrite: bool, ours: Callable[[Pat
 
 def _made_parents(path: Path) -> Path | None:
     """Make `path`'s missing parent folders; the topmost one made (to remove on failure), or None."""
-    top, parent = None, path.absolute().parent
-    while not parent.exists():
-        top, parent = parent, parent.parent
+    top = first_missing(path.absolute().parent)
     if top is not None:
         path.absolute().parent.mkdir(parents=True)
     return top
-
-
-def swap_in(tmp: Path, out: Path) -> None:
-    """Put `tmp` at `out`; an existing `out` (checked to be replaceable) is renamed aside first and removed
-    last, so a reader sees the old or the new output, never neither half."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if out.is_dir() and not any(out.iterdir()):
-        os.rename(tmp, out)  # POSIX rename replaces an empty folder
-        return
-    old = out.with_name(f"{tmp.name}-old")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 @contextmanager

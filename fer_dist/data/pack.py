@@ -36,8 +36,8 @@ from fer_dist.data.sources import (
 )
 from fer_dist.data.splits import DEFAULT_FRACTIONS, assign_folds, assign_splits, split_order
 from fer_dist.errors import FerDistError
-from fer_dist.files import write_errors
-from fer_dist.outputs import check_folder, swap_in
+from fer_dist.files import swap_in, write_errors
+from fer_dist.outputs import check_folder
 from fer_dist.progress import Progress
 
 DEFAULT_SAMPLES_PER_SHARD = 1000  # the cap when --samples-per-shard is not given
