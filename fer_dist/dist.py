@@ -28,6 +28,9 @@ PROCESS_COUNT_HINT = ("; launch that many (fer-dist train --processes N) or leav
                       "to take the launcher's")
 
 
+THREADS_ENV = "FER_DIST_CPU_THREADS"
+
+
 def _launched_world_size() -> int | None:
     """The launcher's WORLD_SIZE (torchrun, accelerate launch), or None when it set none."""
     value = os.environ.get("WORLD_SIZE")
@@ -83,7 +86,21 @@ def make_accelerator(
         # Every rank reaches the same verdict from the same numbers without a collective: all exit alike.
         shutdown()
         raise FerDistError(f"process count: {problem}")
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(accelerator.num_processes))
     return accelerator
+
+
+def cpu_threads(processes: int) -> int:
+    """Threads per process on the CPU: FER_DIST_CPU_THREADS where set, else each process's share of the
+    cores (oversubscribed OpenMP threads made CPU steps ~15x slower; torchrun's OMP_NUM_THREADS=1 would
+    leave a 1-process run on a many-core machine one core)."""
+    value = os.environ.get(THREADS_ENV, "")
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise FerDistError(f"{THREADS_ENV}: expected a whole number of threads, 1 or more, got {value!r}")
+        return int(value)
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
 def shutdown() -> None:

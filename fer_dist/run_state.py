@@ -5,7 +5,6 @@ orchestrates what is built here.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -26,9 +25,6 @@ from fer_dist.progress import Progress
 def build_run(cfg: TrainConfig, acc, stop: dist.StopRequest | None = None) -> Run:
     """Data, model, optimiser, a fresh state (`checkpoint.resume` then decides where the run starts)."""
     run_dir = Path(cfg.run.dir) / cfg.run.name
-    if acc.device.type == "cpu":
-        # Each process gets its share of the cores: oversubscribed OpenMP threads made CPU steps ~15x slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
     torch.manual_seed(cfg.run.seed)  # same initial head on every process (DDP also broadcasts it)
     data = load_run_data(cfg.data, cfg.run.seed)  # before anything is written: no run folder left on bad data
     created = first_missing(run_dir) if acc.is_main_process else None

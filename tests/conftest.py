@@ -15,10 +15,12 @@ fixture is built once.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from train_fixtures import (
     REFERENCE_SECTIONS,
     finished_tiny_run,
@@ -31,6 +33,11 @@ from train_fixtures import (
     trained,
     write_config,
 )
+
+# One thread per process, in the test processes and every training they start: xdist runs a worker per core,
+# and on busy cores OpenMP's extra threads spin (a 1-process tiny run took 42 CPU-s on 2 threads, 8.5 on 1).
+os.environ["FER_DIST_CPU_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 def _launches(item: pytest.Item) -> bool:

@@ -11,7 +11,6 @@ torch and the rest load inside the commands, so that --help and bad input answer
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,13 +37,10 @@ Workers = Annotated[int, typer.Option(min=0, help="DataLoader workers per proces
 @contextmanager
 def accelerator() -> Iterator[Any]:
     """This launch's processes as one group (one process without a launcher); torn down at the end."""
-    import torch
 
     from fer_dist import dist
 
     acc = dist.make_accelerator(mixed_precision="no")
-    if acc.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // acc.num_processes))
     try:
         yield acc
     finally:
