@@ -233,3 +233,16 @@ def test_is_main_launch_process(monkeypatch: pytest.MonkeyPatch) -> None:
     assert files.is_main_launch_process()
     monkeypatch.setenv("RANK", "1")
     assert not files.is_main_launch_process()
+
+
+@pytest.mark.parametrize("value,processes,expected", [("", 1, os.cpu_count() or 1), ("", 64, 1), ("3", 2, 3)])
+def test_cpu_threads_take_the_cores_share_or_the_environments_number(monkeypatch, value, processes, expected):
+    monkeypatch.setenv(dist.THREADS_ENV, value)
+    assert dist.cpu_threads(processes) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_thread_count_is_one_line_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(dist.THREADS_ENV, value)
+    with pytest.raises(FerDistError, match=f"FER_DIST_CPU_THREADS: .*{value!r}"):
+        dist.cpu_threads(1)
