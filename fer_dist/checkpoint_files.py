@@ -40,7 +40,7 @@ from accelerate import Accelerator
 from fer_dist import __version__
 from fer_dist.dist import any_process
 from fer_dist.errors import FerDistError
-from fer_dist.files import TMP_PREFIX, WRITE_ERRNOS, fsync_dir, write_text_atomic
+from fer_dist.files import TMP_PREFIX, WRITE_ERRNOS, fsync_dir, swap_in, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -145,16 +145,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-def _swap_in(src: Path, dest: Path) -> None:
-    """Move directory src to dest, replacing an existing dest; a crash leaves only .tmp- leftovers."""
-    aside = dest.parent / f"{TMP}old-{dest.name}"
-    if dest.exists():
-        os.rename(dest, aside)
-    os.rename(src, dest)
-    fsync_dir(dest.parent)
-    _remove(aside)
 
 
 def _read_index(root: Path) -> dict[str, Any]:
@@ -274,13 +264,15 @@ def _publish(root: Path, tmp: Path, tag: str, state: dict[str, Any], meta: dict[
     with open(tmp / META, "rb") as f:
         os.fsync(f.fileno())
     fsync_dir(tmp)
-    _swap_in(tmp, root / tag)
+    swap_in(tmp, root / tag)  # the old one aside as .tmp-<tag>-old: a crash leaves only .tmp- leftovers
+    fsync_dir(root)
     tags = [t for t in index["tags"] if t != tag] + [tag]
     kept, pruned = tags[-keep_last:], tags[:-keep_last]
     if is_best:
         staged = root / f"{TMP}{BEST}"
         _link_or_copy_dir(root / tag, staged)
-        _swap_in(staged, root / BEST)
+        swap_in(staged, root / BEST)
+        fsync_dir(root)
         index["best"] = tag
     index.update(format=INDEX_FORMAT, tags=kept)
     write_text_atomic(root / INDEX, json.dumps(index, indent=2) + "\n")
