@@ -22,11 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-import torchvision.models as tvm
 from torch import nn
-from torchvision.models import WeightsEnum
 
 from fer_dist.data.augment import InputSpec
 from fer_dist.errors import FerDistError
@@ -50,21 +49,34 @@ class Backbone:
     """One registry entry."""
 
     # The trunk (with these torchvision weights when given) and its feature width F.
-    make: Callable[[WeightsEnum | None], tuple[nn.Module, int]]
+    make: Callable[[Any], tuple[nn.Module, int]]
     blocks: Callable[[nn.Module], Blocks]  # the trunk's blocks for the freezing policy, first to last
     input_spec: InputSpec  # at the backbone's default size
-    imagenet: WeightsEnum | None = None  # torchvision's published weights, loaded when pretrained
+    imagenet: str | None = None  # torchvision's published weights (their enum's name), loaded when pretrained
     head_prefixes: tuple[str, ...] = ()  # keys of the replaced classifier: ignored in a weights file
     min_size: int = 32  # five stride-2 stages need at least 32 px
     find_weights: Callable[[], Path] | None = None  # the published weights file of an installed package
     read_weights: Callable[[Path], dict[str, torch.Tensor]] = read_state_file  # the weights file's format
 
 
-def _torchvision(ctor: Callable[..., nn.Module], strip: Callable[[nn.Module], int]) -> Callable:
-    def make(weights: WeightsEnum | None) -> tuple[nn.Module, int]:
-        model = ctor(weights=weights)
+def _torchvision(ctor: str, strip: Callable[[nn.Module], int]) -> Callable:
+    def make(weights: Any) -> tuple[nn.Module, int]:
+        model = getattr(_tvm(), ctor)(weights=weights)
         return model, strip(model)
     return make
+
+
+def _tvm() -> Any:
+    """torchvision.models, imported by the backbones that need it: torchvision's import pulls in torch's
+    compiler stack (~2 CPU-s), which a small_cnn run, a loader worker's fork server and an evaluation
+    command otherwise pay for nothing."""
+    import torchvision.models
+
+    return torchvision.models
+
+
+def _imagenet_weights(enum: str) -> Any:
+    return getattr(_tvm(), enum).IMAGENET1K_V1
 
 
 def _strip_fc(m: nn.Module) -> int:
@@ -106,8 +118,8 @@ def _convnext_blocks(m: nn.Module) -> Blocks:
     return [[f[1]], [f[2], f[3]], [f[4], f[5]], [f[6], f[7], m.classifier[0]]]
 
 
-def _own(cls: type[nn.Module]) -> Callable[[WeightsEnum | None], tuple[nn.Module, int]]:
-    def make(_: WeightsEnum | None) -> tuple[nn.Module, int]:
+def _own(cls: type[nn.Module]) -> Callable[[Any], tuple[nn.Module, int]]:
+    def make(_: Any) -> tuple[nn.Module, int]:
         trunk = cls()
         return trunk, trunk.out_features
     return make
@@ -125,22 +137,22 @@ BACKBONES: dict[str, Backbone] = {
                             find_weights=dlib.find_dat_file, read_weights=dlib.read_dat_state),
     "small_cnn": Backbone(_own(SmallCNN), lambda t: t.blocks(), InputSpec(48, 1, (0.5,), (0.5,)),
                           min_size=16),
-    "resnet18": Backbone(_torchvision(tvm.resnet18, _strip_fc), _resnet_blocks, _IMAGENET,
-                         tvm.ResNet18_Weights.IMAGENET1K_V1, ("fc.",)),
-    "resnet34": Backbone(_torchvision(tvm.resnet34, _strip_fc), _resnet_blocks, _IMAGENET,
-                         tvm.ResNet34_Weights.IMAGENET1K_V1, ("fc.",)),
-    "resnet50": Backbone(_torchvision(tvm.resnet50, _strip_fc), _resnet_blocks, _IMAGENET,
-                         tvm.ResNet50_Weights.IMAGENET1K_V1, ("fc.",)),
-    "mobilenet_v2": Backbone(_torchvision(tvm.mobilenet_v2, _strip_classifier(1)),
+    "resnet18": Backbone(_torchvision("resnet18", _strip_fc), _resnet_blocks, _IMAGENET,
+                         "ResNet18_Weights", ("fc.",)),
+    "resnet34": Backbone(_torchvision("resnet34", _strip_fc), _resnet_blocks, _IMAGENET,
+                         "ResNet34_Weights", ("fc.",)),
+    "resnet50": Backbone(_torchvision("resnet50", _strip_fc), _resnet_blocks, _IMAGENET,
+                         "ResNet50_Weights", ("fc.",)),
+    "mobilenet_v2": Backbone(_torchvision("mobilenet_v2", _strip_classifier(1)),
                              _feature_spans((1, 2), (2, 4), (4, 7), (7, 14), (14, 19)), _IMAGENET,
-                             tvm.MobileNet_V2_Weights.IMAGENET1K_V1, ("classifier.",)),
-    "mobilenet_v3_large": Backbone(_torchvision(tvm.mobilenet_v3_large, _strip_classifier(0)),
+                             "MobileNet_V2_Weights", ("classifier.",)),
+    "mobilenet_v3_large": Backbone(_torchvision("mobilenet_v3_large", _strip_classifier(0)),
                                    _feature_spans((1, 2), (2, 4), (4, 7), (7, 13), (13, 17)), _IMAGENET,
-                                   tvm.MobileNet_V3_Large_Weights.IMAGENET1K_V1, ("classifier.",)),
-    "efficientnet_b0": Backbone(_torchvision(tvm.efficientnet_b0, _strip_classifier(1)), _efficientnet_blocks,
-                                _IMAGENET, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, ("classifier.",)),
-    "convnext_tiny": Backbone(_torchvision(tvm.convnext_tiny, _strip_convnext), _convnext_blocks, _IMAGENET,
-                              tvm.ConvNeXt_Tiny_Weights.IMAGENET1K_V1, ("classifier.2.",)),
+                                   "MobileNet_V3_Large_Weights", ("classifier.",)),
+    "efficientnet_b0": Backbone(_torchvision("efficientnet_b0", _strip_classifier(1)), _efficientnet_blocks,
+                                _IMAGENET, "EfficientNet_B0_Weights", ("classifier.",)),
+    "convnext_tiny": Backbone(_torchvision("convnext_tiny", _strip_convnext), _convnext_blocks, _IMAGENET,
+                              "ConvNeXt_Tiny_Weights", ("classifier.2.",)),
 }
 
 
@@ -162,14 +174,15 @@ def make_trunk(name: str, pretrained: bool, weights: str | None) -> tuple[nn.Mod
         path = Path(weights).expanduser()
         load_checked(trunk, backbone.read_weights(path), path, backbone.head_prefixes)
         return trunk, features, True
+    imagenet = _imagenet_weights(backbone.imagenet)
     try:
-        trunk, features = backbone.make(backbone.imagenet)
+        trunk, features = backbone.make(imagenet)
     except Exception as exc:  # no network, a refused download or a damaged file all end here
-        raise FerDistError(_imagenet_error(name, backbone.imagenet, exc)) from exc
+        raise FerDistError(_imagenet_error(name, imagenet, exc)) from exc
     return trunk, features, True
 
 
-def _imagenet_error(name: str, weights: WeightsEnum, exc: Exception) -> str:
+def _imagenet_error(name: str, weights: Any, exc: Exception) -> str:
     file = weights.url.rsplit("/", 1)[-1]
     path = Path(torch.hub.get_dir()) / "checkpoints" / file
     if path.exists():
