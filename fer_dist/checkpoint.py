@@ -11,11 +11,11 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fer_dist import checkpoint_files, dist, numerics
+from fer_dist import checkpoint_files, dist, numerics, stopsignals
 from fer_dist.config import TrainConfig, dump_config, warmup_identity
 from fer_dist.data.runset import RunData
 from fer_dist.errors import FerDistError
@@ -23,6 +23,9 @@ from fer_dist.files import removed_on_error
 from fer_dist.hashing import derive_seed
 from fer_dist.metrics import MetricsLog
 from fer_dist.progress import Progress
+
+if TYPE_CHECKING:
+    from fer_dist.data.stream import Loaders
 
 
 @dataclass
@@ -66,9 +69,10 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     state: State
     log: MetricsLog
-    stop: dist.StopRequest
+    stop: stopsignals.StopRequest
     progress: Progress
     created: Path | None = None  # the run folder this launch made: removed if its set-up fails
+    loaders: Loaders | None = None  # its streams' DataLoaders (build_run makes them, train.main closes them)
 
     @property
     def net(self) -> torch.nn.Module:

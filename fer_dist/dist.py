@@ -1,4 +1,5 @@
-"""The only module that touches ranks: accelerator setup and checks, gather + dedupe, checksums, stop flag.
+"""The only module that touches ranks: accelerator setup and checks, gather + dedupe, checksums, any_process
+(on which the ranks agree to stop: the stop itself is `fer_dist.stopsignals`).
 
 Every function that communicates is collective: all processes must call it, in the same order, with the
 same arguments where noted. Failures found from gathered data are raised on every rank alike, so no
@@ -9,11 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import sys
 from collections.abc import Callable
 from datetime import timedelta
-from types import FrameType
 from typing import Any, NamedTuple
 
 import torch
@@ -276,56 +274,3 @@ def broadcast_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None
         if buf.is_floating_point() or buf.dtype == torch.long:
             torch.distributed.broadcast(buf.data, src=0)
 
-
-class StopRequest:
-    """Sets `requested` on SIGTERM, SIGUSR1 or a first SIGINT, so the trainer stops at a step boundary.
-
-    A second SIGINT exits at once (code 130): the user pressed Ctrl-C twice and wants no checkpoint.
-    `launcher_gone` also counts as a request: a launcher killed outright (torch's has no SIGUSR1 handler)
-    leaves its ranks orphaned, and they should save and end rather than train on unsupervised.
-    Handlers are installed on creation (main thread only) and the previous ones restored by close().
-    The previous handlers are not chained: a default SIGTERM would kill the process the graceful stop
-    is meant to save. The trainer agrees on the flag across processes with any_process.
-    """
-
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGINT")) -> None:
-        self._requested: str | None = None
-        self._previous: dict[signal.Signals, Any] = {}
-        self._parent = os.getppid()
-        self._launched = "LOCAL_RANK" in os.environ  # started by torchrun / accelerate launch
-        for name in signals:
-            sig = getattr(signal, name, None)
-            if sig is not None:  # SIGUSR1 does not exist on Windows
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and self._requested == "SIGINT":
-            print("interrupted again: exiting without a checkpoint", file=sys.stderr, flush=True)
-            os._exit(130)
-        # The first request names the stop: after a Ctrl-C a rank also gets the launcher's forwarded
-        # SIGUSR1, which must not turn the user's interrupt into a SLURM time-limit warning (and a requeue).
-        self._requested = self._requested or signal.Signals(signum).name
-
-    @property
-    def requested(self) -> bool:
-        """Whether a stop signal arrived since creation, or the launcher that started this rank is gone."""
-        if self._requested is None and self._launched and os.getppid() != self._parent:
-            self._requested = "launcher gone"
-        return self._requested is not None
-
-    @property
-    def signal_name(self) -> str | None:
-        """The name of the signal that asked to stop (the first one), "launcher gone", or None."""
-        return self._requested
-
-    def close(self) -> None:
-        """Restore the handlers that were installed before this object."""
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-        self._previous = {}
-
-    def __enter__(self) -> StopRequest:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

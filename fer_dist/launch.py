@@ -1,21 +1,26 @@
-"""`python -m fer_dist.launch [accelerate launch options] -m fer_dist.train ...`: Accelerate's launcher with
-clean stops and one-line errors.
+"""`python -m fer_dist.launch [accelerate launch options] -m fer_dist.train ...`: `accelerate launch` with
+clean stops and one-line errors (what `fer-dist train` and the SLURM scripts run); `fer-dist train`'s checks.
 
-It is `accelerate launch` itself (Accelerate's own `launch_command`, in this process), with four changes:
-- Stop signals (SIGTERM, SIGUSR1, SIGINT) are forwarded to the ranks as stop requests, and the launcher
-  is not torn down by them: torch's elastic agent would turn SIGTERM or SIGINT into a `SignalException`
-  traceback and exit 1, and it has no handler at all for SIGUSR1 (the default kills it). The agent is told to
-  handle only SIGHUP and SIGQUIT (torchrun's `PET_SIGNALS_TO_HANDLE`), so these stay ours.
-- A second SIGINT kills the ranks at once.
-- A failed launch prints one line: the error a rank reported through the status directory
-  (`FER_DIST_STATUS_DIR`, one JSON file per rank), or which rank failed with which code; never torch's
-  `ChildFailedError` traceback. The exit code is the rank's (2 for a config or data error). A failed
-  rendezvous is one line too.
-- A SLURM requeue the main rank asks for (`requeue`) is done here, once the ranks of every node have ended.
+It runs Accelerate's public CLI as a child, `python -m accelerate.commands.launch ...`, and adds:
+- Stops. The child starts in a session of its own with SIGTERM, SIGUSR1 and SIGINT blocked, a mask its
+  descendants inherit: torch's elastic agent never takes them (it would turn SIGTERM or SIGINT into a
+  traceback and die of SIGUSR1), and a rank holds them until its `StopRequest` unblocks them (a request
+  made while it imports is honoured at its first step). This process takes them and sends each on to the
+  ranks (the agent's children); a second SIGINT kills the whole tree at once. A SIGHUP goes to the agent.
+- One-line errors, from two sources. A rank's expected error (config, data) is written by the rank itself
+  into the folder `FER_DIST_STATUS_DIR` names (`stopsignals.report_error`): the lowest rank's is printed
+  once with its code. A killed or crashed rank writes nothing: only torch's report names it, so the
+  child's stderr passes through this process, which holds back the launcher's own report at its end
+  (torch's `ChildFailedError` table of failed ranks, a traceback ending in a `torch.distributed.elastic`
+  error such as a failed rendezvous) and reads the first failed rank and its exit code from it: "error:
+  rank 1 was killed by SIGKILL". The ranks' own output, tracebacks included, passes as written. Where this
+  process's stderr is a terminal the ranks are told so (`TTY_COMPATIBLE`, `COLUMNS`: rich's progress
+  bars). With one process, Accelerate's simple launcher names its rank's end in a `CalledProcessError`.
 
 Exit codes: 0 when the ranks finished or stopped with a checkpoint after SIGTERM/SIGUSR1; 130 after SIGINT
-(checkpointed once, at once the second time); a failing rank's code otherwise. `fer-dist train` checks the
-config first and then runs this module; the SLURM scripts run it on every node.
+(checkpointed once, at once the second time); 2 for a config or data error; a failing rank's code (128 + N
+when signal N killed it) otherwise; 1 for a failed rendezvous. A SLURM requeue is the batch script's
+(`fer_dist.slurm`), once srun has returned. Nothing here imports the trainer, nor the trainer this.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import socket
@@ -32,76 +39,18 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from fer_dist.config import TrainConfig, read_yaml
 from fer_dist.errors import FerDistError
-from fer_dist.files import write_text_atomic
+from fer_dist.stopsignals import ERRORS_ENV, STOP_SIGNALS
 
-STATUS_ENV = "FER_DIST_STATUS_DIR"
-REQUEUE_REQUEST = "requeue.json"  # in the status directory: the main rank asks its launcher to requeue
-# The launcher's agent keeps these (their default kills the ranks, which is what a hang-up should do).
-AGENT_SIGNALS = "SIGHUP,SIGQUIT"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-def launch_rank() -> int:
-    """This process's global rank as its launcher set it (0 without a launcher)."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def report_error(message: str, code: int = 2) -> None:
-    """A rank's one-line error: to the launcher's status directory under this module, else printed by rank 0.
-
-    Every rank reaches a config or data error alike; printed by each, a 2-process launch shows it twice.
-    """
-    status = os.environ.get(STATUS_ENV)
-    if status and Path(status).is_dir():
-        path = Path(status) / f"rank-{launch_rank()}.json"
-        path.write_text(json.dumps({"outcome": "error", "code": code, "message": message}))
-    elif launch_rank() == 0:
-        print(f"error: {message}", file=sys.stderr, flush=True)
-
-
-def stopped(run: Any, message: str) -> int:
-    """A rank's end after a stop request (its checkpoint is written): say so; returns the exit code.
-
-    Under a launcher a stopped rank exits 0 (anything else would make the launcher's agent call it a
-    failure); the launcher returns 130 for a Ctrl-C. Standalone, a Ctrl-C'd run returns 130 itself.
-    """
-    run.log.say(f"{message}; the same command resumes from its checkpoint (run.resume=auto)")
-    return 130 if run.stop.signal_name == "SIGINT" and "LOCAL_RANK" not in os.environ else 0
-
-
-def requeue_due(run: Any) -> bool:
-    """Whether this process should requeue its SLURM job: the main process, stopped by the time-limit
-    warning (SIGUSR1) inside a job. Done last (`requeue`): the requeue ends every process of the job."""
-    from fer_dist import slurm
-
-    return run.stop.signal_name == "SIGUSR1" and slurm.job_id() is not None and run.acc.is_main_process
-
-
-def requeue(run: Any) -> None:
-    """Requeue the job (counted and limited in the run directory) and say what happened.
-
-    A requeue ends every process of the job at once. Under this module's launcher the main rank only asks
-    for it (a file in the status directory) and the launcher requeues once its agent has passed the exit
-    barrier, that is once the ranks of every node have ended. Requeued by the rank, the job lost the head
-    node's launcher, which hosts the c10d rendezvous store, while another node's launcher still watched its
-    ranks end; that launcher then failed on the store with a traceback."""
-    request = {"run_dir": str(run.dir), "step": run.state.step, "limit": run.cfg.run.max_requeues}
-    status = os.environ.get(STATUS_ENV)
-    if status and Path(status).is_dir():
-        write_text_atomic(Path(status) / REQUEUE_REQUEST, json.dumps(request))
-    else:
-        _requeue(request)
-
-
-def _requeue(request: dict[str, Any]) -> None:
-    from fer_dist import slurm
-
-    line = slurm.requeue(Path(request["run_dir"]), step=int(request["step"]), limit=int(request["limit"]))
-    print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+TRACEBACK = b"Traceback (most recent call last):"
+# Accelerate's one-process launcher raises CalledProcessError from RuntimeError(its rank's stderr tail): that
+# cause, shown again, opens with this word and no traceback
+CAUSE = b"RuntimeError"
+# final exceptions of the launcher's own traceback (the ranks' own tracebacks pass through)
+LAUNCHER_ERRORS = (b"torch.distributed.elastic.", b"subprocess.CalledProcessError")
+BURST_S = 1.0  # the launcher prints its traceback at once when it exits; a rank's is shown after this
 
 
 class _Interrupted(Exception):
@@ -109,135 +58,232 @@ class _Interrupted(Exception):
 
 
 class _Forwarder:
-    """The launcher's stop-signal handlers: each signal goes on to the ranks (this process's children)."""
+    """This process's stop-signal handlers: each signal goes on to the ranks, the child's children."""
 
-    def __init__(self) -> None:
+    def __init__(self, child: subprocess.Popen) -> None:
+        self.child = child
         self.first: signal.Signals | None = None
         self.interrupts = 0
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (*STOP_SIGNALS, signal.SIGHUP)}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
+        if sig == signal.SIGHUP:  # the terminal is gone: torch's agent (SIGHUP is not masked) ends the ranks
+            self.child.send_signal(sig)
+            return
         self.first = self.first or sig
-        if sig == signal.SIGINT:
-            self.interrupts += 1
-            if self.interrupts > 1:
-                self._send(signal.SIGKILL)
-                raise _Interrupted()
-        print(f"fer-dist launch: {signal.Signals(signum).name}: asking the ranks to checkpoint and stop",
-              file=sys.stderr, flush=True)
+        self.interrupts += sig == signal.SIGINT
+        if self.interrupts > 1:
+            self._send(signal.SIGKILL, everything=True)
+            raise _Interrupted()
+        print(f"fer-dist launch: {sig.name}: asking the ranks to checkpoint and stop", file=sys.stderr,
+              flush=True)
         self._send(sig)
 
-    @staticmethod
-    def _send(sig: signal.Signals) -> None:
-        import psutil  # an Accelerate dependency
+    def _send(self, sig: signal.Signals, everything: bool = False) -> None:
+        import psutil  # an Accelerate dependency, loaded by `run` before the handlers
 
-        group = os.getpgrp()
-        for child in psutil.Process().children():
-            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
-                # A rank in this process group got the terminal's Ctrl-C already: SIGUSR1 is the same
-                # request and never counts as a second Ctrl-C there. Torch's agent starts its ranks in
-                # sessions of their own, which the terminal's SIGINT does not reach: they get the SIGINT,
-                # so they stop saying so (and a SLURM job is not requeued for a Ctrl-C).
-                same = os.getpgid(child.pid) == group
-                child.send_signal(signal.SIGUSR1 if sig == signal.SIGINT and same else sig)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            top = psutil.Process(self.child.pid)
+            for proc in [top, *top.children(recursive=True)] if everything else top.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(sig)
 
     def close(self) -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
 
-    def exit_code(self, ranks_code: int) -> int:
-        """130 after a Ctrl-C, else the ranks' code."""
-        return 130 if self.first == signal.SIGINT else ranks_code
+
+class _Relay:
+    """The child's stderr, passed on as it comes, but for the launcher's own report, kept in `report`.
+
+    From a line that opens a traceback or a table, lines are held for `BURST_S` (the launcher prints its
+    report at once, as it exits), then split into segments: a traceback whose exception is the launcher's,
+    with the causes chained to it, and torch's table of failed ranks are dropped; the rest is shown as
+    written. A line's start is shown before its end (progress bars) unless it may open a segment."""
+
+    def __init__(self) -> None:
+        self.out = sys.stderr.buffer
+        self.line = b""  # the line being read
+        self.shown = False  # its start is written already
+        self.held: list[bytes] = []
+        self.since = 0.0
+        self.report: list[str] = []
+
+    def feed(self, data: bytes) -> None:
+        *ended, tail = data.split(b"\n")
+        for part in ended:
+            line, self.line = self.line + part + b"\n", b""
+            if self.shown or not (self.held or _opens(line)):
+                self.out.write(line)
+            else:
+                self.since = self.since if self.held else time.monotonic()
+                self.held.append(line)
+            self.shown = False
+        self.line += tail
+        if self.line and not self.held and (self.shown or not _opens(self.line, partial=True)):
+            self.out.write(self.line)
+            self.line, self.shown = b"", True
+        self.settle()
+
+    def settle(self, end: bool = False) -> None:
+        """Decide on held lines once their burst is over (or at the end)."""
+        if self.held and (end or time.monotonic() - self.since > BURST_S):
+            segments = _segments(self.held)
+            for k in range(len(segments) - 2, -1, -1):  # a cause chained to the launcher's exception
+                lines, _ = segments[k]
+                chained = next((ln for ln in reversed(lines) if ln.strip()), b"").rstrip().endswith(
+                    (b"following exception:", b"another exception occurred:"))
+                segments[k] = (lines, segments[k][1] or (chained and segments[k + 1][1]))
+            for lines, launchers in segments:
+                if launchers:
+                    self.report += [ln.decode(errors="replace") for ln in lines]
+                else:
+                    self.out.writelines(lines)
+            self.held = []
+        if end and self.line:
+            self.out.write(self.line)
+        self.out.flush()
+
+
+def _border(line: bytes) -> bool:
+    """A line of torch's table of failed ranks that opens or closes it."""
+    return len(line.strip()) >= 20 and not line.strip().strip(b"=")
+
+
+def _opens(line: bytes, partial: bool = False) -> bool:
+    """Whether a line opens a traceback or a table (`partial`: may still, once it has ended)."""
+    if partial:
+        opening = any(word.startswith(line[:len(word)]) for word in (TRACEBACK, CAUSE))
+        return opening or not line.strip().strip(b"=")
+    return line.rstrip() == TRACEBACK or line.startswith(CAUSE) or _border(line)
+
+
+def _segments(held: list[bytes]) -> list[tuple[list[bytes], bool]]:
+    """Held lines as (lines, the launcher's?): tracebacks (frames, exception, its further lines), tables."""
+    out, i = [], 0
+    while i < len(held):
+        if _border(held[i]):  # to the closing border
+            j = next((k for k in range(i + 1, len(held)) if _border(held[k])), len(held) - 1) + 1
+            out.append((held[i:j], b"Root Cause" in b"".join(held[i:j])))
+        elif held[i].rstrip() == TRACEBACK:  # frames are indented; the exception's line is not
+            j = next((k for k in range(i + 1, len(held)) if held[k].strip() and not held[k][:1].isspace()),
+                     len(held))
+            final = held[j] if j < len(held) else b""
+            j = next((k for k in range(j + 1, len(held)) if _opens(held[k])), len(held))
+            out.append((held[i:j], final.startswith(LAUNCHER_ERRORS)))
+        elif held[i].startswith(CAUSE):  # its text (a rank's output) up to the traceback it caused
+            end = next((k for k in range(i, len(held)) if held[k].rstrip().endswith(b"following exception:")),
+                       None)
+            j = len(held) if end is None else next(
+                (k for k in range(end + 1, len(held)) if held[k].rstrip() == TRACEBACK), len(held))
+            out.append((held[i:j], False))
+        else:
+            j = i + 1
+            out.append((held[i:j], False))
+        i = j
+    return out
+
+
+def _relay(child: subprocess.Popen) -> _Relay:
+    """Pass the child's stderr on until it has ended and its pipe is quiet (an orphan may hold it open)."""
+    relay, fd = _Relay(), child.stderr.fileno()
+    while True:
+        if select.select([fd], [], [], 0.2)[0]:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                break
+            relay.feed(data)
+        elif child.poll() is not None:
+            break
+        relay.settle()
+    relay.settle(end=True)
+    return relay
 
 
 def _reported(status: Path) -> tuple[int, str] | None:
     """The lowest rank's reported error (code, message), or None."""
     found = []
     for path in status.glob("rank-*.json"):
-        try:
-            rank = int(path.stem.removeprefix("rank-"))
+        with contextlib.suppress(ValueError, OSError, KeyError):  # a rank killed while writing it
             record = json.loads(path.read_text())
-        except (ValueError, OSError):
-            continue
-        found.append((rank, int(record["code"]), str(record["message"])))
-    if not found:
-        return None
-    rank, code, message = min(found)
-    return code, message
+            found.append((int(path.stem.removeprefix("rank-")), int(record["code"]), str(record["message"])))
+    return min(found)[1:] if found else None
 
 
-def _failure_code(exc: BaseException, status: Path) -> int:
-    """One line for a failed launch; the exit code to return."""
-    reported = _reported(status)
-    if reported is not None:
-        code, message = reported
-        print(f"error: {message}", file=sys.stderr, flush=True)
-        return code
-    rank, code = _first_failure(exc)
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-    print(f"error: rank {rank} {how} (its own output is above)", file=sys.stderr, flush=True)
-    return 128 - code if code < 0 else code or 1
+def _failure(code: int, report: list[str], argv: list[str]) -> tuple[int, str]:
+    """(exit code, one line) from the launcher's exit code and held-back traceback."""
+    root = "".join(report).partition("Root Cause")[2]  # torch's ChildFailedError table: the first failed rank
+    rank, died = re.search(r"rank\s*:\s*(\d+)", root), re.search(r"exitcode\s*:\s*(-?\d+)", root)
+    if rank and died:
+        rc = int(died[1])
+        how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with code {rc}"
+        return (128 - rc if rc < 0 else rc or 1), f"rank {rank[1]} {how} (its own output is above)"
+    last = next((ln.strip() for ln in reversed(report) if ln.startswith("torch.distributed.elastic")), "")
+    if "rendezvous" in last:  # a node that never joined, or the head node's launcher gone
+        option = dict(zip(argv, argv[1:], strict=False))
+        where = f"{option.get('--main_process_ip', '127.0.0.1')}:{option.get('--main_process_port', '29500')}"
+        why = (f"cannot reach the rendezvous store at {where}, which the first node's launcher hosts (has it "
+               "ended? is the address right?)" if "RendezvousConnectionError" in last
+               else f"the rendezvous at {where} failed: {last.partition(': ')[2]}")
+        return 1, f"{why}; this node's ranks were stopped"
+    # one process: Accelerate's simple launcher raises CalledProcessError, which names the rank's end
+    ended = next((ln for ln in reversed(report) if ln.startswith("subprocess.CalledProcessError")), "")
+    if died := re.search(r"died with <Signals\.(\w+): (\d+)>", ended):
+        return 128 + int(died[2]), f"rank 0 was killed by {died[1]} (its own output is above)"
+    if status := re.search(r"non-zero exit status (\d+)", ended):
+        return int(status[1]), f"rank 0 exited with code {status[1]} (its own output is above)"
+    return (128 - code if code < 0 else code), last or f"accelerate launch exited with code {code}"
 
 
-def _first_failure(exc: BaseException) -> tuple[int, int]:
-    """(rank, exit code; negative: killed by that signal) of the first failed rank."""
-    if isinstance(exc, subprocess.CalledProcessError):
-        return 0, exc.returncode
-    rank, failure = exc.get_first_failure()  # ChildFailedError: (global rank, ProcessFailure)
-    return rank, failure.exitcode
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when this process ends (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the child outlives a killed launcher
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
 
 
 def run(argv: list[str]) -> int:
-    """Run Accelerate's launcher with `argv` (the arguments of `accelerate launch`); returns the exit code."""
-    from accelerate.commands.launch import launch_command, launch_command_parser
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous import RendezvousConnectionError, RendezvousError
-
-    args = launch_command_parser().parse_args(argv)
-    os.environ.setdefault("PET_SIGNALS_TO_HANDLE", AGENT_SIGNALS)
-    status = Path(tempfile.mkdtemp(prefix="fer-dist-status-"))
-    os.environ[STATUS_ENV] = str(status)
+    """Run `accelerate launch` with `argv` (its options, the script, its arguments); returns the exit code."""
     import psutil  # noqa: F401 - loaded before the handlers: imported inside one, a second signal met it half-done
-    forwarder = _Forwarder()
+
+    status = Path(tempfile.mkdtemp(prefix="fer-dist-status-"))
+    env = {**os.environ, ERRORS_ENV: str(status)}
+    if sys.stderr.isatty():  # the ranks write into a pipe; rich draws its bars where this is a terminal
+        env.setdefault("TTY_COMPATIBLE", "1")
+        env.setdefault("COLUMNS", str(shutil.get_terminal_size().columns))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *argv]
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # held until the handlers are in place
     try:
-        launch_command(args)
-        return forwarder.exit_code(0)
-    except _Interrupted:
-        print("fer-dist launch: interrupted again: ranks killed, no new checkpoint", file=sys.stderr)
-        return 130
-    except (ChildFailedError, subprocess.CalledProcessError) as exc:
-        if forwarder.first and _reported(status) is None and _all_stopped(exc):
-            return forwarder.exit_code(0)
-        return _failure_code(exc, status)
-    except RendezvousError as exc:  # a node that never joined, or the head node's launcher gone
-        where = f"{args.main_process_ip or '127.0.0.1'}:{args.main_process_port}"
-        why = (f"cannot reach the rendezvous store at {where}, which the first node's launcher hosts (has it "
-               "ended? is the address right?)" if isinstance(exc, RendezvousConnectionError)
-               else f"the rendezvous at {where} failed: {exc}")
-        print(f"error: {why}; this node's ranks were stopped", file=sys.stderr, flush=True)
-        return 1
+        # its own session keeps the terminal's Ctrl-C ours; killed with this process (no thread runs yet),
+        # so that ranks whose launcher is gone checkpoint and stop as they do under a bare launcher
+        child = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True,
+                                 preexec_fn=_die_with_parent)
+        stops = _Forwarder(child)
     finally:
-        forwarder.close()
-        asked = status / REQUEUE_REQUEST
-        request = json.loads(asked.read_text()) if asked.exists() else None
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    try:
+        relay = _relay(child)
+        code = child.wait()
+        reported = _reported(status)
+    except _Interrupted:
+        child.wait()
+        print("fer-dist launch: interrupted again: ranks killed, no new checkpoint", file=sys.stderr,
+              flush=True)
+        return 130
+    finally:
+        stops.close()
+        child.stderr.close()
         shutil.rmtree(status, ignore_errors=True)
-        if request is not None:
-            _requeue(request)  # last: it ends this process too
-
-
-def _all_stopped(exc: BaseException) -> bool:
-    """Whether a stop request explains every failed rank: a standalone rank returns 130 after a Ctrl-C, and a
-    rank still importing its modules has no handler yet, so the forwarded signal ends it (nothing trained)."""
-    codes = [exc.returncode] if isinstance(exc, subprocess.CalledProcessError) else [
-        f.exitcode for f in exc.failures.values()]
-    stop_codes = {130, *(-int(sig) for sig in STOP_SIGNALS)}
-    if all(code in stop_codes for code in codes):
-        if any(code != 130 for code in codes):
-            print("fer-dist launch: a rank was ended by the stop signal itself, while starting or after its "
-                  "checkpoint: no trained step is lost", file=sys.stderr, flush=True)
-        return True
-    return False
+    if reported is not None:
+        code, message = reported
+    elif code == 0:
+        return 130 if stops.first == signal.SIGINT else 0
+    else:
+        code, message = _failure(code, relay.report, argv)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 def check_training(config: Path | None, overrides: list[str], *, dry_run: bool = False) -> TrainConfig:

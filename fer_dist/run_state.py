@@ -9,11 +9,13 @@ from pathlib import Path
 
 import torch
 
-from fer_dist import dist, method
+from fer_dist import method, stopsignals
 from fer_dist.checkpoint import Run, State
 from fer_dist.classes import NUM_CLASSES
 from fer_dist.config import TrainConfig, model_spec_fields
+from fer_dist.data.augment import eval_transform, train_transform
 from fer_dist.data.runset import RunData, load_run_data
+from fer_dist.data.stream import Loaders
 from fer_dist.errors import FerDistError
 from fer_dist.files import first_missing, removed_on_error
 from fer_dist.hashing import derive_seed
@@ -22,8 +24,9 @@ from fer_dist.models import ModelSpec, build_model
 from fer_dist.progress import Progress
 
 
-def build_run(cfg: TrainConfig, acc, stop: dist.StopRequest | None = None) -> Run:
-    """Data, model, optimiser, a fresh state (`checkpoint.resume` then decides where the run starts)."""
+def build_run(cfg: TrainConfig, acc, stop: stopsignals.StopRequest | None = None) -> Run:
+    """Data, model, optimiser, loaders, a fresh state (`checkpoint.resume` then decides where the run
+    starts)."""
     run_dir = Path(cfg.run.dir) / cfg.run.name
     torch.manual_seed(cfg.run.seed)  # same initial head on every process (DDP also broadcasts it)
     data = load_run_data(cfg.data, cfg.run.seed)  # before anything is written: no run folder left on bad data
@@ -32,9 +35,9 @@ def build_run(cfg: TrainConfig, acc, stop: dist.StopRequest | None = None) -> Ru
         return _build(cfg, acc, stop, run_dir, data, created)
 
 
-def _build(cfg: TrainConfig, acc, stop: dist.StopRequest | None, run_dir: Path, data: RunData,
+def _build(cfg: TrainConfig, acc, stop: stopsignals.StopRequest | None, run_dir: Path, data: RunData,
            created: Path | None) -> Run:
-    """build_run once the data is read: model, optimiser, a fresh state."""
+    """build_run once the data is read: model, optimiser, loaders, a fresh state."""
     if acc.is_main_process:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
@@ -57,8 +60,14 @@ def _build(cfg: TrainConfig, acc, stop: dist.StopRequest | None, run_dir: Path, 
     eps = cfg.method.eps if cfg.method.label_smoothing else 0.0
     targets = torch.zeros(data.num_ids, NUM_CLASSES)
     targets[data.labelled] = method.smooth_labels(data.labels[data.labelled], NUM_CLASSES, eps)
+    # One loader per kind of stream over every shard of the run: their workers start at the first pass
+    faces = net.input_spec
+    shards = data.train_shards + data.val_shards + data.test_shards
+    loaders = Loaders(shards, num_workers=cfg.data.num_workers,
+                      train=train_transform(faces) if cfg.data.augment else eval_transform(faces),
+                      exhaustive=eval_transform(faces))
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=acc.is_main_process, tensorboard=cfg.run.tensorboard)
     return Run(cfg, acc, run_dir, data, model, optimizer, scheduler, State(targets=targets), log,
-               stop or dist.StopRequest(),
+               stop or stopsignals.StopRequest(),
                Progress(enabled=acc.is_main_process and cfg.run.progress, every_s=cfg.run.progress_every_s),
-               created)
+               created, loaders)

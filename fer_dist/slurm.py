@@ -1,13 +1,17 @@
-"""SLURM: requeueing a run on its time-limit warning, with a count kept in the run directory, and the batch
-scripts of `tools/slurm/` rendered with a job's values (`fer-dist slurm submit`).
+"""SLURM: requeueing a run stopped by its time-limit warning, with a count kept in the run directory, and the
+batch scripts of `tools/slurm/` rendered with a job's values (`fer-dist slurm submit`).
 
-A requeue is refused (and the reason written) once `run.max_requeues` is reached, or when the run has not
-trained a step since its last requeue: a run that cannot make progress within its time limit, or fails the
-same way each time, must not cycle through the queue forever.
+The requeue is the batch script's: it traps the warning (`--signal=B:USR1@90`), forwards it to the ranks,
+and once `srun` has returned 0 runs `python -m fer_dist.slurm requeue <the trainer's arguments>`, which
+requeues the job (`scontrol requeue`) unless the run has finished. By then every rank of every node has
+ended, so nothing is cut short. A requeue is refused (and the reason written) once `run.max_requeues` is
+reached, or when the run has not trained a step since its last requeue: a run that cannot make progress
+within its time limit must not cycle through the queue forever.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -62,6 +66,39 @@ def requeue(run_dir: Path, *, step: int, limit: int) -> str:
     if result.returncode != 0:
         return f"scontrol requeue {entry['job_id']} failed: {result.stderr.strip() or result.returncode}"
     return f"requeued job {entry['job_id']} ({len(done)} of at most {limit}); it resumes from this checkpoint"
+
+
+def requeue_stopped(run_dir: Path) -> str:
+    """Requeue the job of a run that stopped with a checkpoint and has not finished (its limit: the run's
+    config.yaml); returns a line for the log."""
+    from fer_dist.checkpoint_files import latest_checkpoint, read_meta
+    from fer_dist.config import load_config
+
+    latest = latest_checkpoint(run_dir)
+    if (run_dir / "summary.json").is_file() or latest is None:
+        return f"not requeued: {run_dir} has {'finished' if latest else 'no checkpoint'}"
+    limit = load_config(run_dir / "config.yaml").run.max_requeues
+    return requeue(run_dir, step=int(read_meta(latest)["step"]), limit=limit)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fer_dist.slurm requeue [--config FILE] [key=value ...]`: the trainer's arguments name the
+    run (as `python -m fer_dist.train` resolves them)."""
+    from fer_dist.config import load_config
+    from fer_dist.quickstart import QUICKSTART
+
+    parser = argparse.ArgumentParser(prog="python -m fer_dist.slurm", description=main.__doc__)
+    parser.add_argument("command", choices=["requeue"])
+    parser.add_argument("--config", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)  # requeue --config FILE key=value ...
+    try:
+        cfg = load_config(args.config or QUICKSTART, args.overrides)
+        line = requeue_stopped(Path(cfg.run.dir) / cfg.run.name)
+    except FerDistError as e:
+        line = f"not requeued: {e}"
+    print(f"[{time.strftime('%H:%M:%S')}] fer-dist: {line}", flush=True)
+    return 0
 
 
 @dataclass
@@ -148,3 +185,7 @@ def submit(script: str, directory: Path) -> str:
     if result.returncode != 0:
         raise FerDistError(f"sbatch {path}: {result.stderr.strip() or f'exit code {result.returncode}'}")
     return result.stdout.strip().split(";")[0]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

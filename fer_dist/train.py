@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from fer_dist import dist, launch, method, numerics
+from fer_dist import dist, method, numerics, stopsignals
 from fer_dist.checkpoint import Run, resume, save
 from fer_dist.classes import NUM_CLASSES
 from fer_dist.config import (
@@ -28,8 +28,7 @@ from fer_dist.config import (
     overrides_name_data,
     pseudo_target_mode,
 )
-from fer_dist.data.augment import eval_transform, strong_augment, train_transform
-from fer_dist.data.stream import close_loader_workers, exhaustive_loader, train_loader
+from fer_dist.data.augment import strong_augment
 from fer_dist.errors import FerDistError
 from fer_dist.files import write_text_atomic
 from fer_dist.models import export_model, load_exported, preprocessing_of
@@ -48,11 +47,9 @@ class StopRun(Exception):
 def train_epoch(run: Run, include: torch.Tensor, name: str) -> float:
     """One epoch over the ids in `include` against the target table; returns the mean loss."""
     cfg, acc, st = run.cfg, run.acc, run.state
-    tf = train_transform(run.net.input_spec) if cfg.data.augment else eval_transform(run.net.input_spec)
-    stream = train_loader(run.data.train_shards, include, st.targets, transform=tf,
-                          global_batch=cfg.optim.batch_size, rank=acc.process_index, world=acc.num_processes,
-                          num_workers=cfg.data.num_workers, seed=cfg.run.seed, epoch=st.epochs_started,
-                          skip_batches=st.step_in_epoch)
+    stream = run.loaders.train(run.data.train_shards, include, st.targets, global_batch=cfg.optim.batch_size,
+                               rank=acc.process_index, world=acc.num_processes, seed=cfg.run.seed,
+                               epoch=st.epochs_started, skip_batches=st.step_in_epoch)
     run.model.train()
     seen, tick = 0, time.perf_counter()
     # The epoch's loss sum stays on the device; it is added to st.epoch_loss (a float, checkpointed) only
@@ -137,9 +134,8 @@ def predict(run: Run, shards, include: torch.Tensor, name: str) -> tuple[torch.T
     net, acc = run.net, run.acc
     dist.broadcast_buffers(acc, net)
     net.eval()
-    stream = exhaustive_loader(shards, include, transform=eval_transform(net.input_spec),
-                               batch_size=run.cfg.run.eval_batch_size, rank=acc.process_index,
-                               world=acc.num_processes, num_workers=run.cfg.data.num_workers)
+    stream = run.loaders.exhaustive(shards, include, batch_size=run.cfg.run.eval_batch_size,
+                                    rank=acc.process_index, world=acc.num_processes)
     ids_parts, prob_parts = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, NUM_CLASSES)]
     autocast = acc.autocast() if acc.device.type != "cpu" else nullcontext()
     with run.progress.task(name, total=None) as bar, autocast:
@@ -390,8 +386,8 @@ def parse_args(argv: list[str] | None) -> tuple[Path | None, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, build, resume, fit, clean up; expected errors become one line and exit code 2."""
-    stop = dist.StopRequest()  # first: a stop asked for during the set-up is honoured at the first step
-    run, requeue = None, False
+    stop = stopsignals.StopRequest()  # first: a stop asked for during the set-up is honoured at step one
+    run = None
     try:
         config_path, overrides = parse_args(argv)
         cfg = load_config(config_path or QUICKSTART, overrides)
@@ -405,19 +401,16 @@ def main(argv: list[str] | None = None) -> int:
         fit(run)
         return 0
     except FerDistError as e:
-        launch.report_error(" ".join(str(e).split()))
+        stopsignals.report_error(" ".join(str(e).split()))
         return 2
     except StopRun as e:
-        requeue = run is not None and launch.requeue_due(run)
-        return launch.stopped(run, str(e)) if run is not None else 0
+        return stopsignals.stopped(run, str(e)) if run is not None else 0
     finally:
-        close_loader_workers()
         if run is not None:
+            run.loaders.close()  # first: a pass an error left suspended would keep its workers
             run.log.close()
         dist.shutdown()
         stop.close()
-        if requeue:
-            launch.requeue(run)  # last: the requeue ends every process of the job
 
 
 if __name__ == "__main__":

@@ -48,10 +48,22 @@ def _launches(item: pytest.Item) -> bool:
 LAUNCH_TIMEOUT_S = 1200  # pyproject's 300 s, and the wait for the lock while another launch test runs
 
 
+# The files that take longest, first: xdist's loadfile hands files to its workers in collection order, and a
+# long file collected last (alphabetically, test_train.py) kept one core busy while the other idled. The order
+# is the files' totals in `pytest --durations=0` on the 2-core machine; a file not named keeps its place after
+# these. Launch files alternate with others, so the two workers seldom wait for the launch lock together.
+LONGEST_FIRST = ("test_experiments.py", "test_slurm.py", "test_evaluate_cli.py", "test_elastic.py",
+                 "test_faults.py", "test_train.py", "test_launch.py", "test_experiment_slurm.py",
+                 "test_stream.py", "test_full_disk.py", "test_scarce.py", "test_outputs.py", "test_models.py",
+                 "test_arms.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _launches(item) and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(LAUNCH_TIMEOUT_S))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
 
 
 @pytest.fixture(autouse=True)

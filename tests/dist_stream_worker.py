@@ -1,9 +1,10 @@
 """One rank of test_stream.py's 2-process check (launched by torch.distributed.run, gloo on CPU).
 
 Usage: python -m torch.distributed.run --nproc_per_node 2 tests/dist_stream_worker.py SHARD_DIR OUT_JSON
-Each rank runs one training epoch and one exhaustive pass with 2 DataLoader workers, takes a collective step
-per batch as a trainer would (unequal batch counts would hang it), and rank 0 writes what all ranks saw,
-with the global batches one process reads (the same, step by step).
+Each rank runs one training epoch and one exhaustive pass on a run's `Loaders` with 2 DataLoader workers
+(closed at the end, as the trainer's main does), takes a collective step per batch as a trainer would
+(unequal batch counts would hang it), and rank 0 writes what all ranks saw, with the global batches one
+process reads (the same, step by step).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from shard_fixtures import fixture_include, fixture_label, fixture_targets, pixe
 
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
 from fer_dist.data.runset import ShardSet
-from fer_dist.data.stream import exhaustive_loader, train_loader
+from fer_dist.data.stream import Loaders, train_loader
 
 SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))
 
@@ -34,8 +35,8 @@ def main(shard_dir: str, out: str) -> None:
     shards = shardset.shards(0)
     include, targets = fixture_include(shardset.num_ids), fixture_targets(shardset.num_ids)
 
-    stream = train_loader(shards, include, targets, transform=train_transform(SPEC), global_batch=6,
-                          rank=rank, world=world, num_workers=2, seed=1, epoch=0)
+    loaders = Loaders(shards, num_workers=2, train=train_transform(SPEC), exhaustive=eval_transform(SPEC))
+    stream = loaders.train(shards, include, targets, global_batch=6, rank=rank, world=world, seed=1, epoch=0)
     sizes, ids, steps, targets_ok, images_ok = [], [], [], True, True
     for images, tgt, batch_ids in stream:
         dist.all_reduce(torch.ones(1))  # the trainer's collective: every rank must reach it equally often
@@ -48,12 +49,13 @@ def main(shard_dir: str, out: str) -> None:
              "images_ok": images_ok}
 
     seen, labels_ok, exhaustive_images_ok = [], True, True
-    for images, labels, batch_ids in exhaustive_loader(shards, include, transform=eval_transform(SPEC),
-                                                       batch_size=4, rank=rank, world=world, num_workers=2):
+    passes = loaders.exhaustive(shards, include, batch_size=4, rank=rank, world=world)
+    for images, labels, batch_ids in passes:
         seen += batch_ids.tolist()
         labels_ok &= labels.tolist() == [fixture_label(int(i)) for i in batch_ids]
         exhaustive_images_ok &= _images_match(images, batch_ids)
     exhaustive = {"ids": seen, "labels_ok": labels_ok, "images_ok": exhaustive_images_ok}
+    loaders.close()
     mine = {"train": train, "exhaustive": exhaustive}
 
     gathered: list = [None] * world

@@ -11,7 +11,7 @@ import dist_worker
 import pytest
 import torch
 
-from fer_dist import dist, files
+from fer_dist import dist, files, stopsignals
 from fer_dist.errors import FerDistError
 
 # A hang guard, not the expected time: on a loaded 2-core machine a launch takes 10-25 s.
@@ -200,7 +200,7 @@ def test_table_checksum(a: torch.Tensor, b: torch.Tensor, same: bool) -> None:
 def test_stop_request_on_signal(signame: str) -> None:
     sig = getattr(signal, signame)
     before = signal.getsignal(sig)
-    with dist.StopRequest() as stop:
+    with stopsignals.StopRequest() as stop:
         assert stop.requested is False
         os.kill(os.getpid(), sig)
         assert stop.requested is True and stop.signal_name == signame
@@ -211,7 +211,7 @@ def test_stop_request_restores_a_previous_python_handler() -> None:
     seen: list[int] = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
     try:
-        stop = dist.StopRequest()
+        stop = stopsignals.StopRequest()
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.requested and seen == []
         stop.close()

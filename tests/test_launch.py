@@ -1,14 +1,16 @@
 """Starting and stopping: `fer-dist train`'s checks and command, `python -m fer_dist.launch` with 2 real gloo
 ranks under each stop signal, bare `accelerate launch` as the README describes it, the plain progress line,
-and the requeue bookkeeping that needs no cluster (tests/test_slurm.py runs a real one)."""
+and the batch scripts' requeue with a stand-in scontrol (tests/test_slurm.py runs a real Slurm)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,10 +20,10 @@ import yaml
 from train_fixtures import free_port, tiny_training
 from typer.testing import CliRunner
 
-from fer_dist import slurm, train
+from fer_dist import slurm, stopsignals, train
 from fer_dist.checkpoint_files import latest_checkpoint, load_checkpoint
 from fer_dist.cli import app
-from fer_dist.config import describe_keys
+from fer_dist.config import describe_keys, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -128,7 +130,14 @@ def run_to_checkpoint(workdir: Path, cmd: list[str], name: str) -> subprocess.Po
 
 
 def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
-    return psutil.Process(proc.pid).children()
+    """The trainer processes under a launcher: `fer_dist.launch` -> Accelerate's process -> ranks."""
+    found = []
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            line = child.cmdline()
+            if "fer_dist.train" in line and not any("accelerate" in part for part in line[:3]):
+                found.append(child)
+    return found
 
 
 def send(proc: subprocess.Popen, target: str, sig: int) -> None:
@@ -298,35 +307,92 @@ def test_rendered_scripts_carry_the_values_and_parse(tmp_path: Path, nodes: int)
     assert "#SBATCH --gpus-per-node" not in cpu and "PROCS_PER_NODE=${PROCS_PER_NODE:-2}" in cpu
 
 
+def test_a_stop_held_back_at_start_up_arrives_with_the_stop_request() -> None:
+    """The launcher starts the ranks with the stop signals blocked: one sent while a rank still imports its
+    modules waits for its StopRequest instead of killing it."""
+    with stopsignals.stop_signals_blocked():
+        # to this thread: another thread of the test process (unblocked) would die of a process-wide one
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+        with stopsignals.StopRequest() as stop:
+            time.sleep(0.01)
+            assert stop.requested and stop.signal_name == "SIGUSR1"
+
+
+def stopped_run(workdir: Path, name: str, scontrol_dir: Path) -> tuple[Path, dict[str, str]]:
+    """A run stopped at step 12 with its checkpoint (files only), and an environment inside SLURM job 77
+    whose scontrol records its arguments in `scontrol_dir`/scontrol.log."""
+    cfg = load_config(workdir / "config.yaml", [f"run.name={name}", "run.max_requeues=3"])
+    run_dir = workdir / cfg.run.dir / cfg.run.name
+    (run_dir / "checkpoints" / "step-00000012").mkdir(parents=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    for file, text in (("state.pt", ""), ("meta.json", json.dumps({"step": 12}))):
+        (run_dir / "checkpoints" / "step-00000012" / file).write_text(text)
+    (run_dir / "checkpoints" / "latest").write_text("step-00000012")
+    (scontrol_dir / "scontrol").write_text(f'#!/bin/sh\necho "$*" >> {scontrol_dir}/scontrol.log\n')
+    (scontrol_dir / "scontrol").chmod(0o755)
+    return run_dir, {"PATH": f"{scontrol_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77"}
+
+
+def test_the_batch_scripts_requeue_a_stopped_run_within_its_limit(workdir: Path, tmp_path: Path) -> None:
+    """`python -m fer_dist.slurm requeue <trainer args>`, what the scripts run once srun has returned after
+    the time-limit warning: requeued once per trained step, never once finished."""
+    run_dir, slurm_env = stopped_run(workdir, "requeued", tmp_path)
+    cmd = [sys.executable, "-m", "fer_dist.slurm", "requeue", "--config", str(workdir / "config.yaml"),
+           "run.name=requeued", "run.max_requeues=3"]
+
+    def requeue() -> str:
+        done = subprocess.run(cmd, cwd=workdir, env={**os.environ, **slurm_env}, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "requeued job 77 (1 of at most 3)" in requeue()
+    assert "not requeued: no training step since the last requeue (step 12)" in requeue()
+    (run_dir / "summary.json").write_text("{}")
+    assert "has finished" in requeue()
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 77"]
+    record = slurm.read_requeues(run_dir)
+    assert [r["step"] for r in record["requeues"]] == [12] and record["refused"]["step"] == 12
+
+
+def test_the_experiment_runner_requeues_its_task_after_the_warning(workdir: Path, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """experiment.sbatch's runner: SIGUSR1 goes on to the training, which ends; then the task is requeued."""
+    from fer_dist.experiments.run import Stopped, run_child
+
+    run_dir, slurm_env = stopped_run(workdir, "runner-requeued", tmp_path)
+    for key, value in slurm_env.items():
+        monkeypatch.setenv(key, value)
+    ready = tmp_path / "ready"
+    training = (f"import pathlib, signal, sys, time; signal.signal(signal.SIGUSR1, lambda *a: sys.exit(0)); "
+                f"pathlib.Path({str(ready)!r}).touch(); time.sleep(60)")
+
+    def warning() -> None:  # SLURM's time-limit warning to the runner, once the training listens
+        while not ready.exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    threading.Thread(target=warning, daemon=True).start()
+    with pytest.raises(Stopped):
+        run_child([sys.executable, "-c", training], dict(os.environ), run_dir)
+    assert (tmp_path / "scontrol.log").read_text().splitlines() == ["requeue 77"]
+    assert slurm.read_requeues(run_dir)["requeues"][0]["step"] == 12
+
+
 TWO_NODE_RANK = '''
-import os, sys, time
+import os, signal, sys, time
 from pathlib import Path
-from types import SimpleNamespace
-from fer_dist import launch
-out, case, rank = Path(sys.argv[1]), sys.argv[2], os.environ["RANK"]
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])  # as the trainer's StopRequest does
+out, rank = Path(sys.argv[1]), os.environ["RANK"]
 (out / f"rank-{rank}-started").write_text("")
-if case == "requeue" and rank == "0":  # the main rank, stopped by the time-limit warning, asks and ends
-    cfg = SimpleNamespace(run=SimpleNamespace(max_requeues=3))
-    launch.requeue(SimpleNamespace(dir=out, state=SimpleNamespace(step=12), cfg=cfg))
-elif case == "requeue":  # the other node's rank takes longer to end (its loader workers, its log)
-    time.sleep(3)
-    (out / "rank-1-ended").write_text("")
-else:
-    time.sleep(60)
+time.sleep(60)
 '''
 
 
-def start_two_nodes(tmp_path: Path, case: str) -> list[subprocess.Popen]:
+def start_two_nodes(tmp_path: Path) -> list[subprocess.Popen]:
     """Two launchers meeting by c10d on this machine, as multi_node.sbatch starts them on two nodes."""
     (tmp_path / "two_node_rank.py").write_text(TWO_NODE_RANK)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    # scontrol records its arguments and whether the other node's rank had ended when it was called
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$* $(ls {tmp_path}/rank-1-ended 2>/dev/null)" '
-                                      f'>> {tmp_path}/scontrol.log\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(tmp_path),
-           "SLURM_JOB_ID": "77", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
     port = str(free_port())
     nodes = []
     for node in (0, 1):
@@ -334,30 +400,15 @@ def start_two_nodes(tmp_path: Path, case: str) -> list[subprocess.Popen]:
             [sys.executable, "-m", "fer_dist.launch", "--multi_gpu", "--num_machines", "2", "--num_processes",
              "2", "--machine_rank", str(node), "--rdzv_backend", "c10d", "--main_process_ip", "127.0.0.1",
              "--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no",
-             "-m", "two_node_rank", str(tmp_path), case],
+             "-m", "two_node_rank", str(tmp_path)],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         time.sleep(3 if node == 0 else 0)  # the head hosts the store first, as in multi_node.sbatch
     return nodes
 
 
 @launches
-def test_a_requeue_waits_until_the_ranks_of_every_node_have_ended(tmp_path: Path) -> None:
-    """The main rank's requeue is done by the head's launcher after the other node's rank has ended. Done by
-    the rank, as before, it could end the head's rendezvous store under the other node's launcher, which
-    then failed with a traceback (tests/test_slurm.py's requeue, now and then)."""
-    nodes = start_two_nodes(tmp_path, "requeue")
-    outputs = [node.communicate(timeout=TIMEOUT)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], outputs
-    assert "Traceback" not in "".join(outputs), outputs
-    calls = (tmp_path / "scontrol.log").read_text().splitlines()
-    assert calls == [f"requeue 77 {tmp_path}/rank-1-ended"], (calls, outputs)
-    assert "requeued job 77 (1 of at most 3)" in outputs[0]
-    assert slurm.read_requeues(tmp_path)["requeues"][0]["step"] == 12
-
-
-@launches
 def test_the_head_node_gone_is_one_line_on_the_other_node(tmp_path: Path) -> None:
-    head, other = start_two_nodes(tmp_path, "head-dies")
+    head, other = start_two_nodes(tmp_path)
     deadline = time.monotonic() + TIMEOUT
     while not (tmp_path / "rank-1-started").exists():
         assert time.monotonic() < deadline and other.poll() is None, other.communicate()[0]

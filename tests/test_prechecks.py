@@ -18,7 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from fer_dist import dist
+from fer_dist import stopsignals
 from fer_dist.cli import app
 from fer_dist.data.pack import pack
 from fer_dist.data.sources.base import SourceOptions
@@ -197,7 +197,7 @@ def test_compare_shows_how_many_processes_each_run_had(tmp_path: Path) -> None:
 
 
 def test_a_ctrl_c_stays_the_reason_when_the_launcher_forwards_it() -> None:
-    with dist.StopRequest() as stop:
+    with stopsignals.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C
         os.kill(os.getpid(), signal.SIGUSR1)  # the launcher's forwarded request
         assert stop.requested and stop.signal_name == "SIGINT"

@@ -246,6 +246,9 @@ def test_time_limit_warning_mid_round_requeues_and_resumes_to_the_same_end(
         assert time.monotonic() < deadline, cluster.job(job)
         time.sleep(0.2)
     ranks_gone("preempted")
+    # slurmd refuses a job credential issued in the same second as its predecessor's was revoked by the
+    # requeue ("Killing non-startable batch job: Job credential revoked"): Slurm's own hold avoids that
+    time.sleep(2)
     assert cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now").returncode == 0
     info = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED"})
     text = log.read_text()

@@ -29,7 +29,7 @@ from fer_dist.data.augment import InputSpec, eval_transform, train_transform
 from fer_dist.data.runset import ShardSet, checked_labels, read_labels
 from fer_dist.data.stream import (
     INLINE_BATCH,
-    close_loader_workers,
+    Loaders,
     exhaustive_loader,
     pack_batch,
     train_loader,
@@ -39,14 +39,6 @@ from fer_dist.errors import FerDistError
 
 SPEC = InputSpec(size=8, channels=1, mean=(0.0,), std=(1.0,))
 UNEVEN = {"train": [5, 1, 9, 3, 13], "test": [4, 2]}  # 37 ids, deliberately uneven shards
-
-
-@pytest.fixture(autouse=True)
-def _no_workers_left():
-    """Each test starts and ends without loader workers kept from another test."""
-    close_loader_workers()
-    yield
-    close_loader_workers()
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +52,11 @@ def shard_dir(tmp_path_factory) -> Path:
 def shards(shard_dir):
     ss = ShardSet([(shard_dir, ["train", "test"])])
     return ss.shards(0)
+
+
+def _loaders(shards, workers: int) -> Loaders:
+    """A run's loaders over `shards` (persistent workers), as build_run makes them."""
+    return Loaders(shards, num_workers=workers, train=train_transform(SPEC), exhaustive=eval_transform(SPEC))
 
 
 def _check_images(images: torch.Tensor, ids: torch.Tensor) -> None:
@@ -223,19 +220,17 @@ def test_a_member_outside_the_allow_list_is_refused_and_never_unpickled(tmp_path
     include = torch.ones(ss.num_ids, dtype=torch.bool)
     with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'.*00000007\.pyd"):
         read_labels(ss)
-    for workers in (0, 2):
-        stream = train_loader(ss.shards(0), include, targets, transform=train_transform(SPEC), global_batch=2,
-                              rank=0, world=1, num_workers=workers, seed=0, epoch=0)
-        with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'") as err:
-            list(stream)
-        assert "\n" not in str(err.value)
-        with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'"):
-            list(exhaustive_loader(ss.shards(0), None, transform=eval_transform(SPEC), batch_size=3, rank=0,
-                                   world=1, num_workers=workers))
+    with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'") as err:
+        list(train_loader(ss.shards(0), include, targets, transform=train_transform(SPEC), global_batch=2,
+                          rank=0, world=1, num_workers=2, seed=0, epoch=0))
+    assert "\n" not in str(err.value)
+    with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'"):
+        Loaders(ss.shards(0), num_workers=0, exhaustive=eval_transform(SPEC))  # a run's, made at its start
     assert not marker.exists()
 
 
-def test_a_png_member_that_is_not_a_png_is_refused(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_png_member_that_is_not_a_png_is_refused_in_one_line(tmp_path, workers):
     out = tmp_path / "jpeg"
     synthetic_dir(out, {"train": [3]})
     manifest = json.loads((out / "manifest.json").read_text())
@@ -244,20 +239,25 @@ def test_a_png_member_that_is_not_a_png_is_refused(tmp_path):
     at = data.index(b"\x89PNG")
     data[at:at + 4] = b"\xff\xd8\xff\xe0"  # a JPEG signature: cv2 would decode it, the allow-list must not
     tar.write_bytes(bytes(data))
-    with pytest.raises(FerDistError, match="sample 00000000 has no PNG image"):
+    with pytest.raises(FerDistError, match="sample 00000000 has no PNG image") as err:  # found by a worker
         list(exhaustive_loader(ShardSet([(out, ["train"])]).shards(0), None, transform=eval_transform(SPEC),
-                               batch_size=2, rank=0, world=1, num_workers=0))
+                               batch_size=2, rank=0, world=1, num_workers=workers))
+    assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the training stream
 
 
-def _epoch(shards, *, world, rank, workers, seed=0, epoch=0, skip=0, gb=6):
+def _epoch(shards, *, world, rank, workers, seed=0, epoch=0, skip=0, gb=6, loaders=None):
+    """An epoch on `loaders` (a run's, kept) where given, else on a one-pass loader with `workers`."""
     n = shards[-1].first_run_id + shards[-1].count
+    plan = {"global_batch": gb, "rank": rank, "world": world, "seed": seed, "epoch": epoch,
+            "skip_batches": skip}
+    if loaders is not None:
+        return loaders.train(shards, fixture_include(n), fixture_targets(n), **plan)
     return train_loader(shards, fixture_include(n), fixture_targets(n), transform=train_transform(SPEC),
-                        global_batch=gb, rank=rank, world=world, num_workers=workers, seed=seed, epoch=epoch,
-                        skip_batches=skip)
+                        num_workers=workers, **plan)
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 2), (3, 1), (3, 2)])
@@ -279,12 +279,12 @@ def test_train_stream_equal_steps_full_batches_and_coverage(shards, world, worke
     assert seen == set(torch.nonzero(include).flatten().tolist())
 
 
-def _global_epoch(shards, *, world, workers, skip=0, gb=6) -> list[dict[int, torch.Tensor]]:
+def _global_epoch(shards, *, world, workers, skip=0, gb=6, loaders=None) -> list[dict[int, torch.Tensor]]:
     """Per step of the epoch: each id of the global batch and its augmented image, over all ranks."""
     out: list[dict[int, torch.Tensor]] = []
     for rank in range(world):
         for s, (images, _, ids) in enumerate(_epoch(shards, world=world, rank=rank, workers=workers, seed=5,
-                                                    epoch=3, skip=skip, gb=gb)):
+                                                    epoch=3, skip=skip, gb=gb, loaders=loaders)):
             if rank == 0:
                 out.append({})
             out[s].update(zip(ids.tolist(), images, strict=True))
@@ -293,9 +293,11 @@ def _global_epoch(shards, *, world, workers, skip=0, gb=6) -> list[dict[int, tor
 
 @pytest.mark.parametrize("world,workers", [(2, 0), (3, 2), (6, 1)])
 def test_each_global_batch_is_the_same_samples_and_images_on_any_world_and_workers(shards, world, workers):
-    """Elastic determinism: step s trains the same ids, augmented alike, on 1 process or `world`."""
+    """Elastic determinism: step s trains the same ids, augmented alike, on 1 process or `world` (each
+    rank's pass read by the same kept loader, as a run's epochs are)."""
     one = _global_epoch(shards, world=1, workers=0)
-    many = _global_epoch(shards, world=world, workers=workers)
+    with _loaders(shards, workers) as loaders:
+        many = _global_epoch(shards, world=world, workers=workers, loaders=loaders)
     assert [sorted(b) for b in many] == [sorted(b) for b in one]
     assert all(torch.equal(b[i], a[i]) for a, b in zip(one, many, strict=True) for i in a)
     augmented = [img for b in one for img in b.values()]
@@ -313,9 +315,11 @@ def test_train_stream_is_deterministic_and_reshuffles_each_epoch(shards):
 @pytest.mark.parametrize("workers,skip", [(0, 3), (2, 3), (2, 4)])
 def test_skip_batches_resumes_exactly_where_the_epoch_stopped(shards, workers, skip):
     full = list(_epoch(shards, world=1, rank=0, workers=workers, seed=9, epoch=2, gb=4))
-    resumed = _epoch(shards, world=1, rank=0, workers=workers, seed=9, epoch=2, gb=4, skip=skip)
-    assert resumed.steps == len(full) and len(resumed) == len(full) - skip
-    rest = list(resumed)
+    with _loaders(shards, workers) as loaders:  # the resumed run's own loaders
+        resumed = _epoch(shards, world=1, rank=0, workers=workers, seed=9, epoch=2, gb=4, skip=skip,
+                         loaders=loaders)
+        assert resumed.steps == len(full) and len(resumed) == len(full) - skip
+        rest = list(resumed)
     assert len(rest) == len(full) - skip
     for a, b in zip(full[skip:], rest, strict=True):
         assert torch.equal(a[2], b[2]) and torch.equal(a[1], b[1])
@@ -348,14 +352,14 @@ def test_exhaustive_covers_each_selected_id_once(shards, world, workers):
     n = shards[-1].first_run_id + shards[-1].count
     include = fixture_include(n)
     seen = Counter()
-    for rank in range(world):
-        stream = exhaustive_loader(shards, include, transform=eval_transform(SPEC), batch_size=4, rank=rank,
-                                   world=world, num_workers=workers)
-        for images, labels, ids in stream:
-            assert 1 <= len(ids) <= 4
-            assert labels.tolist() == [fixture_label(int(i)) for i in ids]
-            _check_images(images, ids)
-            seen.update(ids.tolist())
+    with _loaders(shards, workers) as loaders:
+        for rank in range(world):
+            for images, labels, ids in loaders.exhaustive(shards, include, batch_size=4, rank=rank,
+                                                          world=world):
+                assert 1 <= len(ids) <= 4
+                assert labels.tolist() == [fixture_label(int(i)) for i in ids]
+                _check_images(images, ids)
+                seen.update(ids.tolist())
     assert sorted(seen.elements()) == torch.nonzero(include).flatten().tolist()
 
 
@@ -408,7 +412,7 @@ def test_loader_workers_survive_stop_signals_sent_to_every_process(shards, signa
 
     import psutil
 
-    from fer_dist.dist import StopRequest
+    from fer_dist.stopsignals import StopRequest
 
     n = sum(s.count for s in shards)
     include = torch.ones(n, dtype=torch.bool)
@@ -425,15 +429,18 @@ def test_loader_workers_survive_stop_signals_sent_to_every_process(shards, signa
 
     thread = threading.Thread(target=pester, daemon=True)
     thread.start()
+    plan = {"global_batch": 4, "rank": 0, "world": 1, "seed": 0}
     try:
-        for epoch in range(4):  # epochs on new workers (started while the signals keep coming), then kept
-            stream = train_loader(shards, include, targets, transform=eval_transform(SPEC), global_batch=4,
-                                  rank=0, world=1, num_workers=2, seed=0, epoch=epoch)
+        for epoch in range(2):  # one-pass loaders: new workers each epoch, started while the signals come
+            stream = train_loader(shards, include, targets, transform=eval_transform(SPEC), num_workers=2,
+                                  epoch=epoch, **plan)
             assert sum(1 for _ in stream) == stream.steps
             if epoch == 0:
                 helpers = {c.pid for c in psutil.Process().children()}  # the tracker and the fork server
-            if epoch < 2:
-                close_loader_workers()
+        with _loaders(shards, 2) as loaders:  # then a run's: started once, kept for the later epochs
+            for epoch in range(2, 4):
+                stream = loaders.train(shards, include, targets, epoch=epoch, **plan)
+                assert sum(1 for _ in stream) == stream.steps
     finally:
         done.set()
         thread.join()
@@ -458,55 +465,73 @@ def test_batches_travel_packed_and_arrive_whole(n, side):
 
 
 def _worker_pids() -> set[int]:
-    """This process's loader workers: its grandchildren (their parent is the fork server)."""
+    """This process's loader workers, still running: its grandchildren (their parent is the fork server)."""
     import psutil
 
-    return {p.pid for p in psutil.Process().children(recursive=True) if p.ppid() != os.getpid()}
+    return {p.pid for p in psutil.Process().children(recursive=True)
+            if p.ppid() != os.getpid() and p.status() != psutil.STATUS_ZOMBIE}
 
 
-def test_workers_come_from_the_fork_server_and_are_kept_from_epoch_to_epoch(shards):
+def _until(condition, seconds: float = 30) -> bool:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_a_runs_workers_come_from_the_fork_server_are_kept_from_pass_to_pass_and_end_with_close(shards):
     """Forking the multi-threaded trainer can deadlock the child (CPython gh-112275): workers must not be
-    this process's direct children. Started once per kind of stream (train, exhaustive), the same workers
-    read every later epoch and pass of their kind."""
+    this process's direct children. A run's loaders start once per kind of stream (train, exhaustive), the
+    same workers read every later pass of their kind, and close() ends them; a one-pass loader's end with
+    its pass."""
     import psutil
 
     n = sum(s.count for s in shards)
     everything = torch.ones(n, dtype=torch.bool)
+    list(train_loader(shards, everything, torch.zeros(n, 7), transform=eval_transform(SPEC), num_workers=2,
+                      global_batch=4, rank=0, world=1, seed=0, epoch=0))
+    assert _until(lambda: not _worker_pids()), "a one-pass loader's workers outlived its pass"
     seen = []
-    for epoch in range(3):
-        stream = train_loader(shards, everything, torch.zeros(n, 7), transform=eval_transform(SPEC),
-                              global_batch=4, rank=0, world=1, num_workers=2, seed=0, epoch=epoch)
-        batches = iter(stream)
-        next(batches)
-        seen.append(_worker_pids())
-        list(batches)
-        passes = iter(exhaustive_loader(shards, None, transform=eval_transform(SPEC), batch_size=4,
-                                        rank=0, world=1, num_workers=2))
-        next(passes)
-        seen.append(_worker_pids())
-        list(passes)
-    train, both = seen[0], seen[1]
-    assert len(train) == 2 and len(both) == 4 and train < both  # two of each kind
-    assert all(pids == both for pids in seen[1:])  # the very same workers ever after
-    server = {c.pid for c in psutil.Process().children()}  # the fork server among this process's children
-    assert len({psutil.Process(p).ppid() for p in both} & server) == 1
-    close_loader_workers()
-    assert not _worker_pids()
+    with _loaders(shards, 2) as loaders:
+        for epoch in range(3):
+            batches = iter(loaders.train(shards, everything, torch.zeros(n, 7), global_batch=4, rank=0,
+                                         world=1, seed=0, epoch=epoch))
+            next(batches)
+            seen.append(_worker_pids())
+            list(batches)
+            passes = iter(loaders.exhaustive(shards[1:], None, batch_size=4, rank=0, world=1))
+            next(passes)
+            seen.append(_worker_pids())
+            list(passes)
+        train, both = seen[0], seen[1]
+        assert len(train) == 2 and len(both) == 4 and train < both  # two of each kind
+        assert all(pids == both for pids in seen[1:])  # the very same workers ever after
+        server = {c.pid for c in psutil.Process().children()}  # the fork server among this process's children
+        assert len({psutil.Process(p).ppid() for p in both} & server) == 1
+        with pytest.raises(FerDistError, match="not made for"):
+            _epoch(shards, world=1, rank=0, workers=2, loaders=Loaders(shards[:1], num_workers=0,
+                                                                       exhaustive=eval_transform(SPEC)))
+    assert _until(lambda: not _worker_pids())
 
 
 @pytest.mark.parametrize("stop_after", [1, 3])
-def test_an_epoch_left_unfinished_leaves_no_trace_in_the_next(shards, stop_after):
-    """A consumer that stops early (a stop request) keeps the workers; the batches of the unfinished epoch
-    still in flight must not reach the next one, which reads exactly what it reads on new workers."""
+def test_one_pass_at_a_time_and_one_left_unfinished_leaves_no_trace_in_the_next(shards, stop_after):
+    """A DataLoader has one iterator: a second pass while one is suspended is refused, not mixed with it.
+    Once the unfinished pass is closed, the batches it left in flight must not reach the next pass, which
+    reads exactly what it reads on new workers."""
     expected = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
-    close_loader_workers()
-    first = iter(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=0))
-    for _ in range(stop_after):
-        next(first)
-    workers = _worker_pids()
-    first.close()  # generator closed mid-epoch, as when train_epoch raises StopRun
-    again = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
-    assert len(workers) == 2 and _worker_pids() == workers  # the same workers
+    with _loaders(shards, 2) as loaders:
+        first = iter(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=0, loaders=loaders))
+        for _ in range(stop_after):
+            next(first)
+        workers = _worker_pids()
+        with pytest.raises(RuntimeError, match="still being read"):
+            list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1, loaders=loaders))
+        first.close()  # generator closed mid-epoch, as when train_epoch raises StopRun
+        again = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1, loaders=loaders))
+        assert len(workers) == 2 and _worker_pids() == workers  # the same workers
     assert len(again) == len(expected)
     for a, b in zip(expected, again, strict=True):
         assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
@@ -514,110 +539,78 @@ def test_an_epoch_left_unfinished_leaves_no_trace_in_the_next(shards, stop_after
 
 @pytest.mark.timeout(60)  # the failure this guards against is a hang
 def test_a_transform_that_cannot_reach_the_workers_fails_at_once(shards):
-    """A transform that does not pickle (a lambda) must fail in the caller as workers start, not hang; the
-    kept loader of the other kind reads on as before."""
+    """A transform that does not pickle (a lambda) must fail in the caller as workers start, not hang."""
     n = shards[-1].first_run_id + shards[-1].count
-    expected = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
-    workers = _worker_pids()
     with pytest.raises((AttributeError, pickle.PicklingError), match="lambda|local"):
         list(train_loader(shards, fixture_include(n), fixture_targets(n), transform=lambda image: image,
                           global_batch=6, rank=0, world=1, num_workers=2, seed=3, epoch=1))
-    again = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
-    assert _worker_pids() == workers
-    assert [b[2].tolist() for b in again] == [b[2].tolist() for b in expected]
 
 
 @pytest.mark.timeout(60)  # the failure this guards against is a hang
-def test_a_worker_killed_between_epochs_is_replaced(shards):
-    """A worker that died while idle (the OOM killer's pick) must not fail the next epoch: new workers."""
+def test_a_worker_killed_between_passes_fails_the_next_one_at_once(shards):
+    """A kept worker that died while idle (the OOM killer's pick) ends the next pass with DataLoader's
+    error, as one dying mid-pass does: the run stops (and resumes from its checkpoint), it does not hang."""
     import signal
-    import time
 
     import psutil
 
-    expected = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
-    workers = _worker_pids()
-    os.kill(min(workers), signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while psutil.pid_exists(min(workers)) and time.monotonic() < deadline:  # gone and reaped by the server
-        time.sleep(0.05)
-    again = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
-    assert not _worker_pids() & workers
-    assert [b[2].tolist() for b in again] == [b[2].tolist() for b in expected]
+    with _loaders(shards, 2) as loaders:
+        list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=0, loaders=loaders))
+        victim = min(_worker_pids())
+        os.kill(victim, signal.SIGKILL)
+        assert _until(lambda: not psutil.pid_exists(victim) or psutil.Process(victim).status() ==
+                      psutil.STATUS_ZOMBIE)
+        with pytest.raises(RuntimeError, match="exited unexpectedly"):
+            list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1, loaders=loaders))
 
 
-@pytest.mark.timeout(60)  # the failure this guards against is a hang
-def test_a_forked_child_leaves_its_parents_workers_alone(shards):
-    """A child forked from a process with kept workers must not stop them when it lets go of its copy."""
-    list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=0))
-    workers = _worker_pids()
-    pid = os.fork()
-    if pid == 0:  # the child: drop everything, as a child process's exit would
-        close_loader_workers()
-        import gc
-
-        gc.collect()
-        os._exit(0)
-    assert os.waitpid(pid, 0)[1] == 0
-    expected = list(_epoch(shards, world=1, rank=0, workers=2, seed=3, epoch=1))
-    assert _worker_pids() == workers and len(expected) == _epoch(shards, world=1, rank=0, workers=2).steps
-
-
-def test_two_streams_read_at_once_each_get_their_own_batches(shards):
-    """A second stream read while another is being read gets workers of its own, not the other's, and
-    they end with it."""
-    alone = [list(_epoch(shards, world=1, rank=0, workers=2, seed=s, epoch=0)) for s in (1, 2)]
-    kept = _worker_pids()
-    together = list(zip(_epoch(shards, world=1, rank=0, workers=2, seed=1, epoch=0),
-                        _epoch(shards, world=1, rank=0, workers=2, seed=2, epoch=0), strict=True))
-    for k, (a, b) in enumerate(together):
-        assert torch.equal(a[2], alone[0][k][2]) and torch.equal(b[2], alone[1][k][2])
-        assert torch.equal(a[0], alone[0][k][0]) and torch.equal(b[0], alone[1][k][0])
-    assert _worker_pids() == kept
-
-
-_KILLED_TRAINER = """
+_TRAINER = """
 import json, os, signal, sys
 import psutil, torch
 from fer_dist.data.augment import InputSpec, eval_transform
 from fer_dist.data.runset import ShardSet
-from fer_dist.data.stream import train_loader
+from fer_dist.data.stream import Loaders
 
-def main():
+def main(how):
     shards = ShardSet([(sys.argv[1], ["train"])]).shards(0)
     n = shards[-1].first_run_id + shards[-1].count
-    stream = train_loader(shards, torch.ones(n, dtype=torch.bool), torch.zeros(n, 7),
-                          transform=eval_transform(InputSpec(8, 1, (0.0,), (1.0,))), global_batch=2, rank=0,
-                          world=1, num_workers=2, seed=0, epoch=0)
-    batches = iter(stream)  # held: the loader and its workers stay up
-    next(batches)
-    print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]), flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)  # a trainer killed outright: no clean-up runs
+    loaders = Loaders(shards, num_workers=2, train=eval_transform(InputSpec(8, 1, (0.0,), (1.0,))))
+    try:
+        for _ in loaders.train(shards, torch.ones(n, dtype=torch.bool), torch.zeros(n, 7), global_batch=2,
+                               rank=0, world=1, seed=0, epoch=0):  # a pass held: the workers stay up
+            print(json.dumps([p.pid for p in psutil.Process().children(recursive=True)]), flush=True)
+            if how == "killed":  # a trainer killed outright: no clean-up runs
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("the step failed")  # an error mid-epoch, its traceback holding the pass
+    finally:
+        loaders.close()  # as train.main's finally
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[2])
 """
 
 
-def test_a_trainer_killed_outright_leaves_no_workers_behind(shard_dir, tmp_path):
-    """The fork server and its workers outlive nothing: they go when the process that started them dies."""
+@pytest.mark.parametrize("how, code", [("killed", -9), ("failed", 1)])
+def test_a_trainer_killed_or_failed_mid_pass_leaves_no_workers_behind(shard_dir, tmp_path, how, code):
+    """The fork server and its workers go when the process that started them dies; a pass an error left
+    suspended is ended by close(), else the process would hang at exit (multiprocessing waits for workers
+    that ignore its SIGTERM)."""
     import json
     import subprocess
     import sys
-    import time
 
     import psutil
 
-    script = tmp_path / "killed_trainer.py"
-    script.write_text(_KILLED_TRAINER)
-    done = subprocess.run([sys.executable, str(script), str(shard_dir)], capture_output=True, text=True,
+    script = tmp_path / "trainer.py"
+    script.write_text(_TRAINER)
+    done = subprocess.run([sys.executable, str(script), str(shard_dir), how], capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == -9, done.stderr
+    assert done.returncode == code, done.stderr
     left = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(left) >= 3  # the fork server, two workers (their parent) and the resource tracker
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() !=
-                                              psutil.STATUS_ZOMBIE for p in left):
-        time.sleep(0.5)
-    alive = [p for p in left if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive, [psutil.Process(p).cmdline()[-1][:80] for p in alive]
+
+    def gone() -> bool:
+        return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                       for p in left)
+
+    assert _until(gone), [psutil.Process(p).cmdline()[-1][:80] for p in left if psutil.pid_exists(p)]

@@ -1,18 +1,19 @@
 """Streams over shard directories: training (the same global batches on any number of processes and
 loader workers) and the exhaustive pass (each selected id once across processes).
 
-Stages: shard list (shardset.py: one id offset per directory) -> plan (plan.py, pure, in the main process)
+Stages: shard list (runset.py: one id offset per directory) -> plan (plan.py, pure, in the main process)
 -> batch sampler (PassSampler: this rank's slice of each global batch, each id's augmentation seed) ->
 DataLoader workers (ShardSamples: allow-listed members read through each shard's checked index,
 PNG decoded, transformed, stacked) -> the main process pairs each id with its row of the target table,
-which never travels to a worker. One DataLoader per kind of stream is kept for the process's life, its
-workers persistent; each pass sets its batch sampler and iterates it again. The loaders stay out of
-accelerator.prepare(), which would split or dispatch them a second time.
+which never travels to a worker. A run owns its `Loaders` (built by `run_state.build_run`, closed by
+`train.main`): one DataLoader per kind of stream, its workers persistent; each pass sets its batch sampler
+and iterates it again. `train_loader` and `exhaustive_loader` read one pass on a loader of their own whose
+workers end with the pass. The loaders stay out of accelerator.prepare(), which would split or dispatch
+them a second time.
 """
 
 from __future__ import annotations
 
-import atexit
 import functools
 import gc
 import multiprocessing
@@ -21,9 +22,9 @@ import signal
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 import numpy as np
@@ -43,6 +44,7 @@ from fer_dist.stopsignals import STOP_SIGNALS, ensure_resource_tracker, stop_sig
 INLINE_BATCH = 256 << 10
 
 Packed = torch.Tensor | tuple[bytearray, tuple[int, ...]]
+Item = tuple[int, int | None]  # (run id, augmentation seed; None: nothing random)
 
 
 def pack_batch(faces: list[torch.Tensor]) -> Packed:
@@ -64,14 +66,8 @@ def unpack_batch(batch: Packed) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8).view(shape)
 
 
-@dataclass(frozen=True)
-class _Failure:
-    """A worker's FerDistError as data: DataLoader would re-raise it inside a traceback's text."""
-
-    message: str
-
-
-Item = tuple[int, int | None]  # (run id, augmentation seed; None: nothing random)
+class _Failure(str):
+    """A worker's FerDistError message, returned as data: DataLoader would re-raise it inside a traceback."""
 
 
 class ShardSamples(Dataset):
@@ -79,19 +75,14 @@ class ShardSamples(Dataset):
 
     def __init__(self, shards: Sequence[RunShard], transform: Transform, labels: bool) -> None:
         self.shards = sorted(set(shards), key=lambda s: s.first_run_id)
-        if _overlapping(self.shards):
-            raise FerDistError("shards with overlapping run ids cannot be read as one set")
-        self.firsts = np.array([s.first_run_id for s in self.shards], dtype=np.int64)
         # Indexed here, in the main process (a bad shard fails here, naming itself), and sent to the workers
         # with the dataset: read_samples refuses a file changed since, unlike the one the label pass checked.
         self.indexes = [s.index() for s in self.shards]
+        for a, b in zip(self.shards[:-1], self.shards[1:], strict=True):
+            if a.first_run_id + a.count > b.first_run_id:
+                raise FerDistError(f"{a.path} and {b.path}: overlapping run ids (their manifest's counts)")
+        self.firsts = np.array([s.first_run_id for s in self.shards], dtype=np.int64)
         self.transform, self.labels = transform, labels
-
-    def __len__(self) -> int:
-        return sum(s.count for s in self.shards)
-
-    def __getitem__(self, item: Item) -> tuple | _Failure:
-        return self.__getitems__([item])  # a batch of one
 
     def __getitems__(self, items: list[Item]) -> tuple | _Failure:
         """(images packed, ids, labels or None) for the batch `items`, or the _Failure that stopped it."""
@@ -123,35 +114,22 @@ class ShardSamples(Dataset):
         return pack_batch(faces), ids.tolist(), labels
 
 
-def _overlapping(shards: Sequence[RunShard]) -> bool:
-    """Whether two of the shards (sorted by first run id) claim the same run id."""
-    return any(a.first_run_id + a.count > b.first_run_id for a, b in zip(shards, shards[1:], strict=False))
-
-
 class PassSampler(Sampler):
-    """This rank's batches of the current pass: lists of (run id, seed). Set before each pass (as
+    """This rank's batches of the current pass, lists of (run id, seed): set before each pass (as
     DistributedSampler.set_epoch is), so one DataLoader and its workers serve every pass of its kind."""
 
     def __init__(self) -> None:
-        self.ids: Sequence[np.ndarray] = []
-        self.seeds: Sequence[np.ndarray] | None = None
-
-    def set_pass(self, ids: Sequence[np.ndarray], seeds: Sequence[np.ndarray] | None) -> None:
-        """The next pass's batches of ids and, for augmented streams, their seeds (same shapes)."""
-        self.ids, self.seeds = ids, seeds
+        self.batches: list[list[Item]] = []
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[list[Item]]:
-        return self._batches(self.ids, self.seeds)  # this pass's, even if the next one is set meanwhile
+        return iter(self.batches)  # this pass's, even if the next one is set meanwhile
 
-    @staticmethod
-    def _batches(ids: Sequence[np.ndarray], seeds: Sequence[np.ndarray] | None) -> Iterator[list[Item]]:
-        for j, batch in enumerate(ids):
-            row = seeds[j].tolist() if seeds is not None else [None] * len(batch)
-            yield list(zip(batch.tolist(), row, strict=True))
 
+# ---------------------------------------------------------------------------------------------------------
+# loader workers: where they start from, their signals, their end with the trainer
 
 # Each worker re-runs the main module, which its fork server preloaded (worker_context): runpy warns that
 # the module is already imported, by design here, once per worker.
@@ -161,9 +139,12 @@ warnings.filterwarnings("ignore", message=r".*found in sys\.modules after import
 
 @functools.cache
 def worker_context() -> multiprocessing.context.BaseContext:
-    """Loader workers fork from a fork server, not from the trainer: forking a process with other threads
-    (gloo's, queue feeders) can leave the child stuck forever in CPython before 3.11.8 (gh-112275). The
-    server imports the stream's and the trainer's modules once, so a worker starts without importing them."""
+    """The one place the workers' start method is chosen: a fork server, not a fork of the trainer.
+
+    Forking a process with other threads (gloo's, queue feeders) can leave the child stuck forever in
+    CPython before 3.11.8 (gh-112275; this project runs on 3.11.7 too), and 3.12 deprecates it; spawn would
+    import torch again in every worker. The server imports the stream's and the trainer's modules once, so
+    a worker starts without importing them."""
     ctx = multiprocessing.get_context("forkserver")
     main = getattr(sys.modules["__main__"], "__spec__", None)
     preload = [__name__, "fer_dist.train"]
@@ -173,13 +154,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 def _start(loader: DataLoader) -> Iterator:
-    """iter(loader), with the stop signals blocked while it may start the workers and their fork server.
-
-    A stop request is the trainer's to handle at a step boundary (SLURM signals every process of the
-    job). Started blocked, multiprocessing's resource tracker and the fork server never take one (SIGUSR1
-    would end them), the workers hold any until _worker_init ignores them; here it waits until the workers
-    are started.
-    """
+    """iter(loader), with the stop signals blocked while it may start the workers and their fork server:
+    a stop is the trainer's to handle (SLURM signals every process of the job). Started blocked, the
+    resource tracker and the fork server never take one, the workers hold any until _worker_init."""
     if not loader.num_workers:
         return iter(loader)
     ensure_resource_tracker()
@@ -216,96 +193,130 @@ def _as_is(batch: tuple) -> tuple:
     return batch
 
 
-@dataclass
-class _Kept:
-    """A DataLoader kept for every pass of its kind, its batch sampler, the shard versions it reads."""
+class _Loader:
+    """One DataLoader over a ShardSamples, its batch sampler set before each pass. Persistent: the same
+    workers read every pass (DataLoader's reset drops the batches in flight of a pass left unfinished);
+    else each pass starts its workers and they end with it."""
 
-    key: tuple | None  # in _KEPT under this key; None: a loader for one pass only
-    loader: DataLoader
-    sampler: PassSampler
-    versions: frozenset
-    busy: bool = False
-    used: bool = False
+    def __init__(self, shards: Sequence[RunShard], transform: Transform, labels: bool, workers: int,
+                 persistent: bool) -> None:
+        self.shards, self.sampler = frozenset(shards), PassSampler()
+        # generator: DataLoader otherwise draws its workers' base seed from the trainer's global generator
+        self.loader: DataLoader | None = DataLoader(
+            ShardSamples(shards, transform, labels), batch_sampler=self.sampler, num_workers=workers,
+            collate_fn=_as_is, persistent_workers=persistent and workers > 0, generator=torch.Generator(),
+            multiprocessing_context=worker_context() if workers else None,
+            worker_init_fn=_worker_init if workers else None)
+        self._reading: weakref.ref | None = None  # the pass being read: close() ends it
 
+    def read(self, batches: list[list[Item]]) -> Iterator[tuple]:
+        """The batches (images packed, ids, labels) of a pass; one at a time (a DataLoader's one iterator)."""
+        if self._reading is not None and self._reading() is not None:
+            raise RuntimeError("a pass of this loader is still being read: finish or close it first")
+        if self.loader is None:
+            raise RuntimeError("this loader is closed")
+        self.sampler.batches = batches
+        reading = self._read(self.loader)
+        self._reading = weakref.ref(reading)
+        return reading
 
-def _new_loader(dataset: ShardSamples, sampler: PassSampler, workers: int) -> DataLoader:
-    # generator: DataLoader otherwise draws its workers' base seed from the trainer's global generator
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_as_is,
-                      persistent_workers=workers > 0, generator=torch.Generator(),
-                      multiprocessing_context=worker_context() if workers else None,
-                      worker_init_fn=_worker_init if workers else None)
-
-
-_KEPT: dict[tuple, _Kept] = {}  # this process's loaders, by kind of stream
-_DISOWNED: list[_Kept] = []  # a forked child's copies of its parent's loaders, never to be touched
-
-
-def _loader_for(shards: Sequence[RunShard], transform: Transform, labels: bool, workers: int) -> _Kept:
-    """The kept loader of this kind if it reads these shards' versions, else a new one over its shards and
-    these (where their ids do not clash), kept in its place."""
-    key = (labels, repr(transform), workers)
-    versions = frozenset((s, s.index().stamp) for s in shards)
-    kept = _KEPT.get(key)
-    if kept is not None and not kept.busy and versions <= kept.versions:
-        return kept
-    transient = kept is not None and kept.busy  # another pass of this kind is being read
-    wanted = sorted({s for s, _ in versions | (kept.versions if kept and not transient else set())},
-                    key=lambda s: s.first_run_id)
-    dataset = ShardSamples(shards if _overlapping(wanted) else wanted, transform, labels)
-    sampler = PassSampler()
-    new = _Kept(None if transient else key, _new_loader(dataset, sampler, workers), sampler,
-                frozenset((s, i.stamp) for s, i in zip(dataset.shards, dataset.indexes, strict=True)))
-    if not transient:
-        _KEPT[key] = new  # the one it replaces is dropped: DataLoader shuts its workers down
-    return new
-
-
-def _passes(shards: Sequence[RunShard], transform: Transform, labels: bool, workers: int,
-            ids: Sequence[np.ndarray], seeds: Sequence[np.ndarray] | None) -> Iterator[tuple]:
-    """The batches (images packed, ids, labels) of one pass on the kept loader of its kind."""
-    kept = _loader_for(shards, transform, labels, workers)
-    kept.sampler.set_pass(ids, seeds)
-    kept.busy = True
-    try:
+    def _read(self, loader: DataLoader) -> Iterator[tuple]:
         try:
-            batches = _start(kept.loader)
-        except RuntimeError:  # a kept worker died since the last pass (DataLoader finds it here): new ones
-            if not kept.used:
-                raise
-            kept.loader = _new_loader(kept.loader.dataset, kept.sampler, workers)
-            batches = _start(kept.loader)
-        kept.used = True
-        for item in batches:
-            if isinstance(item, _Failure):
-                raise FerDistError(item.message)
-            yield item
-    except Exception:
-        _KEPT.pop(kept.key, None)  # a failed pass: the next one starts on new workers
-        raise
-    finally:  # a consumer that stopped early keeps the loader: its next pass drops batches in flight
-        kept.busy = False
+            for item in _start(loader):
+                if isinstance(item, _Failure):
+                    raise FerDistError(item)
+                yield item
+        finally:
+            self._reading = None
+
+    def close(self) -> None:
+        """End the pass being read, then the loader: DataLoader shuts its workers down once dropped. A pass
+        left suspended (an error's traceback holds it) would keep them, and the process would hang at exit
+        in multiprocessing's join of workers that ignore its SIGTERM."""
+        reading = self._reading() if self._reading is not None else None
+        if reading is not None:
+            reading.close()
+        self.loader = None
 
 
-def close_loader_workers() -> None:
-    """End this process's kept loaders and their workers (the trainer's end; at exit, before
-    multiprocessing's exit handler would wait for workers that ignore its SIGTERM)."""
-    _KEPT.clear()
-    gc.collect()  # a loader caught in a reference cycle is shut down now, not at some later collection
+class Stream:
+    """One rank's batches of one pass: `steps` in all, `len()` of them left to read (fewer in a resumed
+    epoch); each (images, targets, ids) given a target table, else (images, labels, ids)."""
+
+    def __init__(self, loader: _Loader, ids: Sequence[np.ndarray], seeds: np.ndarray | None,
+                 targets: torch.Tensor | None, steps: int) -> None:
+        self.steps = steps
+        self._loader, self._targets = loader, targets
+        rows = seeds.tolist() if seeds is not None else [[None] * b.size for b in ids]
+        self._batches = [list(zip(b.tolist(), r, strict=True)) for b, r in zip(ids, rows, strict=True)]
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        n = 0
+        for images, ids, labels in self._loader.read(self._batches) if self._batches else ():
+            ids = torch.tensor(ids, dtype=torch.long)
+            second = (torch.tensor(labels, dtype=torch.long) if self._targets is None
+                      else self._targets.index_select(0, ids.to(self._targets.device)))
+            yield unpack_batch(images), second, ids
+            n += 1
+        if n != len(self):  # the plan guarantees it; a shortfall would hang the other ranks' collectives
+            raise RuntimeError(f"stream yielded {n} batches, planned {len(self)}")
 
 
-def _disown() -> None:
-    """In a child forked from this process the loaders are the parent's: garbage collected there, they
-    would tell the parent's workers to stop. Held, untouched, for good."""
-    _DISOWNED.extend(_KEPT.values())
-    _KEPT.clear()
+class Loaders:
+    """One DataLoader per kind of stream over a set of shards: the training epochs (given a `train`
+    transform) and the exhaustive passes (given an `exhaustive` one: prediction, validation, test). A run
+    owns its Loaders (`run_state.build_run`; `train.main` closes them). Persistent: a loader's workers start
+    at its first pass and read every later one. Close them (`close()`, or a `with` block) before the
+    process exits."""
+
+    def __init__(self, shards: Sequence[RunShard], *, num_workers: int, train: Transform | None = None,
+                 exhaustive: Transform | None = None, persistent: bool = True) -> None:
+        self._train, self._exhaustive = (
+            _Loader(shards, tf, labels, num_workers, persistent) if tf is not None else None
+            for tf, labels in ((train, False), (exhaustive, True)))
+
+    def train(self, shards: Sequence[RunShard], include: torch.Tensor, targets: torch.Tensor, *,
+              global_batch: int, rank: int, world: int, seed: int, epoch: int,
+              skip_batches: int = 0) -> Stream:
+        """This rank's slice of every global batch of the epoch: (images, targets, ids), global_batch // world
+        each; the global batches do not depend on world or num_workers."""
+        selected = _selected(self._train, shards, include)
+        if targets.dim() != 2 or targets.shape[0] != include.shape[0] or not targets.is_floating_point():
+            raise FerDistError(f"targets: need a float table [{include.shape[0]}, K], not "
+                               f"{tuple(targets.shape)}")
+        steps, ids = planning.train_batches(selected, global_batch=global_batch, world=world, rank=rank,
+                                            seed=seed, epoch=epoch, skip=skip_batches)
+        return Stream(self._train, ids, planning.sample_seeds(seed, epoch, ids), targets, steps)
+
+    def exhaustive(self, shards: Sequence[RunShard], include: torch.Tensor | None, *, batch_size: int,
+                   rank: int, world: int) -> Stream:
+        """Every selected sample exactly once across ranks and workers, unaugmented: (images, labels, ids);
+        ranks may take different numbers of batches."""
+        selected = _selected(self._exhaustive, shards, include)
+        ids = planning.exhaustive_batches(selected, batch_size=batch_size, world=world, rank=rank)
+        return Stream(self._exhaustive, ids, None, None, len(ids))
+
+    def close(self) -> None:
+        """End both loaders and their workers, also in the middle of a pass."""
+        for loader in (self._train, self._exhaustive):
+            if loader is not None:
+                loader.close()
+        gc.collect()  # a loader caught in a reference cycle is shut down now, not at some later collection
+
+    def __enter__(self) -> Loaders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-atexit.register(close_loader_workers)
-os.register_at_fork(after_in_child=_disown)
-
-
-def _selected(shards: Sequence[RunShard], include: torch.Tensor | None) -> np.ndarray:
+def _selected(loader: _Loader | None, shards: Sequence[RunShard], include: torch.Tensor | None) -> np.ndarray:
     """The run ids of the shards that `include` selects (None: all of them), ascending."""
+    if loader is None or not loader.shards.issuperset(shards):
+        raise FerDistError("a stream was asked of loaders not made for its kind or its shards")
     if include is None:
         include = torch.ones(max((s.first_run_id + s.count for s in shards), default=0), dtype=torch.bool)
     if include.dtype != torch.bool or include.dim() != 1:
@@ -313,60 +324,17 @@ def _selected(shards: Sequence[RunShard], include: torch.Tensor | None) -> np.nd
     return planning.selected_ids([(s.first_run_id, s.count) for s in shards], include.cpu().numpy())
 
 
-class TrainStream:
-    """One epoch of one rank: `steps` batches in all; iterating yields the `steps - skip` left."""
-
-    def __init__(self, batches: functools.partial, targets: torch.Tensor, steps: int, skip: int) -> None:
-        self.steps, self.skip = steps, skip
-        self._batches, self._targets = batches, targets
-
-    def __len__(self) -> int:
-        return self.steps - self.skip
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        n = 0
-        for images, ids, _ in self._batches() if len(self) else ():
-            ids = torch.tensor(ids, dtype=torch.long)
-            yield unpack_batch(images), self._targets.index_select(0, ids.to(self._targets.device)), ids
-            n += 1
-        if n != len(self):  # the plan guarantees it; a shortfall would hang the other ranks' collectives
-            raise RuntimeError(f"train stream yielded {n} batches, planned {len(self)}")
+def train_loader(shards: Sequence[RunShard], include: torch.Tensor, targets: torch.Tensor, *,
+                 transform: Transform, num_workers: int, **plan: int) -> Stream:
+    """One epoch (`Loaders.train`; `plan`: global_batch, rank, world, seed, epoch, skip_batches) on a loader
+    of its own, whose workers end with the pass."""
+    return Loaders(shards, num_workers=num_workers, train=transform, persistent=False).train(
+        shards, include, targets, **plan)
 
 
-def train_loader(shards: list[RunShard], include: torch.Tensor, targets: torch.Tensor, *,
-                 transform: Transform, global_batch: int, rank: int, world: int, num_workers: int, seed: int,
-                 epoch: int, skip_batches: int = 0) -> TrainStream:
-    """This rank's slice of every global batch of the epoch: (images, targets, ids), global_batch // world
-    each; the global batches do not depend on world or num_workers."""
-    selected = _selected(shards, include)
-    if targets.dim() != 2 or targets.shape[0] != include.shape[0] or not targets.is_floating_point():
-        raise FerDistError(f"targets: need a float table [{include.shape[0]}, K], not {tuple(targets.shape)}")
-    steps, ids = planning.train_batches(selected, global_batch=global_batch, world=world, rank=rank,
-                                        seed=seed, epoch=epoch, skip=skip_batches)
-    seeds = planning.sample_seeds(seed, epoch, ids)
-    batches = functools.partial(_passes, shards, transform, False, num_workers, ids, seeds)
-    return TrainStream(batches, targets, steps, skip_batches)
-
-
-class ExhaustiveStream:
-    """One rank's share of an exhaustive pass: `samples` samples in `batches` batches (ranks may differ)."""
-
-    def __init__(self, batches: functools.partial, ids: list[np.ndarray]) -> None:
-        self.batches, self.samples = len(ids), sum(b.size for b in ids)
-        self._batches = batches
-
-    def __len__(self) -> int:
-        return self.batches
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for images, ids, labels in self._batches() if self.samples else ():
-            yield (unpack_batch(images), torch.tensor(labels, dtype=torch.long),
-                   torch.tensor(ids, dtype=torch.long))
-
-
-def exhaustive_loader(shards: list[RunShard], include: torch.Tensor | None, *, transform: Transform,
-                      batch_size: int, rank: int, world: int, num_workers: int) -> ExhaustiveStream:
-    """Every selected sample exactly once across ranks and workers, unaugmented: (images, labels, ids)."""
-    selected = _selected(shards, include)
-    ids = planning.exhaustive_batches(selected, batch_size=batch_size, world=world, rank=rank)
-    return ExhaustiveStream(functools.partial(_passes, shards, transform, True, num_workers, ids, None), ids)
+def exhaustive_loader(shards: Sequence[RunShard], include: torch.Tensor | None, *, transform: Transform,
+                      num_workers: int, **plan: int) -> Stream:
+    """One exhaustive pass (`Loaders.exhaustive`; `plan`: batch_size, rank, world) on a loader of its own,
+    whose workers end with the pass."""
+    return Loaders(shards, num_workers=num_workers, exhaustive=transform, persistent=False).exhaustive(
+        shards, include, **plan)

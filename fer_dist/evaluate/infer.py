@@ -1,6 +1,6 @@
 """Predictions of one model over shard splits, on one process or many: every sample counted once.
 
-Each process predicts its share of an exhaustive pass (the trainer's own `exhaustive_loader`), then
+Each process predicts its share of an exhaustive pass (the trainer's own `Loaders.exhaustive`), then
 (id, probabilities) are gathered from every process and duplicates dropped (`dist.gather_predictions`), so
 every process ends with the same sorted table whatever the number of processes.
 """
@@ -22,7 +22,7 @@ from fer_dist.data.augment import eval_transform, normalise
 from fer_dist.data.manifest import Manifest
 from fer_dist.data.runset import ShardSet, fold_mask, read_labels
 from fer_dist.data.shardread import read_samples
-from fer_dist.data.stream import exhaustive_loader
+from fer_dist.data.stream import Loaders
 from fer_dist.errors import FerDistError
 from fer_dist.models import FerNet
 
@@ -124,14 +124,13 @@ def predict_shards(net: FerNet, acc, target: ShardSplits, *, tta: str = "none", 
     labels = read_labels(shardset)
     net = net.to(acc.device).eval()
     include = None if target.folds is None else fold_mask(shardset.num_ids, shards, target.ref())
-    stream = exhaustive_loader(shards, include, transform=eval_transform(net.input_spec),
-                               batch_size=batch_size, rank=acc.process_index, world=acc.num_processes,
-                               num_workers=num_workers)
     ids_parts = [torch.zeros(0, dtype=torch.long)]
     prob_parts = [torch.zeros(0, net.spec.num_classes)]
     autocast = acc.autocast() if acc.device.type != "cpu" else nullcontext()
-    with autocast:
-        for images, _labels, ids in stream:
+    loaders = Loaders(shards, num_workers=num_workers, exhaustive=eval_transform(net.input_spec))
+    with loaders, autocast:  # one pass: its workers end with the block, also when the model fails mid-pass
+        for images, _labels, ids in loaders.exhaustive(shards, include, batch_size=batch_size,
+                                                       rank=acc.process_index, world=acc.num_processes):
             prob_parts.append(batch_probs(net, images.to(acc.device), tta).cpu())
             ids_parts.append(ids)
     ids, probs = dist.gather_predictions(acc, torch.cat(ids_parts), torch.cat(prob_parts))

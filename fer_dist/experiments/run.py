@@ -14,8 +14,9 @@ file lock). An arm whose training is exactly that of a run another experiment al
 resolved config apart from where the run lives, the same launch) is not trained again: that run's best
 model is tested on this experiment's sets and the record names it (`trained_for`), keeping its training
 figures. A SIGTERM or SIGINT to the runner is passed to the training as SIGTERM, a SIGUSR1 (SLURM's
-time-limit warning) as SIGUSR1, so that the trainer checkpoints, stops and, inside a SLURM job, requeues
-it; the runner then raises Stopped (exit 3) without a record.
+time-limit warning) as SIGUSR1, so that the trainer checkpoints and stops; after a SIGUSR1 inside a SLURM job
+the runner, once the training has ended, requeues the task (`slurm.requeue_stopped`: counted and limited in
+the run directory); it then raises Stopped (exit 3) without a record.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fer_dist import slurm
 from fer_dist.config import load_config, warmup_identity
 from fer_dist.errors import FerDistError
 from fer_dist.experiments.records import add_record, commit, machine, read_records, recorded
@@ -103,16 +105,15 @@ def code_commit(code: Path | None) -> str:
                           text=True, check=True).stdout.strip()
 
 
-def run_child(cmd: list[str], env: dict[str, str]) -> int:
+def run_child(cmd: list[str], env: dict[str, str], run_dir: Path | None = None) -> int:
     """Run a child to its end; SIGTERM / SIGINT / SIGUSR1 to the runner are passed on and end the runner
-    after it."""
+    after it (a SIGUSR1 inside a SLURM job requeues the job of `run_dir`'s training first)."""
     proc = subprocess.Popen(cmd, env=env)
     asked: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
         asked.append(signum)
-        # the trainer's stop request: checkpoint at a step and exit 0; SIGUSR1 stays SIGUSR1, on which a
-        # trainer inside a SLURM job requeues it (and the requeued runner resumes the run)
+        # the trainer's stop request: checkpoint at a step and exit 0
         proc.send_signal(signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
@@ -121,6 +122,8 @@ def run_child(cmd: list[str], env: dict[str, str]) -> int:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+    if asked and asked[0] == signal.SIGUSR1 and run_dir is not None and slurm.job_id() and code == 0:
+        print(slurm.requeue_stopped(run_dir), flush=True)  # the requeued runner resumes the run
     if asked:
         raise Stopped(f"stopped by signal {asked[0]}; rerun the same command to continue")
     return code
@@ -216,7 +219,7 @@ def train_warmup(exp: Experiment, arm: str, seed: int, run_dir: Path, extra: lis
     print(f"{exp.name}: the warm-up of seed {seed} (shared)\n$ " + shlex.join(cmd), flush=True)
     tick = time.monotonic()
     try:
-        code = run_child(cmd, env)
+        code = run_child(cmd, env, run_dir)
     finally:
         add_wall(run_dir, time.monotonic() - tick)
     if code:
@@ -276,7 +279,7 @@ def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_d
                 continue
             tick, trained_at = time.monotonic(), code_commit(checkout)
             try:
-                code = run_child(cmd, env)
+                code = run_child(cmd, env, run_dir)
             finally:
                 wall = add_wall(run_dir, time.monotonic() - tick)
             if code:

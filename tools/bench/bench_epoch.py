@@ -7,8 +7,8 @@ For each worker count: train_loader over the train split (augmented, global batc
 epochs; per epoch the time from building the stream to its first batch, the batches, and the time from the
 last batch to the end of the iteration; and, over the epochs after the first, CPU per batch of this
 process and of its loader workers. With workers, twice: the workers kept from epoch to epoch (as the
-trainer runs) and restarted every epoch (close_loader_workers after each: how every epoch ran before the
-workers were kept). The first epoch also pays the fork server's start (seconds, once per process).
+trainer's `Loaders` run) and restarted every epoch (a one-pass `train_loader` each: how every epoch ran
+before the workers were kept). The first epoch also pays the fork server's start (seconds, once per process).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from trainer_setup import ROOT, cpu_seconds
 
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
 from fer_dist.data.runset import ShardSet, read_labels
-from fer_dist.data.stream import close_loader_workers, train_loader
+from fer_dist.data.stream import Loaders, train_loader
 
 
 def own_cpu() -> float:
@@ -36,20 +36,20 @@ def measure(shards, labels: torch.Tensor, workers: int, epochs: int, transform, 
     include, targets = labels >= -1, torch.zeros(labels.numel(), 7)
     how = f"workers {workers}" + ("" if not workers else ", restarted" if restart else ", kept")
     batches, own, every = 0, 0.0, 0.0
+    kept = Loaders(shards, num_workers=workers, train=transform)  # a run's: workers kept from epoch to epoch
     for epoch in range(epochs):
         if epoch == 1:
             own, every = own_cpu(), cpu_seconds()
         tick = time.perf_counter()
-        stream = train_loader(shards, include, targets, transform=transform, global_batch=batch,
-                              rank=0, world=1, num_workers=workers, seed=0, epoch=epoch)
+        plan = {"global_batch": batch, "rank": 0, "world": 1, "seed": 0, "epoch": epoch}
+        stream = (train_loader(shards, include, targets, transform=transform, num_workers=workers, **plan)
+                  if restart else kept.train(shards, include, targets, **plan))
         first = last = None
         n = 0
         for _ in stream:
             last = time.perf_counter()
             first = first or last
             n += 1
-        if restart:
-            close_loader_workers()
         end = time.perf_counter()
         batches += n if epoch else 0
         print(f"{how} epoch {epoch}: first batch after {1e3 * (first - tick):7.1f} ms, {n} batches "
@@ -59,7 +59,7 @@ def measure(shards, labels: torch.Tensor, workers: int, epochs: int, transform, 
     workers_cpu = max(0.0, all_cpu - main_cpu)  # 0 without workers, whatever the clocks' rounding
     print(f"{how}, epochs 1-{epochs - 1}: CPU per batch of {batch}: this process "
           f"{1e3 * main_cpu / batches:.2f} ms, its workers {1e3 * workers_cpu / batches:.2f} ms\n")
-    close_loader_workers()
+    kept.close()
 
 
 def main() -> None:

@@ -35,9 +35,7 @@ from trainer_setup import add_common_options, close, cpu_seconds, describe, make
 from fer_dist import dist, method
 from fer_dist.checkpoint import Run, State
 from fer_dist.classes import NUM_CLASSES
-from fer_dist.data.augment import eval_transform
 from fer_dist.data.runset import RunData
-from fer_dist.data.stream import exhaustive_loader
 from fer_dist.train import compose, rewrite_and_draw
 
 
@@ -46,9 +44,9 @@ def plain_pass(run: Run, pool: torch.Tensor) -> int:
     """The reference: the round's exhaustive pass, forward + softmax, nothing kept, nothing exchanged."""
     net, acc = run.net, run.acc
     net.eval()
-    stream = exhaustive_loader(run.data.train_shards, pool, transform=eval_transform(net.input_spec),
-                               batch_size=run.cfg.run.eval_batch_size, rank=acc.process_index,
-                               world=acc.num_processes, num_workers=run.cfg.data.num_workers)
+    # the run's own loader, as compose's predict uses: both passes read on the same kept workers
+    stream = run.loaders.exhaustive(run.data.train_shards, pool, batch_size=run.cfg.run.eval_batch_size,
+                                    rank=acc.process_index, world=acc.num_processes)
     n = 0
     with acc.autocast() if acc.device.type != "cpu" else nullcontext():
         for images, _labels, _ids in stream:

@@ -47,13 +47,7 @@ from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
 from fer_dist.data.runset import ShardSet
 from fer_dist.data.shardread import decode_png, read_samples
-from fer_dist.data.stream import (
-    close_loader_workers,
-    pack_batch,
-    train_loader,
-    unpack_batch,
-    worker_context,
-)
+from fer_dist.data.stream import Loaders, pack_batch, unpack_batch, worker_context
 
 ROOT = Path(__file__).resolve().parents[2]
 FER = ROOT.parent / "shared" / "data" / "fer2013"
@@ -167,9 +161,10 @@ def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: i
         "imagefolder": DataLoader(subset, batch_size=batch, shuffle=True, num_workers=workers,
                                   multiprocessing_context=context, persistent_workers=kept),
     }
+    stream = Loaders(shards, num_workers=workers, train=tf)  # a run's: its workers kept from round to round
     runs = {
-        "stream": lambda: train_loader(shards, include, targets, transform=tf, global_batch=batch, rank=0,
-                                       world=1, num_workers=workers, seed=0, epoch=0),
+        "stream": lambda: stream.train(shards, include, targets, global_batch=batch, rank=0, world=1, seed=0,
+                                       epoch=0),
         "bound": lambda: map(unpack_batch, loaders["bound"]),
         "imagefolder": lambda: loaders["imagefolder"],
     }
@@ -187,7 +182,7 @@ def measure(shards, chosen: np.ndarray, num_ids: int, tf, workers: int, batch: i
         sides = (ours, lambda: theirs.append(baseline.round(tuple(runs))))
         for side in sides if i % 2 == 0 else sides[::-1]:
             side()
-    close_loader_workers()
+    stream.close()
     loaders.clear()  # dropped, DataLoader shuts their persistent workers down
     return summarise(rounds), (summarise(theirs) if theirs else None)
 

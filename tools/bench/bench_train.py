@@ -13,7 +13,8 @@ steps; the step log; the stop agreement every run.stop_check_every steps; the pr
   augmentation on, --workers DataLoader workers per process, exactly as train_epoch builds it; each timed
   epoch includes the loader's start (worker fork, first reads), which every real epoch pays.
 - memory: the batches of one stream epoch, decoded and augmented beforehand and held in RAM, handed to
-  train_epoch in place of the stream (train_loader is swapped for the duration), cycled for as many steps.
+  train_epoch in place of the stream (the run's loaders.train is swapped for the duration), cycled for as
+  many steps.
 - minimal: the least a PyTorch loop does per step, over the same batches in RAM: the trainer's model as
   accelerator.prepare() returned it (DDP under several processes) and the torch.optim.Adam inside its
   optimiser; images and targets to the device, forward, torch's cross-entropy against the soft targets,
@@ -64,14 +65,13 @@ class MemoryStream:
 
 
 @contextmanager
-def fed_from(stream: MemoryStream):
-    """train_epoch takes its batches from `stream` instead of building a train_loader."""
-    real = trainer.train_loader
-    trainer.train_loader = lambda *a, **k: stream
+def fed_from(run: Run, stream: MemoryStream):
+    """train_epoch takes its batches from `stream` instead of the run's training loader."""
+    run.loaders.train = lambda *a, **k: stream  # an instance attribute, over the method
     try:
         yield
     finally:
-        trainer.train_loader = real
+        del run.loaders.train
 
 
 def epoch_ids(run: Run, include: str, samples: int | None) -> torch.Tensor:
@@ -141,7 +141,7 @@ def measure(run: Run, include: torch.Tensor, repeat: int, limit: int) -> dict:
         if name == "stream":
             trainer.train_epoch(run, include, "bench")
         elif name == "memory":
-            with fed_from(memory):
+            with fed_from(run, memory):
                 trainer.train_epoch(run, include, "bench")
         else:
             minimal_epoch(run, memory)
