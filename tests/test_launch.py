@@ -420,3 +420,24 @@ def test_the_head_node_gone_is_one_line_on_the_other_node(tmp_path: Path) -> Non
     assert other.returncode == 1, output
     assert "error: cannot reach the rendezvous store at 127.0.0.1:" in output.splitlines()[-1], output
     assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("script,code,line", [
+    ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", 137, "rank 0 was killed by SIGKILL"),
+    ("import sys\nprint('the rank says this once', file=sys.stderr)\nraise RuntimeError('a bug')\n", 1,
+     "rank 0 exited with code 1"),
+])
+def test_one_process_failure_is_its_ranks_code_in_one_line(tmp_path: Path, script: str, code: int,
+                                                           line: str) -> None:
+    """Accelerate's simple launcher re-raises its rank's stderr tail inside a CalledProcessError traceback:
+    held back, so the rank's own output shows once, then one line with the rank's code."""
+    path = tmp_path / "rank.py"
+    path.write_text(script)
+    options = ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+    done = subprocess.run([sys.executable, "-m", "fer_dist.launch", *options, str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert done.stderr.rstrip().splitlines()[-1] == f"error: {line} (its own output is above)", done.stderr
+    assert "CalledProcessError" not in done.stderr and "direct cause" not in done.stderr, done.stderr
+    assert done.stderr.count("the rank says this once") == ("once" in script), done.stderr
