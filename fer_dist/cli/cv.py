@@ -28,7 +28,7 @@ def cv(
     The same command continues an interrupted cross-validation: a fold's `eval/` and the summary folder
     are replaced when they hold this same cross-validation's results; anything else there needs
     --overwrite (an earlier output of eval or cv) or is refused."""
-    from fer_dist import launch
+    from fer_dist import launch, prechecks
     from fer_dist.config import load_config
     from fer_dist.evaluate import cv as folding
     from fer_dist.evaluate.load import load_model
@@ -42,7 +42,7 @@ def cv(
     per_fold = []
     for k in range(folds):  # every fold's config, data and output checked before the first one trains
         extra = folding.fold_overrides(base, k, folds)
-        cfg = launch.check_training(config, overrides + extra)
+        cfg = prechecks.check_training(config, overrides + extra)
         fold_eval = Path(cfg.run.dir) / cfg.run.name / "eval"
         outputs.check_folder(fold_eval, "eval", overwrite=overwrite or _ours(fold_eval, about))
         per_fold.append((extra, cfg))

@@ -50,15 +50,15 @@ def submit(
     overrides: Overrides = None,
 ) -> None:
     """Check the config and data here, render the batch script, show it and submit it with sbatch."""
-    from fer_dist import launch, slurm
+    from fer_dist import prechecks, slurm
 
     if not dry_run and shutil.which("sbatch") is None:
         raise FerDistError("sbatch: not found (run this on a SLURM login node; --dry-run shows the script)")
     if nodes < 1 or gpus_per_node < 1:
         raise FerDistError("--nodes and --gpus-per-node must be at least 1")
     overrides = overrides or []
-    cfg = launch.check_training(config, overrides, dry_run=dry_run)
-    launch.check_world(cfg, nodes * gpus_per_node, cpu=cpu)
+    cfg = prechecks.check_training(config, overrides, dry_run=dry_run)
+    prechecks.check_world(cfg, nodes * gpus_per_node, cpu=cpu)
     train_args = (["--config", str(config)] if config is not None else []) + overrides
     spec = slurm.JobSpec(nodes=nodes, gpus_per_node=gpus_per_node, train_args=train_args, partition=partition,
                          time_limit=time_limit, job_name=job_name, cpus_per_task=cpus_per_task, cpu=cpu,

@@ -44,11 +44,11 @@ def train(
     """Train: check everything here (one line and exit code 2 on bad input, nothing written), then run
     `accelerate launch -m fer_dist.train` with the same arguments (through `python -m fer_dist.launch`:
     stop signals checkpoint the run, errors are one line)."""
-    from fer_dist import launch
+    from fer_dist import launch, prechecks
 
     overrides = overrides or []
-    launch.check_processes(processes, accelerate_config)
-    cfg = launch.check_training(config, overrides, dry_run=dry_run)
+    prechecks.check_processes(processes, accelerate_config)
+    cfg = prechecks.check_training(config, overrides, dry_run=dry_run)
     launch_args = launch.launcher_args(cfg, processes, accelerate_config)
     train_args = (["--config", str(config)] if config is not None else []) + overrides
     command = launch.train_command(launch_args, train_args)
