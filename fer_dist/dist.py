@@ -1,5 +1,6 @@
 """The only module that touches ranks: accelerator setup and checks, gather + dedupe, checksums, any_process
-(on which the ranks agree to stop: the stop itself is `fer_dist.stopsignals`).
+(on which the ranks agree to stop: the stop itself is `fer_dist.stopsignals`), the label pass split over
+the ranks.
 
 Every function that communicates is collective: all processes must call it, in the same order, with the
 same arguments where noted. Failures found from gathered data are raised on every rank alike, so no
@@ -18,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from fer_dist.data.runset import CheckedLabels, OnError, RunShard, ShardSet, checked_labels
 from fer_dist.errors import FerDistError
 
 PAD_ID = -1
@@ -274,3 +276,62 @@ def broadcast_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None
         if buf.is_floating_point() or buf.dtype == torch.long:
             torch.distributed.broadcast(buf.data, src=0)
 
+
+
+def gathered_texts(accelerator: Accelerator, texts: list[str]) -> list[str]:
+    """Every process's `texts`, in rank order, on every process (collective).
+
+    Text travels as UTF-8 bytes in a tensor: torch's all_gather_object would unpickle what it receives.
+    """
+    if accelerator.num_processes == 1:
+        return list(texts)
+    payload = torch.tensor(list("\0".join(texts).encode()), dtype=torch.uint8)
+    sizes = _gather_rows(accelerator, torch.tensor([[len(texts), payload.numel()]]))
+    width = max(1, int(sizes[:, 1].max()))  # a row of one byte: gloo gathers no empty tensor
+    padded = torch.cat([payload, torch.zeros(width - payload.numel(), dtype=torch.uint8)])
+    rows = _gather_rows(accelerator, padded[None])
+    out: list[str] = []
+    for (count, size), row in zip(sizes.tolist(), rows, strict=True):
+        if count:
+            out += bytes(row[:size].tolist()).decode().split("\0")
+    return out
+
+
+def label_pass(accelerator: Accelerator, shardset: ShardSet, on_error: OnError = "raise") -> CheckedLabels:
+    """`runset.checked_labels` split over the processes and reduced (collective): each process checks every
+    world-th shard, so a launch's ranks read each shard once together. A FerDistError found on any process
+    is raised on all of them (the lowest rank's).
+
+    Every process indexes every shard here, and all must see the same file versions (sizes and modification
+    times): a process's streams then read, without checking again, the versions another process checked.
+    """
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if world == 1:
+        return checked_labels(shardset, on_error)
+    mine, versions, error = None, [], None
+    try:
+        mine = checked_labels(shardset, on_error, part=(rank, world))
+        versions = [_version(s) for part in range(len(shardset.entries)) for s in shardset.shards(part)]
+    except FerDistError as err:
+        error = str(err)
+    errors = gathered_texts(accelerator, [error] if error else [])
+    if errors:
+        raise FerDistError(errors[0])
+    digest = int.from_bytes(hashlib.sha256(repr(versions).encode()).digest()[:8], "big") >> 1
+    check_same_everywhere(accelerator, digest, "the shard files (sizes, modification times)")
+    # One writer per id (the process that checked its shard): 1 + its label, 9 if damaged, 0 elsewhere.
+    code = torch.where(mine.covered, mine.labels + 2 + 8 * mine.damaged.long(), 0).to(torch.int8)
+    code = all_sum(accelerator, code).cpu()
+    checked = (code >= 1) & (code <= 8)
+    labels = torch.where(checked, code.long() - 2, torch.full_like(code, -1, dtype=torch.long))
+    return CheckedLabels(labels, code == 9, checked | (code == 9), gathered_texts(accelerator, mine.problems))
+
+
+def _version(shard: RunShard) -> tuple[str, int, int]:
+    """(file, size, mtime) of a shard as this process indexed it; as on disk where it cannot be indexed (a
+    shard left out under data.on_error=skip)."""
+    try:
+        return (str(shard.path), *shard.index().stamp)
+    except FerDistError:
+        st = os.stat(shard.path)
+        return (str(shard.path), st.st_size, st.st_mtime_ns)

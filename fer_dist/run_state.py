@@ -5,11 +5,12 @@ orchestrates what is built here.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from fer_dist import method, stopsignals
+from fer_dist import dist, method, stopsignals
 from fer_dist.checkpoint import Run, State
 from fer_dist.classes import NUM_CLASSES
 from fer_dist.config import TrainConfig, model_spec_fields
@@ -29,7 +30,8 @@ def build_run(cfg: TrainConfig, acc, stop: stopsignals.StopRequest | None = None
     starts)."""
     run_dir = Path(cfg.run.dir) / cfg.run.name
     torch.manual_seed(cfg.run.seed)  # same initial head on every process (DDP also broadcasts it)
-    data = load_run_data(cfg.data, cfg.run.seed)  # before anything is written: no run folder left on bad data
+    # before anything is written: no run folder left on bad data; the ranks split the label pass
+    data = load_run_data(cfg.data, cfg.run.seed, partial(dist.label_pass, acc))
     created = first_missing(run_dir) if acc.is_main_process else None
     with removed_on_error(created):
         return _build(cfg, acc, stop, run_dir, data, created)

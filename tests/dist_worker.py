@@ -29,6 +29,7 @@ import torch
 
 from fer_dist import checkpoint_files as checkpoint
 from fer_dist import dist
+from fer_dist.data.runset import ShardSet, checked_labels
 from fer_dist.errors import FerDistError
 
 
@@ -116,6 +117,28 @@ def save(acc: Any, out: Path) -> dict[str, Any]:
     return result
 
 
+def labels(acc: Any, out: Path) -> dict[str, Any]:
+    """The label pass split over the ranks, on the shard folders named in out/args.json (one intact, one
+    with damaged samples), under both on_error rules; and gathered_texts."""
+    folders = json.loads((out / "args.json").read_text())
+    rank = acc.process_index
+    result: dict[str, Any] = {}
+    for name, folder in folders.items():
+        shardset = ShardSet([(folder, ("train", "val", "test"))])
+        for on_error in ("raise", "skip"):
+            try:
+                got = dist.label_pass(acc, shardset, on_error)
+                result[f"{name}-{on_error}"] = {"labels": got.labels.tolist(), "problems": got.problems,
+                                                "damaged": got.damaged.nonzero().flatten().tolist()}
+            except FerDistError as e:
+                result[f"{name}-{on_error}"] = {"error": str(e)}
+        result[f"{name}-checked-here"] = int(checked_labels(shardset, "skip", part=(rank, 2)).covered.sum())
+    result["texts"] = dist.gathered_texts(acc, ["a\nb", "\u00fc"] if rank == 0 else ["c"])
+    result["texts_none"] = dist.gathered_texts(acc, [])
+    result["texts_empty"] = dist.gathered_texts(acc, [""] if rank == 1 else [])
+    return result
+
+
 @dataclass
 class Launch:
     """A started 2-process run of one scenario."""
@@ -170,7 +193,8 @@ def start(scenario: str, out: Path, launcher: str = "env") -> Launch:
     return Launch(procs, out, started)
 
 
-SCENARIOS = {"collectives": collectives, "disagree": disagree, "mismatch": mismatch, "save": save}
+SCENARIOS = {"collectives": collectives, "disagree": disagree, "mismatch": mismatch, "save": save,
+             "labels": labels}
 
 
 def main() -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -10,8 +12,10 @@ from typing import Any
 import dist_worker
 import pytest
 import torch
+from shard_fixtures import damage_pngs
 
 from fer_dist import dist, files, stopsignals
+from fer_dist.data.runset import ShardSet, checked_labels
 from fer_dist.errors import FerDistError
 
 # A hang guard, not the expected time: on a loaded 2-core machine a launch takes 10-25 s.
@@ -19,10 +23,22 @@ TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
-def launches(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dist_worker.Launch]:
-    """The three 2-process launches, started together so their start-ups overlap."""
+def label_folders(tmp_path_factory: pytest.TempPathFactory, small_shards: Path) -> dict[str, str]:
+    """The session's small shards, and a copy with 2 damaged samples in its first train shard."""
+    damaged = shutil.copytree(small_shards, tmp_path_factory.mktemp("labels") / "damaged")
+    damage_pngs(damaged, 2)
+    return {"intact": str(small_shards), "damaged": str(damaged)}
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory: pytest.TempPathFactory, label_folders: dict[str, str]
+             ) -> dict[str, dist_worker.Launch]:
+    """The four 2-process launches, started together so their start-ups overlap."""
     root = tmp_path_factory.mktemp("dist")
+    (root / "labels").mkdir()
+    (root / "labels" / "args.json").write_text(json.dumps(label_folders))
     return {
+        "labels": dist_worker.start("labels", root / "labels"),
         "collectives": dist_worker.start("collectives", root / "collectives"),
         "disagree": dist_worker.start("disagree", root / "disagree"),
         # Through the real launcher: the WORLD_SIZE it sets is what make_accelerator checks.
@@ -90,6 +106,40 @@ def test_uncaught_disagreement_ends_both_ranks(launches: dict[str, dist_worker.L
         # Written by each rank's own exception handler: neither was killed waiting for the other.
         assert report["error"].startswith("RuntimeError: target table after round 3 differs between")
         assert "ranks 0 hold" in report["error"] and "ranks 1 hold" in report["error"]
+
+
+def test_the_label_pass_split_over_two_ranks_finds_what_one_process_finds(
+    launches: dict[str, dist_worker.Launch], label_folders: dict[str, str]
+) -> None:
+    codes, reports = launches["labels"].wait(TIMEOUT_S)
+    assert codes == [0, 0], reports
+    for name, folder in label_folders.items():
+        shardset = ShardSet([(folder, ("train", "val", "test"))])
+        # each rank checked a part of the shards, the two parts together all of them
+        parts = [r[f"{name}-checked-here"] for r in reports]
+        assert min(parts) > 0 and sum(parts) == shardset.num_ids, parts
+        for on_error in ("raise", "skip"):
+            try:
+                one = checked_labels(shardset, on_error)
+                expected = {"labels": one.labels.tolist(), "problems": sorted(one.problems),
+                            "damaged": one.damaged.nonzero().flatten().tolist()}
+            except FerDistError as e:
+                expected = {"error": str(e)}
+            for report in reports:
+                got = dict(report[f"{name}-{on_error}"])
+                if "problems" in got:
+                    got["problems"] = sorted(got["problems"])
+                assert got == expected, (name, on_error)
+    assert "error" in reports[0]["damaged-raise"] and len(reports[0]["damaged-skip"]["damaged"]) == 2
+
+
+def test_gathered_texts_keep_rank_order_newlines_and_empty_strings(
+    launches: dict[str, dist_worker.Launch],
+) -> None:
+    _, reports = launches["labels"].wait(TIMEOUT_S)
+    for report in reports:
+        assert report["texts"] == ["a\nb", "\u00fc", "c"]
+        assert report["texts_none"] == [] and report["texts_empty"] == [""]
 
 
 def test_any_process_and_all_sum(collectives: list[dict[str, Any]]) -> None:

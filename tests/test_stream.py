@@ -26,7 +26,7 @@ from train_fixtures import free_port
 
 from fer_dist.data import plan
 from fer_dist.data.augment import InputSpec, eval_transform, train_transform
-from fer_dist.data.runset import ShardSet, checked_labels, read_labels
+from fer_dist.data.runset import ShardSet, checked_labels
 from fer_dist.data.stream import (
     INLINE_BATCH,
     Loaders,
@@ -166,11 +166,11 @@ def test_shardset_offsets_directories_in_the_order_given(tmp_path):
         ShardSet([(tmp_path, ["train"])])
 
 
-def test_read_labels_reads_named_splits_only(tmp_path):
+def test_the_label_pass_reads_named_splits_only(tmp_path):
     synthetic_dir(tmp_path / "a", {"train": [3, 4], "test": [2]})
     synthetic_dir(tmp_path / "b", {"train": [5]})
     ss = ShardSet([(tmp_path / "a", ["train"]), (tmp_path / "b", ["train"])])
-    labels = read_labels(ss)
+    labels = checked_labels(ss).labels
     want = [fixture_label(i) for i in range(7)] + [-1, -1] + [fixture_label(i) for i in range(5)]
     assert labels.tolist() == want
 
@@ -219,7 +219,7 @@ def test_a_member_outside_the_allow_list_is_refused_and_never_unpickled(tmp_path
     targets = fixture_targets(ss.num_ids)
     include = torch.ones(ss.num_ids, dtype=torch.bool)
     with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'.*00000007\.pyd"):
-        read_labels(ss)
+        checked_labels(ss)
     with pytest.raises(FerDistError, match=r"train-000001\.tar: sample '00000007'") as err:
         list(train_loader(ss.shards(0), include, targets, transform=train_transform(SPEC), global_batch=2,
                           rank=0, world=1, num_workers=2, seed=0, epoch=0))

@@ -6,16 +6,17 @@ checked on resume. Each shard holds a known contiguous id range (its manifest en
 mask takes from each shard is known before anything is read (fer_dist/data/plan.py plans on it).
 
 The checked labels (`checked_labels`): every sample a run uses is checked once against its manifest digest,
-before the first step. The manifest keeps a CRC-32 per sample over its tar bytes: its members' headers,
-data and padding, one run of bytes in the file (`shards.sample_digest`). The label pass that every run
-makes anyway reads each shard once and checks every sample's digest over that run as it lies on disk (its
-bounds from the shard index), so a flipped byte anywhere in a sample - a header, a `.cls` member that would
-be a silently wrong label, a `.json` member that would be a wrong fold - is found. The streams then read
-the same file version without checking again: `read_samples` refuses a shard whose size or mtime changed
-since it was indexed, so the hot read path pays nothing. `on_error` decides what a damaged sample does:
-`raise` (the default) stops with a FerDistError naming the shard and the sample; `skip` leaves the sample
-out of every part of the run (a shard that cannot even be indexed: all its samples) and reports each one,
-for the trainer to count in its log.
+before the first step. The ranks of a launch split that pass (each checks every world-th shard, and
+`dist.label_pass` reduces the parts), so the ranks together read each shard once, not once per rank. The
+manifest keeps a CRC-32 per sample over its tar bytes: its members' headers, data and padding, one run of
+bytes in the file (`shards.sample_digest`). The label pass that every run makes anyway reads each shard once
+and checks every sample's digest over that run as it lies on disk (its bounds from the shard index), so a
+flipped byte anywhere in a sample - a header, a `.cls` member that would be a silently wrong label, a `.json`
+member that would be a wrong fold - is found. The streams then read the same file version without checking
+again: `read_samples` refuses a shard whose size or mtime changed since it was indexed, so the hot read path
+pays nothing. `on_error` decides what a damaged sample does: `raise` (the default) stops with a FerDistError
+naming the shard and the sample; `skip` leaves the sample out of every part of the run (a shard that cannot
+even be indexed: all its samples) and reports each one, for the trainer to count in its log.
 
 The masks (`load_run_data`): which ids are X_l, X_u, validation and test, over that one id space.
 """
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -118,6 +119,7 @@ class CheckedLabels:
 
     labels: torch.Tensor                           # [num_ids] long
     damaged: torch.Tensor                          # [num_ids] bool: left out under on_error=skip
+    covered: torch.Tensor                          # [num_ids] bool: the ids of the shards checked here
     problems: list[str] = field(default_factory=list)  # one line per damaged sample or shard
 
 
@@ -172,28 +174,29 @@ def _check_shard(path: Path, info: ShardInfo, offset: int, out: CheckedLabels, o
         raise FerDistError(f"{path}: {labelled} labelled samples, manifest says {info.labelled}")
 
 
-def checked_labels(shardset: ShardSet, on_error: OnError = "raise") -> CheckedLabels:
-    """The label pass over every split the shard set names, each shard once, every digest checked."""
+def checked_labels(shardset: ShardSet, on_error: OnError = "raise", *,
+                   part: tuple[int, int] = (0, 1)) -> CheckedLabels:
+    """The label pass over every split the shard set names, each shard once, every digest checked.
+
+    `part` = (rank, world): only every world-th of those shards, from the rank-th on; the others' ids stay
+    unlabelled and not `covered` (`dist.label_pass` reduces the parts of a launch's processes)."""
     if on_error not in ("raise", "skip"):
         raise FerDistError(f"data.on_error: expected raise or skip, got {on_error!r}")
+    rank, world = part
     n = shardset.num_ids
-    out = CheckedLabels(torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool))
+    out = CheckedLabels(torch.full((n,), -1, dtype=torch.long), torch.zeros(n, dtype=torch.bool),
+                        torch.zeros(n, dtype=torch.bool))
     seen: set[Path] = set()
     for entry in range(len(shardset.entries)):
-        for path, info, offset in shardset.infos(entry):
-            if path not in seen:
-                seen.add(path)
+        for path, info, offset in shardset.infos(entry):  # every process walks all: the same numbering
+            if path in seen:
+                continue
+            seen.add(path)
+            if (len(seen) - 1) % world == rank:
                 _check_shard(path, info, offset, out, on_error)
+                out.covered[offset + info.first_id:offset + info.first_id + info.count] = True
     out.labels[out.damaged] = -1
     return out
-
-def read_labels(shardset: ShardSet) -> torch.Tensor:
-    """[num_ids] long: each sample's class from its `.cls` member, -1 if unlabelled or in no split named.
-
-    Every sample is checked against its manifest digest on the way (`checked_labels`): a damaged one raises.
-    """
-    return checked_labels(shardset).labels
-
 
 # ---------------------------------------------------------------------------------------------------------
 # the run's parts: X_l, X_u, val, test
@@ -292,15 +295,17 @@ def _unique(shards: list[RunShard]) -> list[RunShard]:
     return out
 
 
-def load_run_data(cfg: DataConfig, seed: int = 0) -> RunData:
+def load_run_data(cfg: DataConfig, seed: int = 0,
+                  label_pass: Callable[[ShardSet, OnError], CheckedLabels] = checked_labels) -> RunData:
     """Open every shard directory the config names and build the masks (reads only `.cls` members);
-    `seed` draws the `share` subsets where data.subset_seed is None."""
+    `seed` draws the `share` subsets where data.subset_seed is None. `label_pass` checks the labels: the
+    ranks of a launch split it (`dist.label_pass`)."""
     entries = _entries(cfg)
     shardset = ShardSet([(ref.dir, ref.splits) for _, ref in entries])
     parts: dict[str, list[RunShard]] = {"labelled": [], "unlabelled": [], "val": [], "test": []}
     for i, (part, _) in enumerate(entries):
         parts[part] += shardset.shards(i)
-    checked = checked_labels(shardset, cfg.on_error)  # every sample's digest checked
+    checked = label_pass(shardset, cfg.on_error)  # every sample's digest checked
     labels = checked.labels
     n = shardset.num_ids
     has_label = labels >= 0

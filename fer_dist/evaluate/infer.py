@@ -20,7 +20,7 @@ from fer_dist import dist
 from fer_dist.config import ShardsRef
 from fer_dist.data.augment import eval_transform, normalise
 from fer_dist.data.manifest import Manifest
-from fer_dist.data.runset import ShardSet, fold_mask, read_labels
+from fer_dist.data.runset import ShardSet, fold_mask
 from fer_dist.data.shardread import read_samples
 from fer_dist.data.stream import Loaders
 from fer_dist.errors import FerDistError
@@ -121,7 +121,7 @@ def predict_shards(net: FerNet, acc, target: ShardSplits, *, tta: str = "none", 
     shardset = ShardSet([(target.dir, target.splits)])
     shards = shardset.shards(0)
     manifest = shardset.manifests[shardset.entries[0][0]]
-    labels = read_labels(shardset)
+    labels = dist.label_pass(acc, shardset).labels  # the ranks split the pass
     net = net.to(acc.device).eval()
     include = None if target.folds is None else fold_mask(shardset.num_ids, shards, target.ref())
     ids_parts = [torch.zeros(0, dtype=torch.long)]
