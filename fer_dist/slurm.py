@@ -16,6 +16,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +127,15 @@ def script_for(spec: JobSpec) -> Path:
     return SCRIPTS / ("single_node.sbatch" if spec.nodes == 1 else "multi_node.sbatch")
 
 
+PYTHON_DEFAULT = "${FER_DIST_PYTHON:-.venv/bin/python}"  # the templates' own, for `sbatch TEMPLATE`
+
+
+def this_python(line: str) -> str:
+    """A template line with the default Python made the one rendering it: a fer-dist installed from a wheel
+    has no .venv in the submit directory, and `sys.executable` is the interpreter that has fer-dist."""
+    return line.replace(PYTHON_DEFAULT, "${FER_DIST_PYTHON:-" + shlex.quote(sys.executable) + "}")
+
+
 def render(spec: JobSpec) -> str:
     """The batch script with the job's #SBATCH values and its training arguments filled in."""
     if spec.nodes < 1 or spec.gpus_per_node < 1:
@@ -150,7 +160,7 @@ def render(spec: JobSpec) -> str:
             line = f"{head}(#SBATCH below: {'none, CPU ranks' if spec.cpu else spec.gpus_per_node})"
         if line.strip() == "# fer-dist: training arguments":
             line = f"[ $# -gt 0 ] || set -- {shlex.join(spec.train_args)}"
-        out.append(line)
+        out.append(this_python(line))
     extra = [f"#SBATCH {k}={v}" for k, v in values.items() if v is not None]
     if extra:  # options the template does not carry go right after its last #SBATCH line
         last = max(i for i, line in enumerate(out) if line.startswith("#SBATCH"))

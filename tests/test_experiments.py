@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -194,6 +195,7 @@ def test_submit_dry_run_renders_a_warmup_job_per_seed_and_an_array_of_its_arms(t
     assert "#SBATCH --dependency=afterok:<job id of tiny-warmup-s1>" in arms
     assert "#SBATCH --time=1:00:00" in arms and "#SBATCH --cpus-per-task=2" in arms
     assert "--set=method.tau=0.4 --seeds 1 --arms smoothing" in arms and "--arms both_adaptive" in arms
+    assert f"PY=${{FER_DIST_PYTHON:-{shlex.quote(sys.executable)}}}" in arms  # the Python rendering it
     # the tasks as bash reads them: each entry one argument list
     tasks = arms.split("TASKS=(\n", 1)[1].split("\n)", 1)[0]
     got = subprocess.run(["bash", "-c", f"TASKS=(\n{tasks}\n)\neval \"ARGS=(${{TASKS[1]}})\"\n"

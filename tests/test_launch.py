@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -301,8 +302,18 @@ def test_rendered_scripts_carry_the_values_and_parse(tmp_path: Path, nodes: int)
                  "[ $# -gt 0 ] || set -- --config 'a b.yaml' tau=0.8"):
         assert line in script.splitlines(), line
     assert ("--rdzv_backend c10d" in script) == (nodes > 1)
+    # the job's default Python is the one rendering it, quoted, not the repository's .venv
+    assert slurm.PYTHON_DEFAULT in slurm.script_for(spec).read_text() and slurm.PYTHON_DEFAULT not in script
     (tmp_path / "job.sbatch").write_text(script)
     assert subprocess.run(["bash", "-n", str(tmp_path / "job.sbatch")]).returncode == 0
+    weird = Path("/opt/my envs/bin/python")
+    job = tmp_path / "python.sbatch"
+    job.write_text(script.replace(shlex.quote(sys.executable), shlex.quote(str(weird))))
+    probe = "\n".join(line for line in job.read_text().splitlines() if "FER_DIST_PYTHON:-" in line)
+    bare = {k: v for k, v in os.environ.items() if k != "FER_DIST_PYTHON"}
+    printed = subprocess.run(["bash", "-c", f"{probe}\necho \"${{PY:-$FER_DIST_PYTHON}}\""], env=bare,
+                             capture_output=True, text=True)
+    assert printed.stdout.strip() == str(weird), printed
     cpu = slurm.render(slurm.JobSpec(nodes=nodes, gpus_per_node=2, train_args=[], cpu=True))
     assert "#SBATCH --gpus-per-node" not in cpu and "PROCS_PER_NODE=${PROCS_PER_NODE:-2}" in cpu
 

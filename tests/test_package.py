@@ -67,3 +67,5 @@ def test_wheel_runs_the_quick_start_and_slurm_submit(tmp_path: Path) -> None:
                               timeout=240)
         assert done.returncode == 0, (args, done.stdout, done.stderr)
         assert expect in done.stdout, (args, done.stdout)
+    # the job runs the Python that has this fer-dist: the wheel's venv, not a .venv in the submit directory
+    assert f"PY=${{FER_DIST_PYTHON:-{py}}}" in done.stdout, done.stdout

@@ -70,7 +70,7 @@ def render(job: Job, res: Resources, dependency: str | None = None) -> str:
             values.pop(key)
         if line.strip() == "# fer-dist: experiment tasks":
             line = "TASKS=(\n" + "".join(f"  {shlex.quote(shlex.join(t))}\n" for t in job.tasks) + ")"
-        out.append(line)
+        out.append(slurm.this_python(line))
     extra = [f"#SBATCH {k}={v}" for k, v in values.items() if v is not None]
     last = max(i for i, line in enumerate(out) if line.startswith("#SBATCH"))
     out[last + 1:last + 1] = extra  # options the template does not carry go after its last #SBATCH line
