@@ -5,11 +5,11 @@ see under a file lock (`train_fixtures.shared_folder`): the first worker builds 
 reuse it. Shared folders are read-only to tests; a test that writes into one copies it first
 (`train_fixtures.copy_workdir`) or writes its runs into a folder of its own.
 
-Tests that start multi-process trainings are marked `xdist_group("launch")`; they run one at a time on the
-machine, whichever worker has them (`launch_lock`, below), so two 2-rank trainings never share the cores.
-The lock, not xdist's `--dist loadgroup`, serialises them: with pytest 9.2, xdist 3.8 ignores the groups
-(pytest-xdist#1386). pyproject's `--dist loadfile` keeps a file's tests on one worker, so a module-scoped
-fixture is built once.
+Tests that start multi-process trainings are marked `xdist_group("launch")`; each holds one of two launch
+slots (`train_fixtures.launch_lock`), and one marked `launch_alone` as well (timing asserts) holds both, so
+no other launch shares the cores with it. The slots, not xdist's `--dist loadgroup`, order them: with
+pytest 9.2, xdist 3.8 ignores the groups (pytest-xdist#1386). pyproject's `--dist loadfile` keeps a file's
+tests on one worker, so a module-scoped fixture is built once.
 """
 
 from __future__ import annotations
@@ -45,17 +45,18 @@ def _launches(item: pytest.Item) -> bool:
                for m in item.iter_markers("xdist_group"))
 
 
-LAUNCH_TIMEOUT_S = 1200  # pyproject's 300 s, and the wait for the lock while another launch test runs
+LAUNCH_TIMEOUT_S = 1200  # pyproject's 300 s, and the wait for a launch slot while other launches run
 
 
-# The files that take longest, first: xdist's loadfile hands files to its workers in collection order, and a
-# long file collected last (alphabetically, test_train.py) kept one core busy while the other idled. The order
-# is the files' totals in `pytest --durations=0` on the 2-core machine; a file not named keeps its place after
-# these. Launch files alternate with others, so the two workers seldom wait for the launch lock together.
-LONGEST_FIRST = ("test_experiments.py", "test_slurm.py", "test_evaluate_cli.py", "test_elastic.py",
-                 "test_faults.py", "test_train.py", "test_launch.py", "test_experiment_slurm.py",
-                 "test_stream.py", "test_full_disk.py", "test_scarce.py", "test_outputs.py", "test_models.py",
-                 "test_arms.py")
+# The files that take longest, first: with pyproject's --no-loadscope-reorder, xdist's loadfile hands files
+# to its workers in collection order (by default it orders them by their number of tests), and a long file
+# handed out last keeps one core busy while the other idles. The order is the files' wall times on the 2-core
+# machine (a per-test timeline of the whole suite, 2026-12-07); a file not named keeps its place after these.
+LONGEST_FIRST = ("test_faults.py", "test_launch.py", "test_evaluate_cli.py", "test_train.py", "test_slurm.py",
+                 "test_elastic.py", "test_experiments.py", "test_full_disk.py", "test_stream.py",
+                 "test_outputs.py", "test_arms.py", "test_prechecks.py", "test_scarce.py",
+                 "test_experiment_slurm.py", "test_dlib_resnet.py", "test_bench_shard.py",
+                 "test_fuzz_shards.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -67,13 +68,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _one_launch_at_a_time(request, tmp_path_factory) -> Iterator[None]:
-    """The launch lock around a launch test (autouse: set up before its other function fixtures; a session
-    or module fixture that starts 2 ranks takes the lock itself)."""
+def _launch_slot(request, tmp_path_factory) -> Iterator[None]:
+    """A launch slot around a launch test (autouse: set up before its other function fixtures; a session
+    or module fixture that starts 2 ranks takes a slot itself)."""
     if not _launches(request.node):
         yield
         return
-    with launch_lock(tmp_path_factory):
+    with launch_lock(tmp_path_factory, alone=request.node.get_closest_marker("launch_alone") is not None):
         yield
 
 

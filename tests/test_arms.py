@@ -75,7 +75,7 @@ def test_ids_of_labelled_val_and_test_do_not_depend_on_the_unlabelled_folder(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("launch")  # 2-rank launches: one at a time (conftest.py)
+@pytest.mark.xdist_group("launch")  # 2-rank launches: a launch slot each (conftest.py)
 def test_warm_up_does_not_depend_on_the_unlabelled_set(tmp_path: Path):
     opts = SourceOptions(subjects=12, frames=5)
     pack("synthetic", [], tmp_path / "main", options=opts, samples_per_shard=40, workers=1, progress=False)

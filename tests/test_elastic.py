@@ -22,7 +22,7 @@ from train_fixtures import launch_lock, run, train_command, write_config
 from fer_dist.checkpoint_files import latest_checkpoint, load_checkpoint
 from fer_dist.models.backbones import BACKBONES
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launch")]  # 2-rank runs: one at a time
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("launch")]  # 2-rank runs: a launch slot each
 TOLERANCE = 1e-4  # absolute, on weights, table entries and mean losses (of order 0.1 to 1)
 UNCOMPARED = ("time/", "gather/")  # wall-clock timings; bytes gathered, which grow with the processes
 

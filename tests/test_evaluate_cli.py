@@ -156,7 +156,7 @@ def on_two_processes(work: Path, *args: str | Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.xdist_group("launch")  # 2 ranks: one launch at a time (conftest.py)
+@pytest.mark.xdist_group("launch")  # 2 ranks: a launch slot (conftest.py)
 def test_eval_on_two_gloo_processes_counts_each_sample_once(work: Path) -> None:
     ok(cli("eval", work / "runs/a", "--shards", work / "shards:test,val", "--out", work / "one"))
     on_two_processes(work, "eval", work / "runs/a", "--shards", work / "shards:test,val", "--out",
@@ -189,7 +189,7 @@ def test_intensity_draws_the_grid_and_scores_each_sequence(work: Path) -> None:
     assert image is not None and image.shape[0] > 300 and image.shape[1] > 600
 
 
-@pytest.mark.xdist_group("launch")  # 2 ranks: one launch at a time (conftest.py)
+@pytest.mark.xdist_group("launch")  # 2 ranks: a launch slot (conftest.py)
 def test_intensity_and_predict_on_two_gloo_processes_match_one(work: Path) -> None:
     target = f"{work / 'shards'}:val,test"
     ok(cli("intensity", work / "runs/a", "--shards", target, "--out", work / "i1"))
@@ -238,7 +238,7 @@ def test_predict_gives_the_models_probabilities_and_reports_what_has_no_face(wor
     assert found["noise.png"]["status"] == "no face found" and found["noise.png"]["predicted"] is None
 
 
-@pytest.mark.xdist_group("launch")  # 2 ranks: one launch at a time (conftest.py)
+@pytest.mark.xdist_group("launch")  # 2 ranks: a launch slot (conftest.py)
 def test_export_onnx_from_the_best_model_and_from_a_checkpoint(work: Path) -> None:
     import onnxruntime
 
@@ -273,8 +273,8 @@ def test_compare_lists_what_differs_and_what_each_run_reached(work: Path) -> Non
     assert cv2.imread(str(work / "cmp/compare.png")) is not None
 
 
-@pytest.mark.xdist_group("launch")  # 2 ranks: one launch at a time (conftest.py)
 def test_cv_trains_every_fold_and_continues_where_it_stopped(work: Path) -> None:
+    """One process per fold: `fer-dist cv` launches them as `fer-dist train` does (tests/test_launch.py)."""
     pack("synthetic", [], work / "folds", options=SourceOptions(subjects=6, frames=3), split=(1.0, 0.0, 0.0),
          folds=3, workers=1, progress=False)
     base = yaml.safe_load((work / "config.yaml").read_text())
@@ -283,7 +283,7 @@ def test_cv_trains_every_fold_and_continues_where_it_stopped(work: Path) -> None
     base["method"].update(self_training=False, warmup_epochs=1)
     base["run"]["name"] = "cvrun"
     (work / "cv.yaml").write_text(yaml.safe_dump(base))
-    out = ok(cli("cv", "--config", work / "cv.yaml", "--folds", "3", "--processes", "2", cwd=work))
+    out = ok(cli("cv", "--config", work / "cv.yaml", "--folds", "3", "--processes", "1", cwd=work))
     summary = json.loads((work / "runs/cvrun-cv/cv.json").read_text())
     assert [r["fold"] for r in summary["records"]] == [0, 1, 2] and "mean ± sd" in out
     assert sum(r["n"] for r in summary["records"]) == read_manifest(work / "folds").splits["train"].labelled
@@ -297,7 +297,7 @@ def test_cv_trains_every_fold_and_continues_where_it_stopped(work: Path) -> None
     # an interrupted cross-validation: fold 1 lost its end; the same command trains only fold 1 again
     stamps = {k: (work / f"runs/cvrun-fold{k}/summary.json").stat().st_mtime_ns for k in (0, 2)}
     (work / "runs/cvrun-fold1/summary.json").unlink()
-    ok(cli("cv", "--config", work / "cv.yaml", "--folds", "3", "--processes", "2", cwd=work))
+    ok(cli("cv", "--config", work / "cv.yaml", "--folds", "3", "--processes", "1", cwd=work))
     assert {k: (work / f"runs/cvrun-fold{k}/summary.json").stat().st_mtime_ns for k in (0, 2)} == stamps
     assert (work / "runs/cvrun-fold1/summary.json").is_file()
     assert json.loads((work / "runs/cvrun-cv/cv.json").read_text())["records"] == summary["records"]

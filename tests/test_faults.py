@@ -61,7 +61,7 @@ def assert_same_end(a: dict, b: dict) -> None:
         assert torch.allclose(tensor.float(), b["model"][name].float(), atol=1e-5), name
 
 
-# the tests that start 2 ranks: one at a time on the machine (conftest.py)
+# the tests that start 2 ranks: a launch slot each (conftest.py)
 launches = pytest.mark.xdist_group("launch")
 
 

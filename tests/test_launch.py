@@ -31,7 +31,7 @@ VENV_BIN = Path(sys.executable).parent
 TIMEOUT = 240
 
 
-# real launches: slow, and one at a time on the machine (conftest.py)
+# real launches: slow, and a launch slot each (conftest.py)
 LAUNCHES = (pytest.mark.slow, pytest.mark.xdist_group("launch"))
 
 
@@ -173,7 +173,8 @@ def test_stop_signal_checkpoints_and_exits_with_its_code(workdir: Path, target: 
     signal sent to its ranks only."""
     name = f"stop-{target}-{signame}"
     extra = ("run.progress=true", "run.progress_every_s=0.2") if target == "launcher" else ()
-    cmd = launch_cmd(workdir, name, *extra, bare=target.startswith("bare"))
+    workers = ("data.num_workers=1",) if target == "group" else ()  # they get the signal too, as from a tty
+    cmd = launch_cmd(workdir, name, *extra, *workers, bare=target.startswith("bare"))
     proc = run_to_checkpoint(workdir, cmd, name)
     send(proc, target, getattr(signal, signame))
     output, _ = proc.communicate(timeout=120)
@@ -186,6 +187,7 @@ def test_stop_signal_checkpoints_and_exits_with_its_code(workdir: Path, target: 
 
 
 @launches
+@pytest.mark.launch_alone  # it times the exit
 def test_second_sigint_exits_at_once(workdir: Path) -> None:
     proc = run_to_checkpoint(workdir, launch_cmd(workdir, "twice"), "twice")
     os.killpg(proc.pid, signal.SIGINT)
@@ -239,7 +241,8 @@ def test_ranks_of_a_bare_launcher_killed_by_sigusr1_checkpoint_and_end(workdir: 
 
 @launches
 def test_one_process_sigint_checkpoints_and_returns_130(workdir: Path) -> None:
-    cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(workdir / "config.yaml"), "run.name=one"]
+    cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(workdir / "config.yaml"), "run.name=one",
+           "data.num_workers=1"]
     proc = run_to_checkpoint(workdir, cmd, "one")
     os.killpg(proc.pid, signal.SIGINT)  # the whole group, loader workers included, as a terminal does
     output, _ = proc.communicate(timeout=120)
@@ -255,7 +258,7 @@ def test_one_process_sigterm_and_a_double_sigint(workdir: Path, tmp_path: Path, 
     until its parent reaps it, and a parent reading a pipe to its end would wait for them."""
     name = f"one-{presses}"
     cmd = [sys.executable, "-m", "fer_dist.train", "--config", str(workdir / "config.yaml"),
-           f"run.name={name}"]
+           f"run.name={name}", "data.num_workers=1"]
     with open(tmp_path / "log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -163,9 +164,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory, synthetic_shards: Path) -> Path:
-    """The reference's config over the session's shards, with the plain progress line every second."""
+    """The reference's config over the session's shards, with the plain progress line (every 0.2 s: a
+    tiny epoch without loader workers takes less than a second)."""
     return tiny_training(tmp_path_factory.mktemp("slurmrun"), synthetic_shards,
-                         run={**REFERENCE_SECTIONS["run"], "progress": True, "progress_every_s": 1.0})
+                         run={**REFERENCE_SECTIONS["run"], "progress": True, "progress_every_s": 0.2})
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +218,28 @@ def ranks_gone(name: str, seconds: float = 120) -> None:
         time.sleep(0.2)
 
 
+def job_ranks(name: str, count: int = 2, seconds: float = 60) -> list[psutil.Process]:
+    """The trainer processes (`python -m fer_dist.train`, not the launchers naming it) of run `name`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            line = p.info["cmdline"] or []
+            module = line[line.index("-m") + 1] if "-m" in line[:-1] else None
+            if module == "fer_dist.train" and f"run.name={name}" in line:
+                found.append(p)
+        if len(found) == count:
+            return found
+        assert time.monotonic() < deadline, f"{len(found)} ranks of {name}, not {count}"
+        time.sleep(0.1)
+
+
+def pending(process: psutil.Process, sig: int) -> bool:
+    """Whether `sig` waits for delivery to the process (its /proc status: pending for it or any thread)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{process.pid}/status").read_text().splitlines())
+    return any(int(fields[key].strip(), 16) >> (sig - 1) & 1 for key in ("SigPnd", "ShdPnd"))
+
+
 def final_state(run_dir: Path) -> dict:
     state, _ = load_checkpoint(latest_checkpoint(run_dir), 0)
     return state
@@ -237,8 +261,19 @@ def test_time_limit_warning_mid_round_requeues_and_resumes_to_the_same_end(
     job, log = submit(cluster, workdir, "preempted", nodes=2)  # multi_node.sbatch
     run_dir = workdir / "runs" / "preempted"
     wait_for(run_dir / "checkpoints" / "round-0001" / "meta.json", cluster, job)
+    # The ranks are held while the warning travels (batch shell -> scancel -> slurmd -> ranks): on a cluster
+    # it comes 90 s ahead, in a long round; a tiny run could otherwise end before it arrives.
+    ranks = job_ranks("preempted")
+    for rank in ranks:
+        rank.suspend()
     # what --signal=B:USR1@90 delivers ahead of the time limit: SIGUSR1 to the batch shell only
     assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    deadline = time.monotonic() + 60
+    while not all(pending(rank, signal.SIGUSR1) for rank in ranks):
+        assert time.monotonic() < deadline, "the forwarded SIGUSR1 did not reach the ranks"
+        time.sleep(0.1)
+    for rank in ranks:
+        rank.resume()
     wait_for(run_dir / slurm.REQUEUES, cluster, job)
     # Slurm holds a requeued batch job ~2 min before it may start again; the test does not wait for that
     deadline = time.monotonic() + 120

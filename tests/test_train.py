@@ -44,8 +44,8 @@ def train(workdir: Path, name: str, processes: int = 2, *overrides: str) -> subp
     return trained(command(workdir, name, processes, *overrides), workdir, TIMEOUT)
 
 
-def start(workdir: Path, name: str) -> subprocess.Popen:
-    return subprocess.Popen(command(workdir, name, 2), cwd=workdir, stdout=subprocess.PIPE,
+def start(workdir: Path, name: str, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(command(workdir, name, 2, *overrides), cwd=workdir, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -164,7 +164,7 @@ def test_killed_run_resumes_to_the_same_end(workdir: Path, reference: Path):
 
 
 def test_sigterm_saves_together_exits_cleanly_and_resumes(workdir: Path, reference: Path):
-    proc = start(workdir, "stopped")
+    proc = start(workdir, "stopped", "data.num_workers=1")  # the loader workers get the signal too
     run_dir = workdir / "runs" / "stopped"
     wait_for(run_dir / "checkpoints" / "warmup-0001" / "meta.json", proc)
     signal_tree(proc, signal.SIGTERM)

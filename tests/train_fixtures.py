@@ -17,13 +17,13 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import yaml
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from fer_dist.data.pack import pack
 from fer_dist.data.sources.base import SourceOptions
@@ -86,11 +86,51 @@ def shared_folder(tmp_path_factory, name: str, build: Callable[[Path], object]) 
     return out
 
 
-def launch_lock(tmp_path_factory) -> FileLock:
-    """Held while a multi-process training runs: one at a time on the machine, whichever xdist worker
-    starts it (2 ranks on 2 cores; their timing asserts and collective timeouts assume no other launch).
-    conftest.py takes it around every test marked xdist_group("launch")."""
-    return _lock(shared_root(tmp_path_factory) / "launch.lock")
+LAUNCH_SLOTS = 2
+_HELD: list[FileLock] = []  # the launch slots this process holds
+
+
+@contextlib.contextmanager
+def launch_lock(tmp_path_factory, *, alone: bool = False) -> Iterator[None]:
+    """Held while a multi-process training runs, whichever xdist worker starts it. A launch takes one of
+    LAUNCH_SLOTS slots; `alone` takes them all, for a test whose timing asserts assume no other launch.
+    conftest.py takes it around every test marked xdist_group("launch") (`launch_alone`: all slots).
+
+    Two slots, not one: a launch keeps 0.9 of the 2 cores busy on average (start-up chains, polls, waits for
+    a timeout or for Slurm), and with one slot the launches were the suite's critical path (614 s held, 393
+    s waited for, of a 714 s run; `issues show 21`).
+    """
+    root = shared_root(tmp_path_factory)
+    slots = [_lock(root / f"launch-{i}.lock") for i in range(LAUNCH_SLOTS)]
+    taken: list[FileLock] = []
+    try:
+        if alone:  # in order: two tests asking for all slots cannot each hold a part
+            for slot in slots:
+                slot.acquire()
+                taken.append(slot)
+        elif _HELD:  # a fixture of a test that holds a slot: the same slot again (FileLock is reentrant)
+            _HELD[0].acquire()
+            taken.append(_HELD[0])
+        else:
+            free = next((slot for slot in slots if _try(slot)), None)
+            if free is None:
+                slots[0].acquire()
+                free = slots[0]
+            taken.append(free)
+        _HELD.extend(taken)
+        yield
+    finally:
+        for slot in reversed(taken):
+            _HELD.remove(slot)
+            slot.release()
+
+
+def _try(lock: FileLock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- shards and configs
@@ -129,11 +169,12 @@ REFERENCE_SECTIONS: dict[str, dict[str, Any]] = {"run": {"debug": True, "keep_la
 
 def tiny_training(root: Path, shards: Path | None = None, **sections: dict[str, Any]) -> Path:
     """`root`/config.yaml over `shards` (default: new `train_shards` in `root`/shards), runs under
-    `root`/runs: small_cnn, 2 warm-up epochs, 3 rounds; `sections` update the config's sections
+    `root`/runs: small_cnn, 2 warm-up epochs, 3 rounds, no loader workers (a worker's fork server costs
+    each rank 2.6 CPU-s; the tests of workers ask for them); `sections` update the config's sections
     (`run={"debug": True}`). Returns `root`."""
     shards = shards or train_shards(root / "shards")
     config: dict[str, dict[str, Any]] = {
-        "data": {**_refs(shards), "num_workers": 1},
+        "data": {**_refs(shards), "num_workers": 0},
         "model": {"backbone": "small_cnn", "pretrained": False, "trainable": "all"},
         "method": {"warmup_epochs": 2, "warmup_patience": 5, "max_rounds": 3, "tau": 0.3},
         "optim": {"lr": 0.002, "batch_size": 16},
