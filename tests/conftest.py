@@ -48,23 +48,10 @@ def _launches(item: pytest.Item) -> bool:
 LAUNCH_TIMEOUT_S = 1200  # pyproject's 300 s, and the wait for a launch slot while other launches run
 
 
-# The files that take longest, first: with pyproject's --no-loadscope-reorder, xdist's loadfile hands files
-# to its workers in collection order (by default it orders them by their number of tests), and a long file
-# handed out last keeps one core busy while the other idles. The order is the files' wall times on the 2-core
-# machine (a per-test timeline of the whole suite, 2026-12-07); a file not named keeps its place after these.
-LONGEST_FIRST = ("test_faults.py", "test_launch.py", "test_evaluate_cli.py", "test_train.py", "test_slurm.py",
-                 "test_elastic.py", "test_experiments.py", "test_full_disk.py", "test_stream.py",
-                 "test_outputs.py", "test_arms.py", "test_prechecks.py", "test_scarce.py",
-                 "test_experiment_slurm.py", "test_dlib_resnet.py", "test_bench_shard.py",
-                 "test_fuzz_shards.py")
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _launches(item) and item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(LAUNCH_TIMEOUT_S))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's own order kept
 
 
 @pytest.fixture(autouse=True)
