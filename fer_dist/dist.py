@@ -277,7 +277,6 @@ def broadcast_buffers(accelerator: Accelerator, module: torch.nn.Module) -> None
             torch.distributed.broadcast(buf.data, src=0)
 
 
-
 def gathered_texts(accelerator: Accelerator, texts: list[str]) -> list[str]:
     """Every process's `texts`, in rank order, on every process (collective).
 
@@ -319,7 +318,7 @@ def label_pass(accelerator: Accelerator, shardset: ShardSet, on_error: OnError =
         raise FerDistError(errors[0])
     digest = int.from_bytes(hashlib.sha256(repr(versions).encode()).digest()[:8], "big") >> 1
     check_same_everywhere(accelerator, digest, "the shard files (sizes, modification times)")
-    # One writer per id (the process that checked its shard): 1 + its label, 9 if damaged, 0 elsewhere.
+    # One writer per id (the process that checked its shard): its label + 2 (1..8), 9 if damaged; 0 elsewhere.
     code = torch.where(mine.covered, mine.labels + 2 + 8 * mine.damaged.long(), 0).to(torch.int8)
     code = all_sum(accelerator, code).cpu()
     checked = (code >= 1) & (code <= 8)

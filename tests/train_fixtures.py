@@ -96,9 +96,9 @@ def launch_lock(tmp_path_factory, *, alone: bool = False) -> Iterator[None]:
     LAUNCH_SLOTS slots; `alone` takes them all, for a test whose timing asserts assume no other launch.
     conftest.py takes it around every test marked xdist_group("launch") (`launch_alone`: all slots).
 
-    Two slots, not one: a launch keeps 0.9 of the 2 cores busy on average (start-up chains, polls, waits for
-    a timeout or for Slurm), and with one slot the launches were the suite's critical path (614 s held, 393
-    s waited for, of a 714 s run; `issues show 21`).
+    Two slots, not one: a launch keeps less than one of the 2 cores busy on average (start-up chains, polls,
+    waits for a timeout or for Slurm), and with one slot the launches were the suite's critical path, the
+    other worker waiting for the lock for much of the run.
     """
     root = shared_root(tmp_path_factory)
     slots = [_lock(root / f"launch-{i}.lock") for i in range(LAUNCH_SLOTS)]
