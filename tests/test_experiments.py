@@ -28,9 +28,9 @@ from fer_dist.errors import FerDistError
 from fer_dist.experiments.publish import README_END, publish
 from fer_dist.experiments.records import REQUIRED, add_record, read_records, recorded
 from fer_dist.experiments.report import render
-from fer_dist.experiments.run import code_checkout, environment
+from fer_dist.experiments.run import check_warmup, code_checkout, environment
 from fer_dist.experiments.spec import read_experiment, with_notes
-from fer_dist.experiments.stats import interval, mean_sd, power, verdict
+from fer_dist.experiments.stats import interval, mean_sd, paired_gain, power, verdict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -440,6 +440,35 @@ def test_verdict_and_mean_sd_known_answers():
     gains = [1.0, 3.0] * 7 + [2.0]
     lo, hi = interval(gains)
     assert abs((hi - lo) / 2 / (statistics.stdev(gains) / 15 ** 0.5) - 2.145) < 0.01
+
+
+def test_arms_pair_only_where_they_started_from_one_warmup(tmp_path):
+    """A seed's warm-up trained again (its run folder lost, another CPU) has another validation curve: its
+    arms pair with each other, not with the arms of the first warm-up, and the runner refuses to add an arm
+    of that seed from the second one."""
+    def rec(arm, seed, acc, curve):
+        return dict(_record(arm, seed, acc), warmup_run=f"runs/warmup-s{seed}", val_per_warmup_epoch=curve)
+
+    first, again = [0.30, 0.41], [0.31, 0.40]
+    ref = [rec("supervised", 0, 0.50, first), rec("supervised", 1, 0.50, first)]
+    arm = [rec("method", 0, 0.53, first), rec("method", 1, 0.60, again)]
+    gains, seeds = paired_gain(arm, ref)
+    assert seeds == [0] and gains == pytest.approx([3.0])
+    assert paired_gain([_record("method", 1, 0.6)], [_record("supervised", 1, 0.5)])[1] == [1]  # own warm-ups
+
+    warm = tmp_path / "runs" / "warmup-s1"
+    warm.mkdir(parents=True)
+    summary = {"rounds": 0, "warmup_epochs": 2, "stop_reason": "warm-up"}
+    (warm / "summary.json").write_text(json.dumps(summary))
+    (warm / "metrics.jsonl").write_text("".join(json.dumps({"kind": "warmup", "val/acc": v}) + "\n"
+                                                for v in again))
+    results = tmp_path / "results" / "tiny.json"
+    add_record(results, rec("supervised", 1, 0.5, first))
+    with pytest.raises(FerDistError, match=r"seed 1: its recorded arms \(supervised\) started from another"):
+        check_warmup(results, 1, warm)
+    check_warmup(results, 2, warm)  # a seed without records takes any warm-up
+    add_record(results, rec("method", 2, 0.5, again))
+    check_warmup(results, 2, warm)  # the same warm-up: its arms pair
 
 
 def test_a_stop_signal_to_the_runner_reaches_the_training_and_stops_the_runner(tmp_path):

@@ -228,6 +228,22 @@ def train_warmup(exp: Experiment, arm: str, seed: int, run_dir: Path, extra: lis
         raise Stopped(f"{run_dir}: the warm-up stopped before its end; rerun to continue")
 
 
+def check_warmup(results: Path, seed: int, warm: Path) -> None:
+    """Refuse an arm of `seed` whose shared warm-up is not the one the seed's recorded arms started from
+    (its run folder lost and the warm-up trained again, here or on another CPU, whose arithmetic differs):
+    its arms would not pair with theirs (`stats.same_start`)."""
+    from fer_dist.experiments.measure import run_record
+    from fer_dist.experiments.stats import same_start
+
+    mine = {"warmup_run": str(warm), "val_per_warmup_epoch": run_record(warm)["val_per_warmup_epoch"]}
+    other = [r for r in read_records(results) if int(r["seed"]) == seed and not same_start(r, mine)]
+    if other:
+        raise FerDistError(
+            f"{results}: seed {seed}: its recorded arms ({', '.join(r['arm'] for r in other)}) started from "
+            f"another warm-up than {warm} (trained on {other[0]['machine']}); arms of the two would not "
+            "pair: run the new arms on a seed with no records (--seeds)")
+
+
 def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_dir: Path, results: Path,
                    extra: list[str], dry_run: bool = False, warmup_only: bool = False) -> int:
     """Every (seed, arm) not yet recorded: train, test, record; with warmup_only, only the shared warm-ups
@@ -273,6 +289,7 @@ def run_experiment(exp: Experiment, *, seeds: list[int], arms: list[str], runs_d
             run_dir = runs_dir / exp.name / f"{arm}-s{seed}"
             if warm is not None and not dry_run:
                 train_warmup(exp, arm, seed, warm, extra, env)
+                check_warmup(results, seed, warm)
             cmd = train_command(exp, arm, seed, run_dir, arm_extra)
             print(f"{exp.name}: {arm} seed {seed}\n$ " + shlex.join(cmd), flush=True)
             if dry_run:

@@ -35,10 +35,19 @@ def t975(df: int) -> float:
 def paired_gain(arm: list[dict[str, Any]], ref: list[dict[str, Any]],
                 value: Callable[[dict[str, Any]], float] = lambda r: 100 * r["test_accuracy"],
                 ) -> tuple[list[float], list[int]]:
-    """Arm minus reference over the seeds both have (default: test accuracy in points)."""
-    ref_by_seed = {r["seed"]: value(r) for r in ref}
-    both = [r for r in arm if r["seed"] in ref_by_seed]
-    return [value(r) - ref_by_seed[r["seed"]] for r in both], [r["seed"] for r in both]
+    """Arm minus reference over the seeds both have from one start (`same_start`; default: test accuracy in
+    points)."""
+    pairs = [(r, q) for r in arm for q in ref if q["seed"] == r["seed"] and same_start(r, q)]
+    return [value(r) - value(q) for r, q in pairs], [r["seed"] for r, _ in pairs]
+
+
+def same_start(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records of one seed started their rounds from one warm-up. Where both started from a
+    shared warm-up (`warmup_run`), its validation curve, which both carry, tells: the warm-up trained again
+    (its run folder lost, another CPU's arithmetic) gives another curve, and arms of the two do not pair."""
+    if "warmup_run" not in a or "warmup_run" not in b:
+        return True
+    return a.get("val_per_warmup_epoch") == b.get("val_per_warmup_epoch")
 
 
 def interval(values: list[float]) -> tuple[float, float]:
