@@ -19,7 +19,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from fer_dist.data.runset import CheckedLabels, OnError, RunShard, ShardSet, checked_labels
+from fer_dist.data.runset import (
+    CheckedLabels,
+    OnError,
+    ShardSet,
+    checked_labels,
+    files_digest,
+    launch_checked,
+)
 from fer_dist.errors import FerDistError
 
 PAD_ID = -1
@@ -297,26 +304,30 @@ def gathered_texts(accelerator: Accelerator, texts: list[str]) -> list[str]:
 
 
 def label_pass(accelerator: Accelerator, shardset: ShardSet, on_error: OnError = "raise") -> CheckedLabels:
-    """`runset.checked_labels` split over the processes and reduced (collective): each process checks every
-    world-th shard, so a launch's ranks read each shard once together. A FerDistError found on any process
-    is raised on all of them (the lowest rank's).
+    """The label pass of a launch's processes (collective): the one `fer-dist train` made before starting
+    them where every process finds it made over the files it sees (`runset.launch_checked`), else
+    `runset.checked_labels` split over the processes and reduced: each process checks every world-th
+    shard, so the ranks read each shard once together. A FerDistError found on any process is raised on
+    all of them (the lowest rank's).
 
     Every process indexes every shard here, and all must see the same file versions (sizes and modification
     times): a process's streams then read, without checking again, the versions another process checked.
     """
     rank, world = accelerator.process_index, accelerator.num_processes
+    trusted = launch_checked(shardset, on_error)
     if world == 1:
-        return checked_labels(shardset, on_error)
-    mine, versions, error = None, [], None
+        return trusted if trusted is not None else checked_labels(shardset, on_error)
+    if not any_process(accelerator, trusted is None):  # all processes found it: all take it, or none
+        return trusted
+    mine, digest, error = None, 0, None
     try:
         mine = checked_labels(shardset, on_error, part=(rank, world))
-        versions = [_version(s) for part in range(len(shardset.entries)) for s in shardset.shards(part)]
+        digest = files_digest(shardset, on_error)
     except FerDistError as err:
         error = str(err)
     errors = gathered_texts(accelerator, [error] if error else [])
     if errors:
         raise FerDistError(errors[0])
-    digest = int.from_bytes(hashlib.sha256(repr(versions).encode()).digest()[:8], "big") >> 1
     check_same_everywhere(accelerator, digest, "the shard files (sizes, modification times)")
     # One writer per id (the process that checked its shard): its label + 2 (1..8), 9 if damaged; 0 elsewhere.
     code = torch.where(mine.covered, mine.labels + 2 + 8 * mine.damaged.long(), 0).to(torch.int8)
@@ -324,13 +335,3 @@ def label_pass(accelerator: Accelerator, shardset: ShardSet, on_error: OnError =
     checked = (code >= 1) & (code <= 8)
     labels = torch.where(checked, code.long() - 2, torch.full_like(code, -1, dtype=torch.long))
     return CheckedLabels(labels, code == 9, checked | (code == 9), gathered_texts(accelerator, mine.problems))
-
-
-def _version(shard: RunShard) -> tuple[str, int, int]:
-    """(file, size, mtime) of a shard as this process indexed it; as on disk where it cannot be indexed (a
-    shard left out under data.on_error=skip)."""
-    try:
-        return (str(shard.path), *shard.index().stamp)
-    except FerDistError:
-        st = os.stat(shard.path)
-        return (str(shard.path), st.st_size, st.st_mtime_ns)

@@ -37,8 +37,11 @@ from pathlib import Path
 from types import FrameType
 
 from fer_dist.config import TrainConfig, read_yaml
+from fer_dist.launchenv import CHECKED_ENV, ERRORS_ENV
 from fer_dist.prechecks import check_processes, check_world
-from fer_dist.stopsignals import ERRORS_ENV, STOP_SIGNALS
+from fer_dist.stopsignals import STOP_SIGNALS
+
+CHECKED_PREFIX = "fer-dist-labels-"  # `fer-dist train`'s label pass for the ranks (runset.launch_checked)
 
 CHILD = "--accelerate-child"  # `python -m fer_dist.launch CHILD ARGS`: the child, `accelerate launch ARGS`
 LAUNCHER_FILE = "launcher.json"  # the child's record of its launcher's failure, beside the ranks' ones
@@ -144,6 +147,20 @@ def _reported(status: Path) -> tuple[int, str] | None:
     return min(found)[1:] if found else None
 
 
+def checked_file() -> Path:
+    """A new temporary file for `fer-dist train`'s label pass, which the launch it starts removes."""
+    fd, path = tempfile.mkstemp(prefix=CHECKED_PREFIX, suffix=".npz")
+    os.close(fd)
+    return Path(path)
+
+
+def _remove_checked() -> None:
+    """Remove the label pass `fer-dist train` left for this launch: only a file `checked_file` made."""
+    path = Path(os.environ.get(CHECKED_ENV) or ".")
+    if path.parent == Path(tempfile.gettempdir()) and path.name.startswith(CHECKED_PREFIX):
+        path.unlink(missing_ok=True)
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when this process ends (Linux's PR_SET_PDEATHSIG)."""
     import ctypes
@@ -178,6 +195,7 @@ def run(argv: list[str]) -> int:
     finally:
         stops.close()
         shutil.rmtree(status, ignore_errors=True)
+        _remove_checked()
     if reported is not None:
         code, message = reported
     elif code == 0:

@@ -12,17 +12,19 @@ from fer_dist.config import TrainConfig
 from fer_dist.errors import FerDistError
 
 
-def check_training(config: Path | None, overrides: list[str], *, dry_run: bool = False) -> TrainConfig:
+def check_training(config: Path | None, overrides: list[str], *, dry_run: bool = False,
+                   checked_to: Path | None = None) -> TrainConfig:
     """Everything a launch would refuse, found in this one process: the config, the overrides, every shard
     folder (manifests and labels), a resume path, a weights file. Raises FerDistError; writes nothing but
     the quick start's synthetic shards where they are missing (as the trainer would; a dry run leaves them
-    missing and unchecked). `launcher_args` adds the checks that depend on the number of processes."""
+    missing and unchecked). `checked_to`: the label pass saved there for the ranks (`runset.launch_checked`).
+    `launcher_args` adds the checks that depend on the number of processes."""
     from fer_dist.config import load_config, overrides_name_data
     from fer_dist.quickstart import QUICKSTART, ensure_synthetic_shards
 
     # a bad config or key is answered before torch loads
     cfg = load_config(config if config is not None else QUICKSTART, overrides)
-    from fer_dist.data.runset import load_run_data
+    from fer_dist.data.runset import checked_labels, load_run_data, save_checked
 
     if config is None and not overrides_name_data(overrides):
         shards = Path(cfg.data.labelled[0].dir)
@@ -33,7 +35,13 @@ def check_training(config: Path | None, overrides: list[str], *, dry_run: bool =
         raise FerDistError(f"model.weights: {cfg.model.weights} does not exist")
     if cfg.run.resume not in ("auto", "never"):
         check_resume(Path(cfg.run.resume))
-    load_run_data(cfg.data, cfg.run.seed)  # the subsets (data.*.share) the ranks will draw
+    def label_pass(shardset, on_error):  # noqa: ANN001, ANN202 - runset.load_run_data's label_pass
+        checked = checked_labels(shardset, on_error)
+        if checked_to is not None:
+            save_checked(checked_to, checked, shardset, on_error)
+        return checked
+
+    load_run_data(cfg.data, cfg.run.seed, label_pass)  # the subsets (data.*.share) the ranks will draw
     return cfg
 
 

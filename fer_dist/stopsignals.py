@@ -23,10 +23,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fer_dist.launchenv import ERRORS_ENV
+
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGUSR1, signal.SIGINT})
-# A folder the launcher names: each rank writes its one-line error there as rank-<R>.json, the launcher
-# prints the lowest rank's once. Without it (bare `accelerate launch`, one process) rank 0 prints it.
-ERRORS_ENV = "FER_DIST_STATUS_DIR"
 
 
 @contextmanager

@@ -29,8 +29,9 @@ import torch
 
 from fer_dist import checkpoint_files as checkpoint
 from fer_dist import dist
-from fer_dist.data.runset import ShardSet, checked_labels
+from fer_dist.data.runset import ShardSet, checked_labels, save_checked
 from fer_dist.errors import FerDistError
+from fer_dist.launchenv import CHECKED_ENV
 
 
 def _rows(ids: list[int], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +134,21 @@ def labels(acc: Any, out: Path) -> dict[str, Any]:
             except FerDistError as e:
                 result[f"{name}-{on_error}"] = {"error": str(e)}
         result[f"{name}-checked-here"] = int(checked_labels(shardset, "skip", part=(rank, 2)).covered.sum())
+    # fer-dist train's own label pass, forged so that taking it shows: both ranks take it where it was made
+    # over these files under this rule; for another rule (or other files) they check the shards themselves
+    intact = ShardSet([(folders["intact"], ("train", "val", "test"))])
+    made = checked_labels(intact, "raise")
+    made.labels[made.labels >= 0] = 6
+    record = out / "checked.npz"
+    if rank == 0:
+        save_checked(record, made, intact, "raise")
+    acc.wait_for_everyone()
+    os.environ[CHECKED_ENV] = str(record)
+    try:
+        result["launch-raise"] = dist.label_pass(acc, intact, "raise").labels.tolist()
+        result["launch-skip"] = dist.label_pass(acc, intact, "skip").labels.tolist()
+    finally:
+        del os.environ[CHECKED_ENV]
     result["texts"] = dist.gathered_texts(acc, ["a\nb", "\u00fc"] if rank == 0 else ["c"])
     result["texts_none"] = dist.gathered_texts(acc, [])
     result["texts_empty"] = dist.gathered_texts(acc, [""] if rank == 1 else [])

@@ -15,8 +15,9 @@ import torch
 from shard_fixtures import damage_pngs
 
 from fer_dist import dist, files, stopsignals
-from fer_dist.data.runset import ShardSet, checked_labels
+from fer_dist.data.runset import ShardSet, checked_labels, launch_checked, save_checked
 from fer_dist.errors import FerDistError
+from fer_dist.launchenv import CHECKED_ENV
 
 # A hang guard, not the expected time: on a loaded 2-core machine a launch takes 10-25 s.
 TIMEOUT_S = 120
@@ -131,6 +132,11 @@ def test_the_label_pass_split_over_two_ranks_finds_what_one_process_finds(
                     got["problems"] = sorted(got["problems"])
                 assert got == expected, (name, on_error)
     assert "error" in reports[0]["damaged-raise"] and len(reports[0]["damaged-skip"]["damaged"]) == 2
+    # the pass fer-dist train made (forged: every label 6) is taken where it matches the files and the rule
+    truth = reports[0]["intact-raise"]["labels"]
+    for report in reports:
+        assert report["launch-raise"] == [6 if y >= 0 else -1 for y in truth] != truth
+        assert report["launch-skip"] == truth
 
 
 def test_gathered_texts_keep_rank_order_newlines_and_empty_strings(
@@ -296,3 +302,27 @@ def test_a_bad_thread_count_is_one_line_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv(dist.THREADS_ENV, value)
     with pytest.raises(FerDistError, match=f"FER_DIST_CPU_THREADS: .*{value!r}"):
         dist.cpu_threads(1)
+
+
+def test_a_launch_s_label_pass_is_taken_only_over_the_files_it_read(tmp_path: Path, small_shards: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`runset.launch_checked`: the pass `fer-dist train` saved, where its digest of the rule and of every
+    shard file (path, size, mtime) is this process's; else None, and the process checks the shards itself."""
+    shards = shutil.copytree(small_shards, tmp_path / "shards")
+    shardset = ShardSet([(str(shards), ("train", "val", "test"))])
+    made = checked_labels(shardset)
+    record = tmp_path / "checked.npz"
+    save_checked(record, made, shardset, "raise")
+    assert launch_checked(shardset, "raise") is None  # no launch named it
+    monkeypatch.setenv(CHECKED_ENV, str(record))
+    taken = launch_checked(shardset, "raise")
+    assert taken is not None and torch.equal(taken.labels, made.labels) and bool(taken.covered.all())
+    assert launch_checked(shardset, "skip") is None  # another rule
+    other = ShardSet([(str(shards), ("train",))])
+    assert launch_checked(other, "raise") is None  # other files
+    first = next(iter(sorted(shards.glob("*.tar"))))
+    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
+    assert launch_checked(ShardSet([(str(shards), ("train", "val", "test"))]), "raise") is None  # touched
+    for junk in (b"", b"PK\x03\x04 not a zip"):
+        record.write_bytes(junk)
+        assert launch_checked(shardset, "raise") is None

@@ -15,16 +15,19 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 import yaml
 from train_fixtures import free_port, tiny_training
 from typer.testing import CliRunner
 
-from fer_dist import slurm, stopsignals, train
+from fer_dist import launch, slurm, stopsignals, train
 from fer_dist.checkpoint_files import latest_checkpoint, load_checkpoint
 from fer_dist.cli import app
 from fer_dist.config import describe_keys, dump_config, load_config
+from fer_dist.data.runset import checked_labels, files_digest, load_run_data
+from fer_dist.launchenv import CHECKED_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -136,7 +139,8 @@ def ranks_of(proc: subprocess.Popen) -> list[psutil.Process]:
     for child in psutil.Process(proc.pid).children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):
             line = child.cmdline()
-            if "fer_dist.train" in line and not any("accelerate" in part for part in line[:3]):
+            if "fer_dist.train" in line and not any("accelerate" in part or part == "fer_dist.launch"
+                                                     for part in line[:3]):
                 found.append(child)
     return found
 
@@ -203,6 +207,36 @@ def test_second_sigint_exits_at_once(workdir: Path) -> None:
     assert time.monotonic() - tick < 15 and "Traceback" not in output
     time.sleep(1)
     assert not [p for p in psutil.process_iter(["cmdline"]) if "run.name=twice" in (p.info["cmdline"] or [])]
+
+
+@launches
+def test_the_ranks_take_the_label_pass_of_fer_dist_train_which_the_launcher_removes(workdir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """`fer-dist train` checks every label before the launch and leaves that pass in a temporary file for
+    its ranks (they take it where it was made over the files they see: tests/test_dist.py); the launcher
+    removes the file at the end; a dry run or a refused input leaves none."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    cmd = [str(VENV_BIN / "fer-dist"), "train", "--config", str(workdir / "config.yaml"), "--processes", "2",
+           "run.name=checked", "method.max_rounds=1"]
+    for extra, code in (("--dry-run", 0), ("method.tau=3", 2)):  # nothing left by a dry run or a bad input
+        done = subprocess.run([*cmd, extra], cwd=workdir, env=env, capture_output=True, text=True)
+        assert done.returncode == code and not list(tmp_path.glob(f"{launch.CHECKED_PREFIX}*")), done.stderr
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + TIMEOUT
+    while len(ranks := ranks_of(proc)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    (made,) = tmp_path.glob(f"{launch.CHECKED_PREFIX}*.npz")
+    assert all(rank.environ()[CHECKED_ENV] == str(made) for rank in ranks)
+    cfg = load_config(workdir / "config.yaml", [])
+    shardset = load_run_data(cfg.data, cfg.run.seed).shardset
+    with np.load(made, allow_pickle=False) as saved:  # what the ranks compare with the files they see
+        assert int(saved["digest"]) == files_digest(shardset, cfg.data.on_error)
+        assert saved["labels"].tolist() == checked_labels(shardset).labels.tolist()
+    output, _ = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, output[-3000:]
+    assert not list(tmp_path.glob(f"{launch.CHECKED_PREFIX}*"))  # torch's own temporary folders stay
 
 
 @launches

@@ -45,17 +45,26 @@ def train(
     `accelerate launch -m fer_dist.train` with the same arguments (through `python -m fer_dist.launch`:
     stop signals checkpoint the run, errors are one line)."""
     from fer_dist import launch, prechecks
+    from fer_dist.launchenv import CHECKED_ENV
 
     overrides = overrides or []
     prechecks.check_processes(processes, accelerate_config)
-    cfg = prechecks.check_training(config, overrides, dry_run=dry_run)
-    launch_args = launch.launcher_args(cfg, processes, accelerate_config)
+    # the label pass made here is the ranks' too (the launcher removes its file at the end)
+    checked = None if dry_run else launch.checked_file()
+    try:
+        cfg = prechecks.check_training(config, overrides, dry_run=dry_run, checked_to=checked)
+        launch_args = launch.launcher_args(cfg, processes, accelerate_config)
+    except BaseException:
+        if checked is not None:
+            checked.unlink(missing_ok=True)
+        raise
     train_args = (["--config", str(config)] if config is not None else []) + overrides
     command = launch.train_command(launch_args, train_args)
     if dry_run:
         typer.echo(shlex.join(command))
         return
-    os.execv(command[0], command)  # the launcher takes this process's place: signals reach it directly
+    # the launcher takes this process's place: signals reach it directly
+    os.execve(command[0], command, {**os.environ, CHECKED_ENV: str(checked)})
 
 
 def register(app: typer.Typer) -> None:

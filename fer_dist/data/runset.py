@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from fer_dist.data.manifest import DIGEST_CHARS, Manifest, ShardInfo, read_manif
 from fer_dist.data.shardread import ALLOWED, ShardIndex, index_shard, parse_cls, read_samples, shard_bytes
 from fer_dist.errors import FerDistError
 from fer_dist.hashing import GOLDEN, mix64
+from fer_dist.launchenv import CHECKED_ENV
 
 OnError = Literal["raise", "skip"]
 
@@ -197,6 +200,49 @@ def checked_labels(shardset: ShardSet, on_error: OnError = "raise", *,
                 out.covered[offset + info.first_id:offset + info.first_id + info.count] = True
     out.labels[out.damaged] = -1
     return out
+
+def _version(shard: RunShard) -> tuple[str, int, int]:
+    """(file, size, mtime) of a shard as this process indexed it; as on disk where it cannot be indexed (a
+    shard left out under data.on_error=skip)."""
+    try:
+        return (str(shard.path), *shard.index().stamp)
+    except FerDistError:
+        st = os.stat(shard.path)
+        return (str(shard.path), st.st_size, st.st_mtime_ns)
+
+
+def files_digest(shardset: ShardSet, on_error: OnError) -> int:
+    """A 63-bit digest of every shard file as this process indexed it (path, size, mtime) and of the rule
+    for damaged samples: where two processes' agree, a label pass of one holds for the other."""
+    shards = (s for part in range(len(shardset.entries)) for s in shardset.shards(part))
+    versions = [on_error, *(_version(s) for s in shards)]
+    return int.from_bytes(hashlib.sha256(repr(versions).encode()).digest()[:8], "big") >> 1
+
+
+def save_checked(path: Path, checked: CheckedLabels, shardset: ShardSet, on_error: OnError) -> None:
+    """A whole label pass into `path` (.npz, no pickle) for the ranks of a launch, with the files' digest."""
+    np.savez(path, labels=checked.labels.numpy().astype(np.int8), damaged=checked.damaged.numpy(),
+             digest=np.int64(files_digest(shardset, on_error)),
+             problems=np.array(checked.problems, dtype=str))
+
+
+def launch_checked(shardset: ShardSet, on_error: OnError) -> CheckedLabels | None:
+    """The label pass `fer-dist train` made before starting this process (the file CHECKED_ENV names), where
+    it was made over the very files this process sees, under the same rule; else None (check them here)."""
+    path = os.environ.get(CHECKED_ENV)
+    if not path:
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            if int(saved["digest"]) != files_digest(shardset, on_error) or \
+                    saved["labels"].shape != (shardset.num_ids,):
+                return None
+            labels, damaged = saved["labels"].astype(np.int64), saved["damaged"].astype(bool)
+            problems = [str(p) for p in saved["problems"]]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, FerDistError):  # check here instead
+        return None
+    return CheckedLabels(torch.from_numpy(labels), torch.from_numpy(damaged),
+                         torch.ones(shardset.num_ids, dtype=torch.bool), problems)
 
 # ---------------------------------------------------------------------------------------------------------
 # the run's parts: X_l, X_u, val, test
