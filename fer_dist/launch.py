@@ -156,9 +156,9 @@ def checked_file() -> Path:
 
 def _remove_checked() -> None:
     """Remove the label pass `fer-dist train` left for this launch: only a file `checked_file` made."""
-    path = Path(os.environ.get(CHECKED_ENV) or ".")
-    if path.parent == Path(tempfile.gettempdir()) and path.name.startswith(CHECKED_PREFIX):
-        path.unlink(missing_ok=True)
+    tmp = Path(os.environ.get(CHECKED_ENV) or ".")
+    if tmp.parent == Path(tempfile.gettempdir()) and tmp.name.startswith(CHECKED_PREFIX):
+        tmp.unlink(missing_ok=True)
 
 
 def _die_with_parent() -> None:

@@ -50,13 +50,13 @@ def train(
     overrides = overrides or []
     prechecks.check_processes(processes, accelerate_config)
     # the label pass made here is the ranks' too (the launcher removes its file at the end)
-    checked = None if dry_run else launch.checked_file()
+    checked_tmp = None if dry_run else launch.checked_file()
     try:
-        cfg = prechecks.check_training(config, overrides, dry_run=dry_run, checked_to=checked)
+        cfg = prechecks.check_training(config, overrides, dry_run=dry_run, checked_to=checked_tmp)
         launch_args = launch.launcher_args(cfg, processes, accelerate_config)
     except BaseException:
-        if checked is not None:
-            checked.unlink(missing_ok=True)
+        if checked_tmp is not None:
+            checked_tmp.unlink(missing_ok=True)
         raise
     train_args = (["--config", str(config)] if config is not None else []) + overrides
     command = launch.train_command(launch_args, train_args)
@@ -64,7 +64,7 @@ def train(
         typer.echo(shlex.join(command))
         return
     # the launcher takes this process's place: signals reach it directly
-    os.execve(command[0], command, {**os.environ, CHECKED_ENV: str(checked)})
+    os.execve(command[0], command, {**os.environ, CHECKED_ENV: str(checked_tmp)})
 
 
 def register(app: typer.Typer) -> None:
