@@ -24,7 +24,14 @@ def check_training(config: Path | None, overrides: list[str], *, dry_run: bool =
 
     # a bad config or key is answered before torch loads
     cfg = load_config(config if config is not None else QUICKSTART, overrides)
-    from fer_dist.data.runset import checked_labels, load_run_data, save_checked
+    from fer_dist.data.runset import (
+        CheckedLabels,
+        OnError,
+        ShardSet,
+        checked_labels,
+        load_run_data,
+        save_checked,
+    )
 
     if config is None and not overrides_name_data(overrides):
         shards = Path(cfg.data.labelled[0].dir)
@@ -35,7 +42,8 @@ def check_training(config: Path | None, overrides: list[str], *, dry_run: bool =
         raise FerDistError(f"model.weights: {cfg.model.weights} does not exist")
     if cfg.run.resume not in ("auto", "never"):
         check_resume(Path(cfg.run.resume))
-    def label_pass(shardset, on_error):  # noqa: ANN001, ANN202 - runset.load_run_data's label_pass
+
+    def label_pass(shardset: ShardSet, on_error: OnError) -> CheckedLabels:
         checked = checked_labels(shardset, on_error)
         if checked_to is not None:
             save_checked(checked_to, checked, shardset, on_error)
