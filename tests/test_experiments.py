@@ -26,7 +26,16 @@ from typer.testing import CliRunner
 from fer_dist.cli import app
 from fer_dist.errors import FerDistError
 from fer_dist.experiments.publish import README_END, publish
-from fer_dist.experiments.records import REQUIRED, add_record, read_records, recorded
+from fer_dist.experiments.records import (
+    REQUIRED,
+    add_record,
+    boot_id,
+    cpu_model,
+    host_id,
+    machine,
+    read_records,
+    recorded,
+)
 from fer_dist.experiments.report import render
 from fer_dist.experiments.run import check_warmup, code_checkout, environment
 from fer_dist.experiments.spec import read_experiment, with_notes
@@ -178,6 +187,19 @@ def test_two_processes_appending_at_once_lose_no_record(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", script, arm, str(path)]) for arm in ("a", "b")]
     assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
     assert recorded(read_records(path)) == {(arm, seed) for arm in ("a", "b") for seed in range(25)}
+
+
+def test_a_record_s_machine_names_the_cpu_generation_and_tells_cloned_machines_apart():
+    # "AMD EPYC" alone names several generations; two VMs of one image share /etc/machine-id
+    zen5 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n" \
+        "model name\t: AMD EPYC\n"
+    assert cpu_model(zen5 + "\n" + zen5.replace("26", "25")) == "AMD EPYC (family 26, model 2)"
+    assert cpu_model("model name\t: Apple M2\n") == "Apple M2"
+    assert cpu_model("processor\t: 0\n") is None
+    line = machine()
+    assert f", host {host_id()}" in line
+    if Path("/proc/sys/kernel/random/boot_id").exists():
+        assert line.endswith(f", boot {boot_id()}") and len(boot_id()) == 8 and boot_id() != host_id()
 
 
 def test_submit_dry_run_renders_a_warmup_job_per_seed_and_an_array_of_its_arms(tmp_path, monkeypatch):

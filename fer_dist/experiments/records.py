@@ -79,6 +79,10 @@ def commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
+def _hashed(kind: str, ident: str) -> str:
+    return hashlib.sha256(f"fer-dist/{kind}/{ident}".encode()).hexdigest()[:8]
+
+
 def host_id() -> str:
     """A short stable id of this host: a hash of /etc/machine-id (the host name where there is none), so
     two machines of the same CPU model tell apart without publishing the id itself."""
@@ -86,19 +90,44 @@ def host_id() -> str:
         ident = Path("/etc/machine-id").read_text().strip()
     except OSError:
         ident = ""
-    ident = ident or platform.node()
-    return hashlib.sha256(f"fer-dist/host/{ident}".encode()).hexdigest()[:8]
+    return _hashed("host", ident or platform.node())
+
+
+def boot_id() -> str | None:
+    """A short id of this boot (Linux's random boot id, hashed), or None. Virtual machines cloned from one
+    image share their machine id (two different CPUs' records here carried one host id): the boot id tells
+    such machines, and one machine's sessions, apart."""
+    try:
+        return _hashed("boot", Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        return None
+
+
+def cpu_model(cpuinfo: str) -> str | None:
+    """The CPU's model name from /proc/cpuinfo's text, with its x86 family and model numbers where the name
+    alone is generic ("AMD EPYC" names several generations, whose kernels round differently)."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if name and "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def machine() -> str:
-    """CPU model and count, GPU if any, torch version and the host id: two machines' figures tell apart."""
+    """CPU model and count, GPU if any, torch version, host and boot ids: two machines' figures tell apart."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+        cpu = cpu_model(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        cpu = None
+    cpu = cpu or platform.processor() or platform.machine()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return f"{os.cpu_count()} x {cpu}{gpu}, torch {torch.__version__}, host {host_id()}"
+    boot = boot_id()
+    return (f"{os.cpu_count()} x {cpu}{gpu}, torch {torch.__version__}, host {host_id()}"
+            + (f", boot {boot}" if boot else ""))

@@ -371,7 +371,10 @@ INTRO = [
     "only warm-ups called converged), `capped` where its epoch cap did (the model may still have been "
     "learning), `unknown` where the record cannot tell; best / rule stop: the epoch or round whose model is "
     "the arm's, and the round at which the moving-average rule would have stopped. Machines carry a host id "
-    "(a hash of /etc/machine-id) from this version on; older records say `unknown host`.", "",
+    "(a hash of /etc/machine-id; older records say `unknown host`), which virtual machines cloned from one "
+    "image share, so newer records add a boot id and the CPU's family and model. Which arms pair is decided "
+    "by their warm-ups, not by the machine: arms pair where their shared warm-up's validation curve is the "
+    "same to the last digit.", "",
 ]
 
 
