@@ -408,6 +408,10 @@ def test_the_report_of_fer2013_scarce_says_plainly_when_it_has_no_results_then_r
     assert "power for a 2-point gain at this spread (sd 0.50): 91 % with 3 seeds, > 99 % with 5 seeds" \
         in text
     assert "| supervised (budget-matched control) | 0, 1, 2 |" in text and "9 rule / 9 rule / 9 rule" in text
+    # 30 rounds of counts per seed are summarised (first -> last, range); the rounds figure draws them all
+    counts = "; ".join(["1000 -> 1290 (1000-1290)"] * 3)
+    assert f"| {counts} | 289 (all 30);" in text
+    assert "| 0 (all 30); 0 (all 30); 0 (all 30) |" in text
     assert "round 10, 8 / round 11, 8 / round 12, 8" in text
     assert "X_l 2873 faces (anger 399" in text and "X_u 8610 faces" in text
     assert "![Selected unlabelled faces" in text and "(img/rounds_fer2013_scarce.png)" in text

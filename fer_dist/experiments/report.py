@@ -170,11 +170,23 @@ def arm_table(exp: Experiment, groups: dict[str, list[dict[str, Any]]]) -> list[
         if best:
             cells.append(" / ".join(f"{r.get('best') or '-'}, {r.get('rule_stop_round') or '-'}"
                                     for r in rows))
-        cells += ["; ".join(" ".join(str(c) for c in r["confident_per_round"]) or "-" for r in rows),
-                  "; ".join(" ".join(str(c) for c in r["drawn_per_round"]) or "-" for r in rows),
+        cells += ["; ".join(per_round(r["confident_per_round"]) for r in rows),
+                  "; ".join(per_round(r["drawn_per_round"]) for r in rows),
                   f"{statistics.fmean(r['wall_s'] for r in rows) / 60:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def per_round(counts: list[int]) -> str:
+    """A seed's per-round counts in a table cell: all of them up to 5 rounds, else first -> last and the
+    range (the rounds figure draws every round)."""
+    if not counts:
+        return "-"
+    if len(counts) <= 5:
+        return " ".join(map(str, counts))
+    if len(set(counts)) == 1:
+        return f"{counts[0]} (all {len(counts)})"
+    return f"{counts[0]} -> {counts[-1]} ({min(counts)}-{max(counts)})"
 
 
 def _overrides(tree: dict[str, Any]) -> str:
