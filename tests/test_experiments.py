@@ -23,8 +23,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from fer_dist.classes import CLASSES
 from fer_dist.cli import app
 from fer_dist.errors import FerDistError
+from fer_dist.experiments.diagnostics import selection
 from fer_dist.experiments.publish import README_END, publish
 from fer_dist.experiments.records import (
     REQUIRED,
@@ -413,10 +415,38 @@ def test_the_report_of_fer2013_scarce_says_plainly_when_it_has_no_results_then_r
     assert f"| {counts} | 289 (all 30);" in text
     assert "| 0 (all 30); 0 (all 30); 0 (all 30) |" in text
     assert "round 10, 8 / round 11, 8 / round 12, 8" in text
+    assert ("What the rounds did (pooled over seeds and rounds, each round weighted by its faces):\n\n"
+            "- method (3 seeds, 90 rounds): U_t held 1,145 faces a round (13 % of X_u's 8,610), 289 of them "
+            "drawn; their pseudo-labels") in text
     assert "X_l 2873 faces (anger 399" in text and "X_u 8610 faces" in text
     assert "![Selected unlabelled faces" in text and "(img/rounds_fer2013_scarce.png)" in text
     assert (img / "rounds_fer2013_scarce.png").stat().st_size > 0
     assert (img / "curve_fer2013_scarce.png").is_file()
+
+
+def test_what_the_rounds_did_pools_seeds_and_rounds_weighting_each_round_by_its_faces():
+    def per_class(**counts):
+        return [counts.get(c, 0) for c in CLASSES]
+
+    # round 1: 10 happy faces, half right; round 2: none; round 3: 20 happy all right, 10 anger 7 right
+    method = {
+        "confident_per_round": [10, 0, 30], "drawn_per_round": [4, 0, 6],
+        "precision_per_round": [0.5, None, 0.9],
+        "confident_per_class_per_round": [per_class(happy=10), per_class(), per_class(happy=20, anger=10)],
+        "precision_per_class_per_round": [per_class(happy=0.5), [None] * 7, per_class(happy=1, anger=0.7)],
+        "drawn_per_class_per_round": [per_class(happy=4), per_class(), per_class(happy=3, anger=3)],
+        "reset_per_round": [50, 30, 40], "labelled_per_class": per_class(anger=20, happy=60, surprise=20),
+        "unlabelled_samples": 400}
+    supervised = {"confident_per_round": [0] * 3, "drawn_per_round": [0] * 3, "reset_per_round": [0] * 3}
+    lines = selection({"supervised": [supervised], "method": [method]})
+    assert lines[2:] == [
+        "- method (1 seed, 3 rounds): U_t held 13 faces a round (3 % of X_u's 400), 3 of them drawn; their "
+        "pseudo-labels 80.0 % right; drawn by class (X_l's share in brackets): happy 70 % (60 %), anger "
+        "30 % (20 %), disgust 0 % (0 %), fear 0 % (0 %), neutral 0 % (0 %), sadness 0 % (0 %), surprise 0 % "
+        "(20 %); "
+        "pseudo-label precision by class: anger 70 %, disgust -, fear -, happy 83 %, neutral -, sadness -, "
+        "surprise -; the alpha rule reset 40 labelled targets a round (40 % of X_l).", ""]
+    assert selection({"supervised": [supervised]}) == []  # nothing selected, nothing reset: no block
 
 
 def test_report_refuses_a_readme_without_its_block_and_writes_nothing(tmp_path, monkeypatch):

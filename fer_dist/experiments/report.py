@@ -7,7 +7,7 @@ patience rule, or its cap), the rounds and the confident / drawn unlabelled samp
 against the experiment's reference arm paired by seed, with the 95 % t interval of their mean and the
 power of the paired t-test for a 2-point gain (both from 3 seeds up); the intensity metric where recorded;
 the reading against the paper's figures where the protocol is the paper's, with the experiment's own
-`reading.setting`. With no record, it says so; a retired experiment gets one line.
+`reading.setting`; what the rounds selected and how right it was (diagnostics.py). With no record, it says so; a retired experiment gets one line.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from fer_dist.experiments.diagnostics import selection
 from fer_dist.experiments.records import read_records
 from fer_dist.experiments.spec import Experiment
 from fer_dist.experiments.stats import (
@@ -232,7 +233,7 @@ def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: 
     if figure:
         lines += [f"![Selected unlabelled faces and their pseudo-label precision per round, per arm, "
                   f"{exp.name}]({figure})", ""]
-    lines += warmup_curves(exp, groups) + intensity(groups) + reading(exp, groups)
+    lines += warmup_curves(exp, groups) + intensity(groups) + reading(exp, groups) + selection(groups)
     return lines
 
 
