@@ -416,8 +416,8 @@ def test_the_report_of_fer2013_scarce_says_plainly_when_it_has_no_results_then_r
     assert "| 0 (all 30); 0 (all 30); 0 (all 30) |" in text
     assert "round 10, 8 / round 11, 8 / round 12, 8" in text
     assert ("What the rounds did (pooled over seeds and rounds, each round weighted by its faces):\n\n"
-            "- method (3 seeds, 90 rounds): U_t held 1,145 faces a round (13 % of X_u's 8,610), 289 of them "
-            "drawn; their pseudo-labels") in text
+            "- method (3 seeds, 90 rounds in all): U_t held 1,145 faces a round (13 % of X_u's 8,610), 289 "
+            "of them drawn; their pseudo-labels") in text
     assert "X_l 2873 faces (anger 399" in text and "X_u 8610 faces" in text
     assert "![Selected unlabelled faces" in text and "(img/rounds_fer2013_scarce.png)" in text
     assert (img / "rounds_fer2013_scarce.png").stat().st_size > 0
@@ -440,10 +440,10 @@ def test_what_the_rounds_did_pools_seeds_and_rounds_weighting_each_round_by_its_
     supervised = {"confident_per_round": [0] * 3, "drawn_per_round": [0] * 3, "reset_per_round": [0] * 3}
     lines = selection({"supervised": [supervised], "method": [method]})
     assert lines[2:] == [
-        "- method (1 seed, 3 rounds): U_t held 13 faces a round (3 % of X_u's 400), 3 of them drawn; their "
-        "pseudo-labels 80.0 % right; drawn by class (X_l's share in brackets): happy 70 % (60 %), anger "
-        "30 % (20 %), disgust 0 % (0 %), fear 0 % (0 %), neutral 0 % (0 %), sadness 0 % (0 %), surprise 0 % "
-        "(20 %); "
+        "- method (1 seed, 3 rounds in all): U_t held 13 faces a round (3 % of X_u's 400), 3 of them drawn; "
+        "their pseudo-labels 80.0 % right; drawn by class (X_l's share in brackets): happy 70 % (60 %), "
+        "anger 30 % (20 %), disgust 0 % (0 %), fear 0 % (0 %), neutral 0 % (0 %), sadness 0 % (0 %), "
+        "surprise 0 % (20 %); "
         "pseudo-label precision by class: anger 70 %, disgust -, fear -, happy 83 %, neutral -, sadness -, "
         "surprise -; the alpha rule reset 40 labelled targets a round (40 % of X_l).", ""]
     assert selection({"supervised": [supervised]}) == []  # nothing selected, nothing reset: no block

@@ -58,7 +58,7 @@ def arm_lines(arm: str, rows: list[dict[str, Any]]) -> list[str]:
     confident = sum(sum(r["confident_per_round"]) for r in rows)
     if not rounds or not (confident or any(map(any, resets))):
         return []
-    seeds = f"{len(rows)} seed{'s' * (len(rows) != 1)}, {rounds} rounds"
+    seeds = f"{len(rows)} seed{'s' * (len(rows) != 1)}, {rounds} rounds in all"
     parts = []
     if confident:
         per_round = confident / rounds

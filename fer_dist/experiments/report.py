@@ -7,7 +7,8 @@ patience rule, or its cap), the rounds and the confident / drawn unlabelled samp
 against the experiment's reference arm paired by seed, with the 95 % t interval of their mean and the
 power of the paired t-test for a 2-point gain (both from 3 seeds up); the intensity metric where recorded;
 the reading against the paper's figures where the protocol is the paper's, with the experiment's own
-`reading.setting`; what the rounds selected and how right it was (diagnostics.py). With no record, it says so; a retired experiment gets one line.
+`reading.setting`; what the rounds selected and how right it was (diagnostics.py). With no record, it
+says so; a retired experiment gets one line.
 """
 
 from __future__ import annotations
