@@ -13,6 +13,8 @@ from typing import Any
 
 from fer_dist.classes import CLASSES
 
+EDGE = 5  # rounds at each end whose precision is set side by side: does the selection drift?
+
 
 def _pooled(values: list[float | None], weights: list[int]) -> tuple[float, int]:
     """(sum of value x weight, sum of weights) over the entries that have both."""
@@ -20,11 +22,11 @@ def _pooled(values: list[float | None], weights: list[int]) -> tuple[float, int]
     return sum(v * w for v, w in pairs), sum(w for _, w in pairs)
 
 
-def precision(rows: list[dict[str, Any]]) -> float | None:
-    """The share of U_t's faces whose pseudo-label was right, over every round of every record."""
+def precision(rows: list[dict[str, Any]], rounds: slice = slice(None)) -> float | None:
+    """The share of U_t's faces whose pseudo-label was right, over the rounds (all) of every record."""
     correct, total = 0.0, 0
     for r in rows:
-        c, n = _pooled(r.get("precision_per_round") or [], r["confident_per_round"])
+        c, n = _pooled((r.get("precision_per_round") or [])[rounds], r["confident_per_round"][rounds])
         correct, total = correct + c, total + n
     return correct / total if total else None
 
@@ -72,6 +74,10 @@ def arm_lines(arm: str, rows: list[dict[str, Any]]) -> list[str]:
             low, high = min(by_seed), max(by_seed)
             spread = f" (by seed {100 * low:.1f}-{100 * high:.1f} %)" if len(by_seed) > 1 else ""
             parts.append(f"their pseudo-labels {100 * prec:.1f} % right{spread}")
+            first, last = precision(rows, slice(None, EDGE)), precision(rows, slice(-EDGE, None))
+            if min(len(r["confident_per_round"]) for r in rows) >= 2 * EDGE and None not in (first, last):
+                parts[-1] += (f", {100 * first:.0f} % in the first {EDGE} rounds, {100 * last:.0f} % in the "
+                              f"last {EDGE}")
         drawn_by_class = [c for r in rows for c in r.get("drawn_per_class_per_round") or []]
         labelled = [r["labelled_per_class"] for r in rows if r.get("labelled_per_class")]
         if drawn_by_class and labelled:
