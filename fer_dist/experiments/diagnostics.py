@@ -64,7 +64,8 @@ def arm_lines(arm: str, rows: list[dict[str, Any]]) -> list[str]:
     parts = []
     if confident:
         per_round = confident / rounds
-        pool = sum(r.get("unlabelled_samples", 0) for r in rows) / len(rows)
+        pools = [r["unlabelled_samples"] for r in rows if r.get("unlabelled_samples")]
+        pool = sum(pools) / len(pools) if len(pools) == len(rows) else 0  # older records lack the size
         share = f" ({100 * per_round / pool:.0f} % of X_u's {pool:,.0f})" if pool else ""
         drawn = sum(sum(r["drawn_per_round"]) for r in rows) / rounds
         parts.append(f"U_t held {per_round:,.0f} faces a round{share}, {drawn:,.0f} of them drawn")
