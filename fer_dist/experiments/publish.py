@@ -156,7 +156,8 @@ def readme_block(curves: dict[str, list[tuple[float, Experiment]]], results_dir:
         lines += curve_block(name, points, results_dir, pic and _link(pic, readme)) + [""]
     if not curves:
         lines += ["No labelled-share experiment is defined (`curve:` in launch_configs/experiments/).", ""]
-    lines.append(f"Every experiment, figure and reading, with how each warm-up ended and the power of each "
-                 f"comparison: [{results_page.as_posix()}]({_link(results_page, readme)}).")
+    lines.append(f"Every experiment, figure and reading, with how each warm-up ended, the power of each "
+                 f"comparison and what the rounds selected (how many unlabelled faces, how often rightly, "
+                 f"of which classes): [{results_page.as_posix()}]({_link(results_page, readme)}).")
     return "\n".join(lines)
 
