@@ -100,7 +100,7 @@ def test_the_shipped_definitions_are_valid_and_name_the_papers_arms(monkeypatch)
             paper = ["baseline", "smoothing", "unlabelled", "both", "both_adaptive"]
             scarce = ["supervised", "alpha", "method", "method_r", "method_adaptive", "method_hard",
                       "method_strong"]
-            backbones = ["mobilenet_v2", "dlib_resnet"]
+            backbones = ["mobilenet_v2", "dlib_resnet", "dlib_resnet_112"]
             order = paper if "baseline" in exp.arms else backbones if "mobilenet_v2" in exp.arms else scarce
             arms = list(exp.arms)
             assert arms[0] == order[0] and arms == [a for a in order if a in arms], exp.path

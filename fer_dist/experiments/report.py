@@ -59,7 +59,9 @@ COMPARISONS = {
                  ("method_hard", "supervised", None, "the method with hard (argmax) pseudo-targets"),
                  ("method_strong", "supervised", None, "the method with U_t under strong augmentation"),
                  ("dlib_resnet", "mobilenet_v2", None, "dlib's face-recognition ResNet against ImageNet "
-                  "MobileNetV2 (the backbone alone)")],
+                  "MobileNetV2 (the backbone alone)"),
+                 ("dlib_resnet_112", "dlib_resnet", None, "dlib's ResNet at 112 px against its own 150 px "
+                  "(48 px faces up-sampled less)")],
     "crossdb": [("unlabelled_target", "no_unlabelled", PAPER["crossdb_gain"],
                  "unlabelled target-domain faces"),
                 ("unlabelled_source", "no_unlabelled", None, "unlabelled FER2013 test faces (same domain)")],

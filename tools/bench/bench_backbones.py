@@ -1,12 +1,14 @@
-"""Training and inference images/s of dlib_resnet at its input against mobilenet_v2 at 48 px, same run.
+"""Training and inference images/s of dlib_resnet at its inputs against mobilenet_v2 at 48 px, same run.
 
-    .venv/bin/python tools/bench/bench_backbones.py [--size 150] [--batch 32] [--steps 6] [--repeat 3]
+    .venv/bin/python tools/bench/bench_backbones.py [--size 150 112] [--batch 32] [--steps 6] [--repeat 3]
         [--threads N]
 
 The models are FerNet as the trainer builds them (backbone + head, the policy applied), random weights
 (throughput does not depend on them), uint8 faces in (normalised in forward, as in training). Rows:
 - mobilenet_v2 at 48 px, trainable all (launch_configs/train/fer2013_mobilenet_cpu.yaml);
-- dlib_resnet at --size px, trainable all and last_n_blocks:2 (frozen stages need no backward pass).
+- dlib_resnet at each --size (its own 150 px; a smaller side down to 103 px costs less per face than the
+  up-sampling of a 48 px face to 150 does), trainable all and last_n_blocks:2 (frozen stages need no
+  backward pass).
 Training: forward, cross-entropy, backward, Adam step, in train mode; inference: forward in eval mode under
 torch.inference_mode. Each timed window is --steps batches after one warm-up batch; the sides run
 interleaved --repeat times and the best window of each is reported (the least disturbed by other load on
@@ -48,7 +50,8 @@ def _rate(model: torch.nn.Module, size: int, batch: int, steps: int, train: bool
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=150, help="dlib_resnet's input side (103 or more)")
+    parser.add_argument("--size", type=int, nargs="+", default=[150, 112],
+                        help="dlib_resnet's input sides (103 or more)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=6, help="timed batches per window")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved windows per side")
@@ -57,8 +60,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)  # on a loaded machine fewer threads than cores wait less
     torch.manual_seed(0)
-    rows = [("mobilenet_v2", 48, "all"), ("dlib_resnet", args.size, "all"),
-            ("dlib_resnet", args.size, "last_n_blocks:2")]
+    rows = [("mobilenet_v2", 48, "all")] + [("dlib_resnet", size, policy) for size in args.size
+                                             for policy in ("all", "last_n_blocks:2")]
     models = [build_model(ModelSpec(backbone=b, pretrained=False, input_size=s, trainable="all"))
               for b, s, _ in rows]
     for model, (_, _, policy) in zip(models, rows, strict=True):
