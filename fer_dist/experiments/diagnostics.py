@@ -1,7 +1,8 @@
 """What an arm's rounds did, read from its records: how many unlabelled faces passed the threshold (U_t), how
 often their pseudo-labels were right against the hidden labels (overall and per class), which classes were
 drawn into the rounds against the labelled set's shares, and how many labelled targets the alpha rule reset.
-RESULTS.md prints it beside the gains, so that a gain, or its absence, comes with what the selection did.
+RESULTS.md prints it beside the gains, so that a gain, or its absence, comes with what the selection did;
+the arm table's per-round cells and the reading's round figures come from here too.
 
 Pooled over seeds and rounds, each round weighted by its faces: a precision is correct faces / selected
 faces over all rounds, not a mean of per-round precisions (a round of 3 faces counts for 3 faces).
@@ -9,6 +10,7 @@ faces over all rounds, not a mean of per-round precisions (a round of 3 faces co
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from fer_dist.classes import CLASSES
@@ -98,6 +100,30 @@ def arm_lines(arm: str, rows: list[dict[str, Any]]) -> list[str]:
               if labelled_size else "")
         parts.append(f"the alpha rule reset {mean_reset:,.0f} labelled targets a round{of}")
     return [f"- {arm} ({seeds}): " + "; ".join(parts) + "."]
+
+
+def per_round(counts: list[int]) -> str:
+    """A seed's per-round counts in a table cell: all of them up to 5 rounds, else first -> last and the
+    range (the rounds figure draws every round)."""
+    if not counts:
+        return "-"
+    if len(counts) <= 5:
+        return " ".join(map(str, counts))
+    if len(set(counts)) == 1:
+        return f"{counts[0]} (all {len(counts)})"
+    return f"{counts[0]} -> {counts[-1]} ({min(counts)}-{max(counts)})"
+
+
+def shrinking(rows: list[dict[str, Any]]) -> bool:
+    """Whether the confident count of the last round is below the first's, on average over seeds."""
+    runs = [r["confident_per_round"] for r in rows if len(r["confident_per_round"]) > 1]
+    return bool(runs) and statistics.fmean(c[-1] - c[0] for c in runs) < 0
+
+
+def last_round(rows: list[dict[str, Any]], key: str) -> float:
+    """The mean over seeds of a per-round list's last value (thresholds: their mean over classes)."""
+    last = [r[key][-1] for r in rows if r.get(key)]
+    return statistics.fmean(statistics.fmean(v) if isinstance(v, list) else v for v in last) if last else 0.0
 
 
 def selection(groups: dict[str, list[dict[str, Any]]]) -> list[str]:

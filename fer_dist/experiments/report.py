@@ -18,7 +18,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fer_dist.experiments.diagnostics import selection
+from fer_dist.experiments.diagnostics import last_round, per_round, selection, shrinking
 from fer_dist.experiments.records import read_records
 from fer_dist.experiments.spec import Experiment
 from fer_dist.experiments.stats import (
@@ -181,18 +181,6 @@ def arm_table(exp: Experiment, groups: dict[str, list[dict[str, Any]]]) -> list[
     return lines
 
 
-def per_round(counts: list[int]) -> str:
-    """A seed's per-round counts in a table cell: all of them up to 5 rounds, else first -> last and the
-    range (the rounds figure draws every round)."""
-    if not counts:
-        return "-"
-    if len(counts) <= 5:
-        return " ".join(map(str, counts))
-    if len(set(counts)) == 1:
-        return f"{counts[0]} (all {len(counts)})"
-    return f"{counts[0]} -> {counts[-1]} ({min(counts)}-{max(counts)})"
-
-
 def _overrides(tree: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={json.dumps(v)}`" for k, v in tree.items())
 
@@ -326,18 +314,6 @@ def _paper_words(exp: Experiment, arm: str, ref: str, paper: float, groups: dict
     return line
 
 
-def shrinking(rows: list[dict[str, Any]]) -> bool:
-    """Whether the confident count of the last round is below the first's, on average over seeds."""
-    runs = [r["confident_per_round"] for r in rows if len(r["confident_per_round"]) > 1]
-    return bool(runs) and statistics.fmean(c[-1] - c[0] for c in runs) < 0
-
-
-def _last_round(rows: list[dict[str, Any]], key: str) -> float:
-    """The mean over seeds of a per-round list's last value (thresholds: their mean over classes)."""
-    last = [r[key][-1] for r in rows if r.get(key)]
-    return statistics.fmean(statistics.fmean(v) if isinstance(v, list) else v for v in last) if last else 0.0
-
-
 def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]]) -> list[str]:
     """The reading: each comparison's paired gain and its power, beside the paper's where it has one."""
     out = ["Reading (test accuracy, paired by seed):", ""]
@@ -351,11 +327,11 @@ def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]]) -> list[st
         if paper is not None:
             line += _paper_words(exp, arm, ref, paper, groups, gains)
         if arm.endswith("adaptive"):
-            ours, theirs = (_last_round(groups[a], "confident_per_round") for a in (arm, ref))
+            ours, theirs = (last_round(groups[a], "confident_per_round") for a in (arm, ref))
             line += f"; confident samples in the last round: {ours:.0f} (adaptive) vs {theirs:.0f} ({ref})"
             if any(r.get("thresholds_per_round") for r in groups[arm]):
                 line += (f", at a mean threshold over the classes of "
-                         f"{_last_round(groups[arm], 'thresholds_per_round'):.2f}")
+                         f"{last_round(groups[arm], 'thresholds_per_round'):.2f}")
         out.append(line + ".")
     if exp.compare_levels and "baseline" in groups:
         level = statistics.fmean(100 * r["test_accuracy"] for r in groups["baseline"])
