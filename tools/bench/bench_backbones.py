@@ -6,9 +6,8 @@
 The models are FerNet as the trainer builds them (backbone + head, the policy applied), random weights
 (throughput does not depend on them), uint8 faces in (normalised in forward, as in training). Rows:
 - mobilenet_v2 at 48 px, trainable all (launch_configs/train/fer2013_mobilenet_cpu.yaml);
-- dlib_resnet at each --size (its own 150 px; a smaller side down to 103 px costs less per face than the
-  up-sampling of a 48 px face to 150 does), trainable all and last_n_blocks:2 (frozen stages need no
-  backward pass).
+- dlib_resnet at each --size (its own 150 px, and smaller sides down to 103 px, which cost less per face and
+  up-sample a 48 px face less), trainable all and last_n_blocks:2 (frozen stages need no backward pass).
 Training: forward, cross-entropy, backward, Adam step, in train mode; inference: forward in eval mode under
 torch.inference_mode. Each timed window is --steps batches after one warm-up batch; the sides run
 interleaved --repeat times and the best window of each is reported (the least disturbed by other load on
