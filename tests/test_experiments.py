@@ -38,7 +38,7 @@ from fer_dist.experiments.records import (
     read_records,
     recorded,
 )
-from fer_dist.experiments.report import render
+from fer_dist.experiments.report import data_line, render
 from fer_dist.experiments.run import check_warmup, code_checkout, environment
 from fer_dist.experiments.spec import read_experiment, with_notes
 from fer_dist.experiments.stats import interval, mean_sd, paired_gain, power, verdict
@@ -424,6 +424,15 @@ def test_the_report_of_fer2013_scarce_says_plainly_when_it_has_no_results_then_r
     assert "![Selected unlabelled faces" in text and "(img/rounds_fer2013_scarce.png)" in text
     assert (img / "rounds_fer2013_scarce.png").stat().st_size > 0
     assert (img / "curve_fer2013_scarce.png").is_file()
+
+
+def test_the_data_line_names_x_u_only_where_a_record_ran_rounds():
+    supervised_only = [dict(_scarce_record(arm, 0, 0.6), rounds=0) for arm in ("dlib", "mnv2")]
+    assert data_line(supervised_only)[0].endswith(
+        "X_l 2873 faces (anger 399, disgust 44, fear 410, happy 722, neutral 483, sadness 317, "
+        "surprise 498); no X_u (no self-training rounds); validation 1753 faces.")
+    with_rounds = supervised_only + [_scarce_record("method", 0, 0.6)]
+    assert "; X_u 8610 faces, labels hidden; " in data_line(with_rounds)[0]
 
 
 def test_what_the_rounds_did_pools_seeds_and_rounds_weighting_each_round_by_its_faces():

@@ -193,9 +193,11 @@ def data_line(records: list[dict[str, Any]]) -> list[str]:
     from fer_dist.classes import CLASSES
 
     per_class = ", ".join(f"{c} {n}" for c, n in zip(CLASSES, rec["labelled_per_class"], strict=False))
-    return [f"Data (seed {rec['seed']}): X_l {sum(rec['labelled_per_class'])} faces ({per_class}); X_u "
-            f"{rec.get('unlabelled_samples', '?')} faces, labels hidden; validation "
-            f"{rec.get('val_samples', '?')} faces.", ""]
+    # A supervised-only experiment (no rounds in any record) loads its base config's X_u but never uses it.
+    unlabelled = (f"X_u {rec.get('unlabelled_samples', '?')} faces, labels hidden"
+                  if any(r.get("rounds") for r in records) else "no X_u (no self-training rounds)")
+    return [f"Data (seed {rec['seed']}): X_l {sum(rec['labelled_per_class'])} faces ({per_class}); "
+            f"{unlabelled}; validation {rec.get('val_samples', '?')} faces.", ""]
 
 
 def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: Path,
