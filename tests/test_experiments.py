@@ -107,7 +107,7 @@ def test_the_shipped_definitions_are_valid_and_name_the_papers_arms(monkeypatch)
     # the curve's points: its anchor and the definitions naming it, at the shares they declare
     shares = {e.name: e.labelled_share() for e in exps if e.name.startswith("fer2013_scarce")}
     assert shares == {"fer2013_scarce": 0.1, "fer2013_scarce_l05": 0.05, "fer2013_scarce_l25": 0.25,
-                      "fer2013_scarce_gpu": 0.1}
+                      "fer2013_scarce_gpu": 0.1, "fer2013_scarce_dlib": 0.1}
     noted = {e.name: e for e in with_notes(exps, REPO / "docs" / "results" / "notes.yaml")}
     assert noted["fer2013_converged"].retired and noted["crossdb_fer2013_ckplus48"].frames_per_sequence == 3
 
