@@ -110,6 +110,7 @@ def test_the_shipped_definitions_are_valid_and_name_the_papers_arms(monkeypatch)
                       "fer2013_scarce_gpu": 0.1, "fer2013_scarce_dlib": 0.1}
     noted = {e.name: e for e in with_notes(exps, REPO / "docs" / "results" / "notes.yaml")}
     assert noted["fer2013_converged"].retired and noted["crossdb_fer2013_ckplus48"].frames_per_sequence == 3
+    assert noted["fer2013_scarce_dlib"].against == "fer2013_scarce"
 
 
 @pytest.mark.parametrize("change,field", [
@@ -334,6 +335,31 @@ def test_a_retired_experiment_is_one_line_and_notes_are_checked(tmp_path, monkey
                        ({"tiny": {"frames_per_sequence": 0}}, "tiny.frames_per_sequence")):
         with pytest.raises(FerDistError, match=field):
             with_notes([exp], _notes(tmp_path, **bad))
+
+
+def test_an_experiment_reads_against_another_by_seed_only_where_x_l_is_the_same(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    arms = {"supervised": {}, "method": {}}
+    face = read_experiment(_experiment(tmp_path, "face.yaml", name="face", arms=arms), check_configs=False)
+    imagenet = read_experiment(_experiment(tmp_path, "imagenet.yaml", name="imagenet", arms=arms),
+                               check_configs=False)
+    x_l = [40, 4, 41, 72, 50, 48, 32]
+    for seed, (ref, acc) in enumerate([(0.50, 0.53), (0.49, 0.53), (0.51, 0.54), (0.50, 0.60)]):
+        other = x_l if seed < 3 else [41, 4, 41, 72, 50, 48, 31]  # seed 3: another X_l, so it does not pair
+        add_record(tmp_path / "results" / "imagenet.json", dict(_record("supervised", seed, ref),
+                                                                labelled_per_class=x_l))
+        add_record(tmp_path / "results" / "face.json", dict(_record("supervised", seed, acc),
+                                                            labelled_per_class=other))
+    noted = with_notes([face, imagenet], _notes(tmp_path, face={"against": "imagenet"}))
+    section = render(noted, tmp_path / "results").split("## imagenet", 1)[0]
+    # seeds 0-2: +3, +4, +3 points: mean 3.33, sd 0.58, interval 3.33 -+ 4.303 x 0.577 / sqrt(3)
+    assert ("- supervised vs imagenet's supervised, the same arm and X_l per seed in the other experiment "
+            "(each from its own warm-up): +3.33 ± 0.58 points over 3 paired seeds (a gain; per seed +3.00, "
+            "+4.00, +3.00; 95 % interval +1.90 to +4.77)") in section
+    assert "method vs imagenet" not in section  # no method records: nothing to read
+    for bad in ({"face": {"against": "face"}}, {"face": {"against": "nowhere"}}, {"face": {"against": 3}}):
+        with pytest.raises(FerDistError, match="face.against: the name of another experiment"):
+            with_notes([face, imagenet], _notes(tmp_path, **bad))
 
 
 def test_crossdb_compares_with_the_papers_figure_only_on_its_protocol(tmp_path, monkeypatch):

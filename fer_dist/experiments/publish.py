@@ -13,9 +13,9 @@ from pathlib import Path
 from fer_dist.errors import FerDistError
 from fer_dist.experiments import figures
 from fer_dist.experiments.records import read_records
-from fer_dist.experiments.report import COMPARISONS, by_arm, gain_cell, provenance, render
+from fer_dist.experiments.report import COMPARISONS, by_arm, provenance, render
 from fer_dist.experiments.spec import Experiment, read_experiment, with_notes
-from fer_dist.experiments.stats import mean_sd, paired_gain
+from fer_dist.experiments.stats import gain_cell, mean_sd, paired_gain
 from fer_dist.files import write_text_atomic
 
 README_BEGIN = "<!-- results: made by fer-dist experiment report from docs/results/; do not edit by hand -->"

@@ -24,18 +24,17 @@ from fer_dist.experiments.spec import Experiment
 from fer_dist.experiments.stats import (
     MIN_SEEDS,
     against_paper,
-    interval,
     mean_sd,
     paired_gain,
     pct,
-    power,
+    power_note,
+    same_data,
     verdict,
 )
 
 # The paper's FER2013 figures (METHOD.md 7), in points: baseline VGG-Face 69.57 %, proposed 73.58 %.
 PAPER = {"baseline": 69.57, "proposed": 73.58, "smoothing_gain": 2.0, "both_gain": 4.0, "crossdb_gain": 11.0}
 PAPER_CROSSDB = ("ckplus", "rafd")  # the paper's +11: CK+ labelled, RaFD the unlabelled target and test
-POWER_GAIN = 2.0  # the gain (points) whose detection power RESULTS.md states
 # What an arm is, where its name says less than its config: shown beside the name.
 ARM_NOTES = {"unlabelled": "alpha rule + unlabelled data, no smoothing",
              "both_adaptive": "our class-adaptive thresholds, not Ada-CM",
@@ -201,7 +200,8 @@ def data_line(records: list[dict[str, Any]]) -> list[str]:
 
 
 def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: Path,
-                       figure: str | None = None) -> list[str]:
+                       figure: str | None = None, against: list[dict[str, Any]] | None = None) -> list[str]:
+    """One experiment's section; `against`: the records of the experiment `exp.against` names."""
     if exp.retired:
         ends = [warmup_end(exp, r["arm"], r) for r in records]
         capped = f" (warm-ups: {ends.count('cap')} of {len(ends)} capped)" if ends else ""
@@ -226,8 +226,8 @@ def experiment_section(exp: Experiment, records: list[dict[str, Any]], results: 
     if figure:
         lines += [f"![Selected unlabelled faces and their pseudo-label precision per round, per arm, "
                   f"{exp.name}]({figure})", ""]
-    lines += warmup_curves(exp, groups) + intensity(groups) + reading(exp, groups) + selection(groups)
-    return lines
+    lines += warmup_curves(exp, groups) + intensity(groups)
+    return lines + reading(exp, groups, by_arm(against or [], [])) + selection(groups)
 
 
 def warmup_curves(exp: Experiment, groups: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -287,20 +287,6 @@ def protocol(exp: Experiment, arm: str) -> tuple[str | None, str | None]:
     return (train.pop() if len(train) == 1 else None), datasets.get(Path(exp.test[0].dir).as_posix())
 
 
-def power_note(gains: list[float]) -> str:
-    """The power for a POWER_GAIN-point gain at the measured spread, with these seeds and with 5."""
-    if len(gains) < MIN_SEEDS or mean_sd(gains)[1] == 0:
-        return ""
-    sd, n = mean_sd(gains)[1], len(gains)
-    at = [n] + ([5] if n != 5 else [])
-    return (f"; power for a {POWER_GAIN:g}-point gain at this spread (sd {sd:.2f}): "
-            + ", ".join(f"{_percent(power(POWER_GAIN, sd, k))} with {k} seeds" for k in at))
-
-
-def _percent(p: float) -> str:
-    return "> 99 %" if p > 0.995 else f"{100 * p:.0f} %"
-
-
 def _paper_words(exp: Experiment, arm: str, ref: str, paper: float, groups: dict[str, Any],
                  gains: list[float]) -> str:
     if exp.kind == "crossdb":
@@ -316,8 +302,11 @@ def _paper_words(exp: Experiment, arm: str, ref: str, paper: float, groups: dict
     return line
 
 
-def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """The reading: each comparison's paired gain and its power, beside the paper's where it has one."""
+def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]],
+            against: dict[str, list[dict[str, Any]]] | None = None) -> list[str]:
+    """The reading: each comparison's paired gain and its power, beside the paper's where it has one; then
+    each arm against the arm of its name in `exp.against` (`against`: that experiment's groups), paired by
+    seed where both trained on one X_l (`same_data`)."""
     out = ["Reading (test accuracy, paired by seed):", ""]
     for arm, ref, paper, words in COMPARISONS[exp.kind]:
         if arm not in groups or ref not in groups:
@@ -335,6 +324,11 @@ def reading(exp: Experiment, groups: dict[str, list[dict[str, Any]]]) -> list[st
                 line += (f", at a mean threshold over the classes of "
                          f"{last_round(groups[arm], 'thresholds_per_round'):.2f}")
         out.append(line + ".")
+    for arm in [a for a in groups if a in (against or {})]:
+        gains, _ = paired_gain(groups[arm], against[arm], pair=same_data)
+        if gains:
+            out.append(f"- {arm} vs {exp.against}'s {arm}, the same arm and X_l per seed in the other "
+                       f"experiment (each from its own warm-up): {verdict(gains)}{power_note(gains)}.")
     if exp.compare_levels and "baseline" in groups:
         level = statistics.fmean(100 * r["test_accuracy"] for r in groups["baseline"])
         out.append(f"- Levels: our baseline {level:.2f} % against the paper's {PAPER['baseline']:.2f} % "
@@ -384,17 +378,8 @@ def render(experiments: list[Experiment], results_dir: Path, figures: dict[str, 
                   "below run the experiments; this page is regenerated from their records.", ""]
     if curve_block:
         lines += ["## Labelled-share curves", "", *curve_block, ""]
+    named = {exp.name: records for exp, _, records in loaded}
     for exp, path, records in loaded:
-        lines += experiment_section(exp, records, path, (figures or {}).get(exp.name))
+        lines += experiment_section(exp, records, path, (figures or {}).get(exp.name),
+                                    named.get(exp.against or ""))
     return "\n".join(lines).rstrip() + "\n"
-
-
-def gain_cell(gains: list[float]) -> str:
-    """A paired gain for a table: its interval from MIN_SEEDS seeds up, else the count of seeds."""
-    if not gains:
-        return "-"
-    m = statistics.fmean(gains)
-    if len(gains) < MIN_SEEDS:
-        return f"{m:+.2f} ({len(gains)} seed{'s' * (len(gains) > 1)}, no interval)"
-    lo, hi = interval(gains)
-    return f"{m:+.2f} ({lo:+.2f} to {hi:+.2f})"

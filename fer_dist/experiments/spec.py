@@ -36,6 +36,8 @@ a runner of an older commit, which refuses keys it does not know, still reads ev
     fer2013_converged: {retired: why, in one line}   # RESULTS.md keeps its records but reads nothing
     crossdb_fer2013_ckplus48: {frames_per_sequence: 3}   # near-identical frames per test sequence (CK+48):
                                                           # the standard error counts n / 3 faces
+    fer2013_scarce_dlib: {against: fer2013_scarce}   # its arms against the same-named arms there, paired
+                                                      # by seed where X_l is the same (another backbone)
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from fer_dist.errors import FerDistError
 
 KEYS = {"name", "kind", "description", "base", "schedule", "env", "launch", "seeds", "shards", "test",
         "intensity", "arms", "code", "reading", "shared_warmup", "curve"}
-NOTE_KEYS = {"retired", "frames_per_sequence"}
+NOTE_KEYS = {"retired", "frames_per_sequence", "against"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -93,6 +95,7 @@ class Experiment:
     curve: str | None = None
     retired: str = ""
     frames_per_sequence: int = 1
+    against: str | None = None
 
     def overrides(self, arm: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
         """key=value overrides of one arm and seed: schedule < arm < the runner's run.* < extra."""
@@ -226,7 +229,8 @@ def with_notes(experiments: list[Experiment], path: Path) -> list[Experiment]:
         raise FerDistError(f"{path}: not valid YAML") from None
     names = {exp.name for exp in experiments}
     if not isinstance(notes, dict):
-        raise FerDistError(f"{path}: expected experiment -> {{retired: text, frames_per_sequence: N}}")
+        raise FerDistError(f"{path}: expected experiment -> {{retired: text, frames_per_sequence: N, "
+                           "against: experiment}}")
     for name, note in notes.items():
         if name not in names:
             raise _fail(path, str(name), "no experiment of that name")
@@ -237,6 +241,10 @@ def with_notes(experiments: list[Experiment], path: Path) -> list[Experiment]:
             raise _fail(path, f"{name}.frames_per_sequence", "an integer of at least 1")
         if not isinstance(note.get("retired", ""), str):
             raise _fail(path, f"{name}.retired", "text: why, in one line")
+        against = note.get("against")
+        if against is not None and not (isinstance(against, str) and against in names - {name}):
+            raise _fail(path, f"{name}.against", "the name of another experiment")
     return [replace(exp, retired=" ".join(notes.get(exp.name, {}).get("retired", "").split()),
-                    frames_per_sequence=notes.get(exp.name, {}).get("frames_per_sequence", 1))
+                    frames_per_sequence=notes.get(exp.name, {}).get("frames_per_sequence", 1),
+                    against=notes.get(exp.name, {}).get("against"))
             for exp in experiments]

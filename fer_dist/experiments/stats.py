@@ -12,6 +12,7 @@ import numpy as np
 
 # No interval, verdict or power is printed from fewer paired seeds (an interval at n = 2 spans -7 to +7).
 MIN_SEEDS = 3
+POWER_GAIN = 2.0  # the gain (points) whose detection power RESULTS.md states
 # Two-sided 95 % quantiles of Student's t for 1..10 degrees of freedom; beyond, 1.96 + 2.5/df is within 0.01.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
@@ -34,10 +35,12 @@ def t975(df: int) -> float:
 
 def paired_gain(arm: list[dict[str, Any]], ref: list[dict[str, Any]],
                 value: Callable[[dict[str, Any]], float] = lambda r: 100 * r["test_accuracy"],
+                pair: Callable[[dict[str, Any], dict[str, Any]], bool] | None = None,
                 ) -> tuple[list[float], list[int]]:
-    """Arm minus reference over the seeds both have from one start (`same_start`; default: test accuracy in
-    points)."""
-    pairs = [(r, q) for r in arm for q in ref if q["seed"] == r["seed"] and same_start(r, q)]
+    """Arm minus reference over the seeds both have from one start (`pair`, default `same_start`; value,
+    default: test accuracy in points)."""
+    pair = pair or same_start
+    pairs = [(r, q) for r in arm for q in ref if q["seed"] == r["seed"] and pair(r, q)]
     return [value(r) - value(q) for r, q in pairs], [r["seed"] for r, _ in pairs]
 
 
@@ -48,6 +51,13 @@ def same_start(a: dict[str, Any], b: dict[str, Any]) -> bool:
     if "warmup_run" not in a or "warmup_run" not in b:
         return True
     return a.get("val_per_warmup_epoch") == b.get("val_per_warmup_epoch")
+
+
+def same_data(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records of one seed, of two experiments, trained on one X_l: their class counts, which
+    both carry, are equal (a labelled share draws its subset from the seed alone, whatever the backbone)."""
+    return a.get("labelled_per_class") is not None and a.get("labelled_per_class") == b.get(
+        "labelled_per_class")
 
 
 def interval(values: list[float]) -> tuple[float, float]:
@@ -105,3 +115,28 @@ def power(gain: float, sd: float, n: int) -> float:
     df, ncp = n - 1, gain * math.sqrt(n) / sd
     crit = t975(df)
     return 1 - _nct_cdf(crit, df, ncp) + _nct_cdf(-crit, df, ncp)
+
+
+def power_note(gains: list[float]) -> str:
+    """The power for a POWER_GAIN-point gain at the measured spread, with these seeds and with 5."""
+    if len(gains) < MIN_SEEDS or mean_sd(gains)[1] == 0:
+        return ""
+    sd, n = mean_sd(gains)[1], len(gains)
+    at = [n] + ([5] if n != 5 else [])
+    return (f"; power for a {POWER_GAIN:g}-point gain at this spread (sd {sd:.2f}): "
+            + ", ".join(f"{_percent(power(POWER_GAIN, sd, k))} with {k} seeds" for k in at))
+
+
+def _percent(p: float) -> str:
+    return "> 99 %" if p > 0.995 else f"{100 * p:.0f} %"
+
+
+def gain_cell(gains: list[float]) -> str:
+    """A paired gain for a table: its interval from MIN_SEEDS seeds up, else the count of seeds."""
+    if not gains:
+        return "-"
+    m = statistics.fmean(gains)
+    if len(gains) < MIN_SEEDS:
+        return f"{m:+.2f} ({len(gains)} seed{'s' * (len(gains) > 1)}, no interval)"
+    lo, hi = interval(gains)
+    return f"{m:+.2f} ({lo:+.2f} to {hi:+.2f})"
