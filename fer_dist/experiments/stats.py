@@ -54,8 +54,10 @@ def same_start(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def same_data(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two records of one seed, of two experiments, trained on one X_l: their class counts, which
-    both carry, are equal (a labelled share draws its subset from the seed alone, whatever the backbone)."""
+    """Whether two records of one seed, of two experiments, trained on one X_l. A labelled share's subset is
+    drawn from the seed, the share and the face ids alone (data.runset.share_mask), whatever the backbone;
+    records carry no list of faces, so equal class counts are the check that catches another share or
+    shard folder."""
     return a.get("labelled_per_class") is not None and a.get("labelled_per_class") == b.get(
         "labelled_per_class")
 
