@@ -461,6 +461,16 @@ def test_the_data_line_names_x_u_only_where_a_record_ran_rounds():
     assert "; X_u 8610 faces, labels hidden; " in data_line(with_rounds)[0]
 
 
+def test_the_rounds_picture_draws_only_arms_that_selected_faces(tmp_path):
+    from fer_dist.experiments.figures import rounds
+
+    supervised = [_scarce_record("supervised", seed, 0.5) for seed in (0, 1)]  # 30 rounds, 0 faces each
+    assert rounds({"supervised": supervised}, "t", tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    both = {"supervised": supervised, "method": [_scarce_record("method", 0, 0.5)]}
+    assert rounds(both, "t", tmp_path / "r.png") == tmp_path / "r.png" and (tmp_path / "r.png").is_file()
+
+
 def test_what_the_rounds_did_pools_seeds_and_rounds_weighting_each_round_by_its_faces():
     def per_class(**counts):
         return [counts.get(c, 0) for c in CLASSES]

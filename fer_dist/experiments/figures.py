@@ -22,8 +22,9 @@ def _per_round_mean(rows: list[dict[str, Any]], key: str) -> list[float]:
 
 def rounds(groups: dict[str, list[dict[str, Any]]], title: str, path: Path) -> Path | None:
     """Selected (confident) unlabelled faces and their precision against the hidden labels, per round, per
-    arm (mean over seeds); None where no arm ran a round."""
-    arms = {arm: rows for arm, rows in groups.items() if any(r["confident_per_round"] for r in rows)}
+    arm (mean over seeds), of the arms that selected any; None where none did (a supervised arm's rounds
+    select nothing: its counts are all 0)."""
+    arms = {arm: rows for arm, rows in groups.items() if any(any(r["confident_per_round"]) for r in rows)}
     if not arms:
         return None
     fig, (count_ax, prec_ax) = plt.subplots(1, 2, figsize=(11, 4))
