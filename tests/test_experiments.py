@@ -362,6 +362,42 @@ def test_an_experiment_reads_against_another_by_seed_only_where_x_l_is_the_same(
             with_notes([face, imagenet], _notes(tmp_path, **bad))
 
 
+def test_the_readme_shows_the_experiments_the_notes_name_with_their_gains(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exps").mkdir()
+    arms = {"supervised": {}, "method": {}}
+    for name in ("face", "imagenet"):
+        _experiment(tmp_path, f"exps/{name}.yaml", name=name, arms=arms)
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    readme.write_text("<!-- results: -->\n<!-- results end -->\n")
+    notes = {"face": {"against": "imagenet", "readme": "Does a face\n backbone pay?"}}
+
+    def block() -> str:
+        _notes(tmp_path, **notes)
+        publish(tmp_path / "exps", results, tmp_path / "R.md", readme, tmp_path / "img")
+        return readme.read_text()
+
+    assert "**face**: Does a face backbone pay? No run is recorded yet, so there are no results to show." \
+        in block()
+    x_l = [40, 4, 41, 72, 50, 48, 32]
+    for seed, (sup, met, ref) in enumerate([(0.53, 0.55, 0.50), (0.54, 0.55, 0.50), (0.52, 0.54, 0.50)]):
+        for exp, arm, acc in (("face", "supervised", sup), ("face", "method", met),
+                              ("imagenet", "supervised", ref), ("imagenet", "method", ref)):
+            if (exp, arm, seed) != ("imagenet", "method", 2):  # 2 seeds of it: no interval
+                add_record(results / f"{exp}.json", dict(_record(arm, seed, acc), labelled_per_class=x_l))
+    text = block()
+    assert ("| arm | test acc % | gain over its reference arm | gain over imagenet's same arm (same X_l) |"
+            in text)
+    # face method - supervised: +2, +1, +2 (mean 1.67, sd 0.58); face - imagenet supervised: +3, +4, +2
+    assert "| supervised | 53.00 ± 1.00 (3) | - | +3.00 (+0.52 to +5.48) |" in text
+    assert "| method | 54.67 ± 0.58 (3) | vs supervised +1.67 (+0.23 to +3.10) | +5.00 (2 seeds, no " \
+           "interval) |" in text
+    assert "**imagenet**" not in text  # the notes do not name it
+    notes["face"]["readme"] = 3
+    with pytest.raises(FerDistError, match="face.readme: text"):
+        block()
+
+
 def test_crossdb_compares_with_the_papers_figure_only_on_its_protocol(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exp = _experiment(tmp_path, kind="crossdb", arms={"no_unlabelled": {}, "unlabelled_target": {}})

@@ -2,20 +2,22 @@
 
 The README's block (between a line starting `<!-- results:` and `<!-- results end -->`) is short: per
 labelled-share curve (experiments sharing a `curve:` name, each with its own labelled share), the test
-accuracy per arm and share with the gain over the reference arm, one picture, and a link to RESULTS.md.
+accuracy per arm and share with the gain over the reference arm, and one picture; per experiment the notes
+put there (`readme: question`), its arms' test accuracy and gains; and a link to RESULTS.md.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from fer_dist.errors import FerDistError
 from fer_dist.experiments import figures
 from fer_dist.experiments.records import read_records
 from fer_dist.experiments.report import COMPARISONS, by_arm, provenance, render
 from fer_dist.experiments.spec import Experiment, read_experiment, with_notes
-from fer_dist.experiments.stats import gain_cell, mean_sd, paired_gain
+from fer_dist.experiments.stats import gain_cell, mean_sd, paired_gain, same_data
 from fer_dist.files import write_text_atomic
 
 README_BEGIN = "<!-- results: made by fer-dist experiment report from docs/results/; do not edit by hand -->"
@@ -41,6 +43,11 @@ def _references(exp: Experiment) -> dict[str, str]:
     return {arm: ref for arm, ref, _, _ in COMPARISONS[exp.kind]}
 
 
+def _accuracy_cell(rows: list[dict[str, Any]]) -> str:
+    m, s = mean_sd([100 * r["test_accuracy"] for r in rows])
+    return f"{m:.2f} ± {s:.2f} ({len(rows)})" if len(rows) > 1 else f"{m:.2f} (1)"
+
+
 def curve_block(name: str, points: list[tuple[float, Experiment]], results_dir: Path,
                 picture: str | None) -> list[str]:
     """The curve's table (arm x labelled share: test accuracy, gain over the reference) and its picture;
@@ -63,8 +70,7 @@ def curve_block(name: str, points: list[tuple[float, Experiment]], results_dir: 
             if not rows:
                 cells.append("-")
                 continue
-            m, s = mean_sd([100 * r["test_accuracy"] for r in rows])
-            cell = f"{m:.2f} ± {s:.2f} ({len(rows)})" if len(rows) > 1 else f"{m:.2f} (1)"
+            cell = _accuracy_cell(rows)
             if ref in groups:
                 cell += f"; vs {ref} {gain_cell(paired_gain(rows, groups[ref])[0])}"
             cells.append(cell)
@@ -72,6 +78,33 @@ def curve_block(name: str, points: list[tuple[float, Experiment]], results_dir: 
     if picture:
         lines += ["", f"![Test accuracy against the labelled share, per arm, {name}]({picture})"]
     return lines + ["", provenance(every)]
+
+
+def experiment_block(exp: Experiment, named: dict[str, Experiment], results_dir: Path) -> list[str]:
+    """The README's table of an experiment the notes put there (`readme: question`): per arm its test
+    accuracy, its gain over its reference arm (report.COMPARISONS) and, with `against`, over the arm of its
+    name there, paired by seed where both trained on one X_l; with no record, a plain sentence."""
+    records = read_records(results_dir / f"{exp.name}.json")
+    lead = f"**{exp.name}**: {exp.readme}"
+    if not records:
+        return [f"{lead} No run is recorded yet, so there are no results to show."]
+    groups, refs = by_arm(records, list(exp.arms)), _references(exp)
+    other = named.get(exp.against or "")
+    theirs = by_arm(read_records(results_dir / f"{other.name}.json"), list(other.arms)) if other else {}
+    head = ["arm", "test acc %", "gain over its reference arm"]
+    head += [f"gain over {other.name}'s same arm (same X_l)"] if other else []
+    lines = [f"{lead} Test accuracy % (mean ± sd over seeds, their number in brackets); gains paired by "
+             "seed, their 95 % interval from 3 seeds up.", "",
+             "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for arm, rows in groups.items():
+        ref = refs.get(arm)
+        cells = [arm, _accuracy_cell(rows),
+                 f"vs {ref} {gain_cell(paired_gain(rows, groups[ref])[0])}" if ref in groups else "-"]
+        if other:
+            paired = paired_gain(rows, theirs[arm], pair=same_data)[0] if arm in theirs else []
+            cells.append(gain_cell(paired))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + ["", provenance(records)]
 
 
 def curve_points(points: list[tuple[float, Experiment]], results_dir: Path
@@ -141,21 +174,26 @@ def publish(experiments_dir: Path, results_dir: Path, out: Path, readme: Path | 
     write_text_atomic(out, render(experiments, results_dir, rounds_links, section))
     written.append(str(out))
     if readme is not None and readme_text is not None:
-        block = readme_block(curves, results_dir, curve_pictures, readme, out)
+        block = readme_block(curves, experiments, results_dir, curve_pictures, readme, out)
         write_text_atomic(readme, replace_block(readme_text, block, readme))
         written.append(f"the results block of {readme}")
     return written
 
 
-def readme_block(curves: dict[str, list[tuple[float, Experiment]]], results_dir: Path,
-                 pictures: dict[str, Path], readme: Path, results_page: Path) -> str:
-    """The README's results: each curve's table and picture, and the link to everything else."""
+def readme_block(curves: dict[str, list[tuple[float, Experiment]]], experiments: list[Experiment],
+                 results_dir: Path, pictures: dict[str, Path], readme: Path, results_page: Path) -> str:
+    """The README's results: each curve's table and picture, the table of each experiment the notes name
+    (`readme:`), and the link to everything else."""
     lines: list[str] = []
     for name, points in curves.items():
         pic = pictures.get(name)
         lines += curve_block(name, points, results_dir, pic and _link(pic, readme)) + [""]
     if not curves:
         lines += ["No labelled-share experiment is defined (`curve:` in launch_configs/experiments/).", ""]
+    named = {exp.name: exp for exp in experiments}
+    for exp in experiments:
+        if exp.readme and not exp.retired:
+            lines += experiment_block(exp, named, results_dir) + [""]
     lines.append(f"Every experiment, figure and reading, with how each warm-up ended, the power of each "
                  f"comparison and what the rounds selected (how many unlabelled faces, how often rightly, "
                  f"of which classes): [{results_page.as_posix()}]({_link(results_page, readme)}).")

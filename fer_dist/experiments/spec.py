@@ -38,6 +38,7 @@ a runner of an older commit, which refuses keys it does not know, still reads ev
                                                           # the standard error counts n / 3 faces
     fer2013_scarce_dlib: {against: fer2013_scarce}   # its arms against the same-named arms there, paired
                                                       # by seed where X_l is the same (another backbone)
+    fer2013_dlib: {readme: the question it answers}   # a table of it in the README's results block
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from fer_dist.errors import FerDistError
 
 KEYS = {"name", "kind", "description", "base", "schedule", "env", "launch", "seeds", "shards", "test",
         "intensity", "arms", "code", "reading", "shared_warmup", "curve"}
-NOTE_KEYS = {"retired", "frames_per_sequence", "against"}
+NOTE_KEYS = {"retired", "frames_per_sequence", "against", "readme"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -96,6 +97,7 @@ class Experiment:
     retired: str = ""
     frames_per_sequence: int = 1
     against: str | None = None
+    readme: str = ""
 
     def overrides(self, arm: str, seed: int, run_dir: Path, extra: list[str] = ()) -> list[str]:
         """key=value overrides of one arm and seed: schedule < arm < the runner's run.* < extra."""
@@ -230,7 +232,7 @@ def with_notes(experiments: list[Experiment], path: Path) -> list[Experiment]:
     names = {exp.name for exp in experiments}
     if not isinstance(notes, dict):
         raise FerDistError(f"{path}: expected experiment -> {{retired: text, frames_per_sequence: N, "
-                           "against: experiment}}")
+                           "against: experiment, readme: question}}")
     for name, note in notes.items():
         if name not in names:
             raise _fail(path, str(name), "no experiment of that name")
@@ -244,7 +246,10 @@ def with_notes(experiments: list[Experiment], path: Path) -> list[Experiment]:
         against = note.get("against")
         if against is not None and not (isinstance(against, str) and against in names - {name}):
             raise _fail(path, f"{name}.against", "the name of another experiment")
+        if not isinstance(note.get("readme", ""), str):
+            raise _fail(path, f"{name}.readme", "text: the question it answers")
     return [replace(exp, retired=" ".join(notes.get(exp.name, {}).get("retired", "").split()),
                     frames_per_sequence=notes.get(exp.name, {}).get("frames_per_sequence", 1),
-                    against=notes.get(exp.name, {}).get("against"))
+                    against=notes.get(exp.name, {}).get("against"),
+                    readme=" ".join(notes.get(exp.name, {}).get("readme", "").split()))
             for exp in experiments]
